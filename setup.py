@@ -1,0 +1,78 @@
+"""Build sparsekit's compiled extensions.
+
+* ``sparsekit._C``      CPU C++ kernels (csrc/cpu/*.cpp), always built.
+* ``sparsekit._C_cuda`` CUDA C++ kernels (csrc/cuda/*.cu), built only where the installed torch has CUDA
+  and nvcc is found.
+
+Environment:
+  SPARSEKIT_NO_EXTENSIONS=1  compile nothing; the package then runs on its plain-PyTorch (and Triton)
+                             implementations.
+  TORCH_CUDA_ARCH_LIST       CUDA targets, default "8.0;9.0" (A100 and H100). Never hard-coded below.
+  MAX_JOBS                   parallel compile jobs (read by torch's BuildExtension with ninja).
+
+Install with ``pip install -e . --no-build-isolation --no-deps`` so the build sees the torch that will run it.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    # Relative paths: setuptools refuses absolute source paths in editable installs.
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions():
+    if os.environ.get("SPARSEKIT_NO_EXTENSIONS", "0") not in ("", "0"):
+        print("sparsekit: SPARSEKIT_NO_EXTENSIONS set, building no extension", file=sys.stderr)
+        return [], {}
+
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cxx_flags = ["-O3", "-std=c++17"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+
+    exts = [
+        CppExtension(
+            "sparsekit._C",
+            _sources("csrc/cpu/*.cpp"),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    ]
+
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    have_nvcc = bool(nvcc) and os.path.exists(nvcc)
+    if torch.version.cuda and have_nvcc:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        exts.append(
+            CUDAExtension(
+                "sparsekit._C_cuda",
+                _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp"),
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                extra_compile_args={
+                    "cxx": ["-O3", "-std=c++17"],
+                    "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+                },
+            )
+        )
+    else:
+        why = "torch has no CUDA" if not torch.version.cuda else "nvcc not found"
+        print(f"sparsekit: skipping the CUDA extension ({why})", file=sys.stderr)
+
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,9 @@
+"""sparsekit: prune causal LMs for a domain and run them faster, with measurements.
+
+Import cost is kept small: heavy modules (transformers, triton) load only when used.
+"""
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: F401  (declares the torch.library ops and loads the backends)
+from ._backends import status as backend_status  # noqa: F401

@@ -1,0 +1,181 @@
+"""sparsekit's ops, each declared once with ``torch.library``.
+
+Every op has exactly one schema (below), one fake (meta) implementation next to it, and a plain-PyTorch
+default (``sparsekit.ops.reference``) registered as CompositeExplicitAutograd. Faster implementations
+register per dispatch key on top of it:
+
+* CPU C++   ``csrc/cpu/*.cpp``  -> ``TORCH_LIBRARY_IMPL(sparsekit, CPU, m)`` (extension ``sparsekit._C``)
+* CUDA C++  ``csrc/cuda/*.cu``  -> ``TORCH_LIBRARY_IMPL(sparsekit, CUDA, m)`` (extension ``sparsekit._C_cuda``)
+* Triton    ``sparsekit/kernels/triton`` -> the CUDA key, only where the CUDA extension is not loaded
+
+Because everything goes through the dispatcher, the ops work under ``torch.compile``, fake tensors and
+CUDA graphs. Call them through the checked Python wrappers (``nm_mask`` ...) which validate their
+arguments and raise a ``ValueError`` naming the problem; ``torch.ops.sparsekit.*`` is the raw entry.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .reference import (
+    channel_sqnorm_accumulate_reference_,
+    nm_mask_reference,
+    rowwise_prune_mask_reference,
+    wanda_score_reference,
+)
+
+__all__ = [
+    "nm_mask",
+    "rowwise_prune_mask",
+    "wanda_score",
+    "channel_sqnorm_accumulate_",
+    "OP_NAMES",
+    "reference",
+]
+
+_lib = torch.library.Library("sparsekit", "DEF")
+
+_SCHEMAS = {
+    "nm_mask": "nm_mask(Tensor score, int n, int m) -> Tensor",
+    "rowwise_prune_mask": "rowwise_prune_mask(Tensor score, int num_pruned) -> Tensor",
+    "wanda_score": "wanda_score(Tensor weight, Tensor sq_norm) -> Tensor",
+    "channel_sqnorm_accumulate_": "channel_sqnorm_accumulate_(Tensor(a!) acc, Tensor x) -> ()",
+}
+OP_NAMES = tuple(_SCHEMAS)
+
+_DEFAULTS = {
+    "nm_mask": nm_mask_reference,
+    "rowwise_prune_mask": rowwise_prune_mask_reference,
+    "wanda_score": wanda_score_reference,
+    "channel_sqnorm_accumulate_": channel_sqnorm_accumulate_reference_,
+}
+
+for _name, _schema in _SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, _DEFAULTS[_name], "CompositeExplicitAutograd")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks, shared by the public wrappers and the fake implementations (so torch.compile traces
+# raise the same errors as eager calls).
+# ----------------------------------------------------------------------------------------------------
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_score(score: torch.Tensor, what: str = "score") -> None:
+    if score.dim() != 2:
+        raise ValueError(f"{what} must be 2-D (rows, cols), got shape {tuple(score.shape)}")
+    if score.dtype not in _FLOATS:
+        raise ValueError(f"{what} must be a floating tensor, got dtype {score.dtype}")
+
+
+def _check_nm(score: torch.Tensor, n: int, m: int) -> None:
+    _check_score(score)
+    if not (isinstance(m, int) and m >= 1):
+        raise ValueError(f"N:M pattern needs M >= 1, got M={m}")
+    if not (0 <= n < m):
+        raise ValueError(f"N:M pattern needs 0 <= N < M, got {n}:{m}")
+    if score.shape[1] % m != 0:
+        raise ValueError(
+            f"N:M pattern {n}:{m}: M={m} does not divide the width {score.shape[1]} (shape {tuple(score.shape)})"
+        )
+
+
+def _check_rowwise(score: torch.Tensor, num_pruned: int) -> None:
+    _check_score(score)
+    if not (0 <= num_pruned <= score.shape[1]):
+        raise ValueError(f"num_pruned must be in [0, {score.shape[1]}], got {num_pruned}")
+
+
+def _check_wanda(weight: torch.Tensor, sq_norm: torch.Tensor) -> None:
+    _check_score(weight, "weight")
+    if sq_norm.dim() != 1 or sq_norm.shape[0] != weight.shape[1]:
+        raise ValueError(
+            f"sq_norm must have shape ({weight.shape[1]},) to match weight {tuple(weight.shape)}, "
+            f"got {tuple(sq_norm.shape)}"
+        )
+    if sq_norm.dtype != torch.float32:
+        raise ValueError(f"sq_norm must be float32 (an accumulator), got {sq_norm.dtype}")
+    if sq_norm.device != weight.device:
+        raise ValueError(f"weight is on {weight.device} but sq_norm is on {sq_norm.device}")
+
+
+def _check_sqnorm(acc: torch.Tensor, x: torch.Tensor) -> None:
+    if acc.dim() != 1 or acc.dtype != torch.float32:
+        raise ValueError(f"acc must be a 1-D float32 accumulator, got shape {tuple(acc.shape)} dtype {acc.dtype}")
+    if not acc.is_contiguous():
+        raise ValueError("acc must be contiguous")
+    if x.dim() < 1 or x.shape[-1] != acc.shape[0]:
+        raise ValueError(f"x must have {acc.shape[0]} channels in its last dim, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.device != acc.device:
+        raise ValueError(f"acc is on {acc.device} but x is on {x.device}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fake implementations: shapes and dtypes only.
+# ----------------------------------------------------------------------------------------------------
+@torch.library.register_fake("sparsekit::nm_mask")
+def _nm_mask_fake(score, n, m):
+    _check_nm(score, n, m)
+    return score.new_empty(score.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("sparsekit::rowwise_prune_mask")
+def _rowwise_prune_mask_fake(score, num_pruned):
+    _check_rowwise(score, num_pruned)
+    return score.new_empty(score.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("sparsekit::wanda_score")
+def _wanda_score_fake(weight, sq_norm):
+    _check_wanda(weight, sq_norm)
+    return weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("sparsekit::channel_sqnorm_accumulate_")
+def _channel_sqnorm_accumulate_fake(acc, x):
+    _check_sqnorm(acc, x)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public, checked entry points.
+# ----------------------------------------------------------------------------------------------------
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask (bool, True = keep) pruning the ``n`` lowest of every ``m`` consecutive columns per row.
+
+    score: (rows, cols) float, cols % m == 0, 0 <= n < m. Ties: the lower column index is pruned first.
+    """
+    _check_nm(score, n, m)
+    return torch.ops.sparsekit.nm_mask(score, n, m)
+
+
+def rowwise_prune_mask(score: torch.Tensor, num_pruned: int) -> torch.Tensor:
+    """Keep-mask pruning the ``num_pruned`` lowest scores of each row (stable: lower index first on ties).
+
+    score: (rows, cols) float. For one threshold per matrix, pass ``score.reshape(1, -1)``.
+    """
+    _check_rowwise(score, num_pruned)
+    return torch.ops.sparsekit.rowwise_prune_mask(score, num_pruned)
+
+
+def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * sqrt(sq_norm_j) as float32. weight: (out, in); sq_norm: (in,) float32 sum of x_j^2."""
+    _check_wanda(weight, sq_norm)
+    return torch.ops.sparsekit.wanda_score(weight, sq_norm)
+
+
+def channel_sqnorm_accumulate_(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """acc += sum over tokens of x**2 per channel, in float32. acc: (C,) float32; x: (..., C). Returns acc."""
+    _check_sqnorm(acc, x)
+    torch.ops.sparsekit.channel_sqnorm_accumulate_(acc, x)
+    return acc
+
+
+# Load the compiled and Triton backends (each registers itself on the dispatcher if it can).
+from .. import _backends  # noqa: E402
+
+_backends.load(_lib)

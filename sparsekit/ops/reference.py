@@ -1,0 +1,73 @@
+"""Plain-PyTorch reference implementations of sparsekit's ops.
+
+These run on any device and are the oracle every compiled kernel is tested against. They are also
+registered as the ops' default (CompositeExplicitAutograd) implementation, used wherever no CPU C++,
+Triton or CUDA kernel is live.
+
+Mask convention everywhere in sparsekit: a mask is a ``torch.bool`` tensor of the weight's shape,
+``True`` where the weight is KEPT.
+
+Tie-breaking is pinned: scores are ranked with a *stable* ascending sort, and the lowest-ranked entries are
+pruned, so among equal scores the one with the lower column index is pruned first. This is the Wanda
+reference's rule for unstructured masks (``torch.sort(..., stable=True)``); sparsekit applies the same rule
+to N:M groups so that every backend agrees bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "nm_mask_reference",
+    "rowwise_prune_mask_reference",
+    "wanda_score_reference",
+    "channel_sqnorm_accumulate_reference_",
+]
+
+
+def nm_mask_reference(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M keep-mask: in every group of ``m`` consecutive columns of each row, prune the ``n`` lowest.
+
+    score: (rows, cols) floating, cols divisible by m; 0 <= n < m.
+    Returns (rows, cols) bool, exactly ``m - n`` True per group. "N:M" follows the Wanda and SparseGPT
+    references: N is the number of zeros in every M (2:4 and 4:8 read the same either way).
+    """
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=-1, stable=True).indices
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, order[..., :n], False)
+    return keep.reshape(rows, cols)
+
+
+def rowwise_prune_mask_reference(score: torch.Tensor, num_pruned: int) -> torch.Tensor:
+    """Per-row top-k keep-mask: prune the ``num_pruned`` lowest scores of each row (stable ranking).
+
+    score: (rows, cols) floating; 0 <= num_pruned <= cols. Returns (rows, cols) bool with exactly
+    ``cols - num_pruned`` True in each row. With a (1, numel) view this is one threshold per matrix.
+    """
+    rows, cols = score.shape
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if num_pruned == 0:
+        return keep
+    order = torch.sort(score, dim=-1, stable=True).indices
+    keep.scatter_(-1, order[:, :num_pruned], False)
+    return keep
+
+
+def wanda_score_reference(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda importance |W_ij| * ||X_j||_2 (Sun et al. 2023, eq. 1).
+
+    weight: (out_features, in_features), any floating dtype. sq_norm: (in_features,) float32, the sum over
+    all calibration tokens of x_j^2 (see ``channel_sqnorm_accumulate_``). Returns float32 (out, in).
+    The norm is the square root of the accumulated squares: the score uses ||X_j||, not ||X_j||^2.
+    """
+    return weight.abs().float() * sq_norm.float().sqrt().unsqueeze(0)
+
+
+def channel_sqnorm_accumulate_reference_(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += sum over all leading dims of x.float()**2, per channel (last dim).
+
+    acc: (C,) float32, updated in place. x: (..., C) float32/float16/bfloat16.
+    """
+    acc.add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0))
