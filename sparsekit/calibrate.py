@@ -1,0 +1,151 @@
+"""Sequential, layer-by-layer calibration (as in the Wanda and SparseGPT references).
+
+1. ``capture_layer_inputs`` runs the model on the calibration windows until the first decoder layer and
+   records that layer's inputs (hidden states and the keyword arguments the model passes it: position
+   embeddings, masks, ...), then stops the forward. Only the embeddings run.
+2. For each decoder layer, ``collect_input_stats`` replays the layer over the recorded inputs with hooks on
+   its linear layers that accumulate input statistics; the caller then prunes the layer, and
+   ``run_layer`` replays it again so the next layer sees the outputs of the *pruned* layer.
+
+Memory is one buffer of layer inputs plus one of outputs, each (nsamples, seqlen, hidden), whatever the
+model's context window; statistics are accumulated per batch and no activation is kept beyond it.
+Works for any architecture whose blocks are called as ``layer(hidden_states, *args, **kwargs)`` and return
+a tensor or a tuple whose first element is the new hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+
+__all__ = ["LayerInputs", "LinearStats", "capture_layer_inputs", "run_layer", "collect_input_stats"]
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """Inputs of one decoder layer for every calibration window.
+
+    hidden: (nsamples, seqlen, hidden) in the model's dtype. args / kwargs: per-window extra positional and
+    keyword arguments of the layer call, exactly as the model passed them to its first layer.
+    """
+
+    hidden: torch.Tensor
+    args: list[tuple]
+    kwargs: list[dict]
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+
+@dataclass
+class LinearStats:
+    """Statistics of the inputs of one linear layer over all calibration tokens.
+
+    sq_norm: (in_features,) float32, sum over tokens of x_j^2 (so ||X_j||_2 = sqrt(sq_norm_j)).
+    tokens: number of tokens accumulated.
+    """
+
+    sq_norm: torch.Tensor
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor) -> LayerInputs:
+    """Run ``model`` on each window (n, L) up to ``layers[0]`` and record that layer's inputs."""
+    device = _model_device(model)
+    n = windows.shape[0]
+    hidden = None
+    args_list: list[tuple] = []
+    kwargs_list: list[dict] = []
+
+    def catch(module, args, kwargs):
+        nonlocal hidden
+        if args:
+            h, rest = args[0], tuple(args[1:])
+        else:  # some blocks are called with hidden_states=...
+            kwargs = dict(kwargs)
+            h, rest = kwargs.pop("hidden_states"), ()
+        if hidden is None:
+            hidden = torch.empty((n,) + tuple(h.shape[1:]), dtype=h.dtype, device=h.device)
+        hidden[len(args_list)] = h[0]
+        args_list.append(rest)
+        kwargs_list.append(dict(kwargs))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for i in range(n):
+            try:
+                model(input_ids=windows[i: i + 1].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            else:  # pragma: no cover - a model that never called its first layer
+                raise RuntimeError(f"{type(model).__name__} finished a forward pass without calling its first "
+                                   "decoder layer; cannot capture layer inputs")
+    finally:
+        handle.remove()
+    return LayerInputs(hidden, args_list, kwargs_list)
+
+
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``layer`` on every recorded input; write outputs to ``out`` (allocated if None) and return it."""
+    if out is None:
+        out = torch.empty_like(inputs.hidden)
+    for i in range(len(inputs)):
+        y = layer(inputs.hidden[i: i + 1], *inputs.args[i], **inputs.kwargs[i])
+        out[i] = _layer_output(y)[0]
+    return out
+
+
+@torch.no_grad()
+def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs: LayerInputs,
+                        scratch: torch.Tensor | None = None) -> dict[str, LinearStats]:
+    """Replay ``layer`` over ``inputs`` and accumulate, per linear, the per-channel sum of squared inputs.
+
+    One forward over all windows; each linear's input is read once per batch by the fused
+    ``channel_sqnorm_accumulate_`` op and then dropped. ``scratch`` (like ``inputs.hidden``) receives the
+    layer's outputs, which are not used.
+    """
+    stats: dict[str, LinearStats] = {}
+    handles = []
+
+    def make_hook(name: str, in_features: int, device: torch.device):
+        st = LinearStats(torch.zeros(in_features, dtype=torch.float32, device=device))
+        stats[name] = st
+
+        def hook(module, args):
+            x = args[0]
+            ops.channel_sqnorm_accumulate_(st.sq_norm, x.detach())
+            st.tokens += x.numel() // x.shape[-1]
+
+        return hook
+
+    from .models import linear_weight
+
+    for name, lin in linears.items():
+        w = linear_weight(lin)
+        handles.append(lin.register_forward_pre_hook(make_hook(name, w.shape[1], w.device)))
+    try:
+        run_layer(layer, inputs, scratch)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

@@ -1,0 +1,70 @@
+"""Write output folders atomically: a crash or Ctrl-C never leaves a half-written checkpoint.
+
+Everything is written into a hidden temporary folder next to the destination (same filesystem), then
+renamed into place with one ``os.rename``. With ``overwrite``, an existing destination is moved aside first
+and deleted only after the new folder is in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+__all__ = ["OutputExistsError", "check_output_dir", "atomic_output_dir", "save_pruned_model"]
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and --overwrite was not given."""
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    """Fail early (before any long work) if ``path`` cannot be written."""
+    if os.path.exists(path) and not overwrite:
+        raise OutputExistsError(f"output folder {path} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write to {parent}")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str, overwrite: bool = False):
+    """Yield a temporary folder; on success it becomes ``path``, on any exception it is removed."""
+    check_output_dir(path, overwrite)
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        os.rmdir(old)
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pruned_model(model, tokenizer, path: str, report: dict, overwrite: bool = False) -> None:
+    """Save model (safetensors, loadable with AutoModelForCausalLM.from_pretrained), tokenizer and
+    ``report.json`` into ``path`` atomically."""
+    with atomic_output_dir(path, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")

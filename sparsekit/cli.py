@@ -1,0 +1,196 @@
+"""The ``sparsekit`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+__all__ = ["main", "build_parser", "run_prune"]
+
+PRUNE_EPILOG = """\
+examples:
+  # Wanda, 50% unstructured, on the built-in SmolLM2-135M, calibrated on built-in WikiText-2 valid text,
+  # perplexity on the first 16384 tokens of WikiText-2 test:
+  sparsekit prune --model smollm2-135m --method wanda --sparsity 0.5 --output out/wanda50
+
+  # 2:4 semi-structured (2 zeros in every 4 consecutive input weights), your own domain text:
+  sparsekit prune --model ./my-hf-model --method wanda --pattern 2:4 \\
+      --calib medical.txt --eval medical_heldout.txt --output out/wanda24
+
+  # quick smoke run (small calibration and evaluation budget):
+  sparsekit prune --method wanda --sparsity 0.5 --nsamples 4 --seqlen 128 --eval-tokens 2048 --output /tmp/x
+
+what it does:
+  1. loads the model (float32 on CPU by default) and evaluates its perplexity;
+  2. draws --nsamples random windows of --seqlen tokens from the calibration text (--seed);
+  3. prunes the linear layers of each decoder block in turn (embeddings and LM head are never pruned),
+     collecting input statistics on the outputs of the already-pruned blocks (Wanda's sequential scheme);
+  4. evaluates the pruned model, prints a table, and writes OUTPUT atomically: the pruned model
+     (safetensors, loadable with transformers' AutoModelForCausalLM.from_pretrained), its tokenizer,
+     and report.json (dense_ppl, pruned_ppl, sparsity, prune_seconds, method, pattern, ...).
+
+perplexity: exp(mean NLL over every predicted token) on non-overlapping --seqlen windows over the
+first --eval-tokens tokens of the evaluation text.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import BUILTIN_TEXTS
+    from .models import BUILTIN_MODELS
+    from .prune import METHODS
+
+    p = argparse.ArgumentParser(prog="sparsekit", description="Prune causal LMs and measure the result.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    pr = sub.add_parser(
+        "prune", help="prune a model's linear layers (magnitude or Wanda), evaluate, save",
+        description="Prune every linear layer of a causal LM's decoder blocks, evaluate perplexity before and "
+                    "after, and save the pruned model.",
+        epilog=PRUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("--model", default="smollm2-135m",
+                    help=f"local Hugging Face folder, or a built-in name: {', '.join(BUILTIN_MODELS)} "
+                         "(default: %(default)s)")
+    pr.add_argument("--method", required=True, choices=sorted(METHODS),
+                    help="; ".join(f"{k}: {v.doc}" for k, v in METHODS.items()))
+    pr.add_argument("--sparsity", type=float, default=None,
+                    help="fraction of weights to prune in each linear layer, in [0, 1) (with --pattern N:M "
+                         "it is N/M and may be omitted)")
+    pr.add_argument("--pattern", default=None, metavar="N:M",
+                    help="semi-structured pattern: N zeros in every M consecutive input weights, e.g. 2:4, 4:8")
+    pr.add_argument("--calib", default="wikitext2-valid", metavar="FILE",
+                    help=f"calibration text file, or a built-in ({', '.join(BUILTIN_TEXTS)}); default %(default)s")
+    pr.add_argument("--nsamples", type=int, default=32, help="calibration windows (default %(default)s)")
+    pr.add_argument("--seqlen", type=int, default=512,
+                    help="tokens per calibration and evaluation window (default %(default)s)")
+    pr.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default %(default)s)")
+    pr.add_argument("--eval", default="wikitext2-test", metavar="FILE",
+                    help="evaluation text file or built-in (default %(default)s: the first 96 KiB of WikiText-2 test)")
+    pr.add_argument("--eval-tokens", type=int, default=16384,
+                    help="evaluate on the first N tokens of the evaluation text (default %(default)s)")
+    pr.add_argument("--output", required=True, metavar="DIR", help="folder for the pruned model and report.json")
+    pr.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype to load and prune the model in (default %(default)s)")
+    pr.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default %(default)s)")
+    pr.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    sub.add_parser("info", help="versions and which kernel backends are live (same as python -m sparsekit.info)")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"sparsekit: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"sparsekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_threads": torch.get_num_threads()}
+
+
+def _table(rows: list[tuple[str, str, str]]) -> str:
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    w2 = max(len(r[2]) for r in rows)
+    return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c:>{w2}}" for a, b, c in rows)
+
+
+def run_prune(args) -> int:
+    import torch
+
+    from . import data, evaluate
+    from .checkpoint import check_output_dir, save_pruned_model
+    from .models import load_model, resolve_model
+    from .prune import PruneSpec, parse_pattern, prune_model
+
+    # Validate everything cheap before the long work starts.
+    spec = PruneSpec(args.method, args.sparsity, parse_pattern(args.pattern))
+    check_output_dir(args.output, args.overwrite)
+    resolve_model(args.model)
+    calib_text = data.read_text(args.calib)
+    eval_text = data.read_text(args.eval)
+    if args.eval_tokens < 1:
+        raise data.DataError(f"--eval-tokens must be >= 1, got {args.eval_tokens}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+
+    t_start = time.perf_counter()
+    print(f"loading {args.model} ({args.dtype}, {args.device})", file=sys.stderr)
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    calib = data.calibration_windows(data.tokenize(tokenizer, calib_text), args.nsamples, args.seqlen, args.seed,
+                                     source=args.calib)
+    eval_ids = data.tokenize(tokenizer, eval_text)
+    windows = data.eval_windows(eval_ids, args.seqlen, args.eval_tokens, source=args.eval)
+    t_loaded = time.perf_counter()
+
+    dense_ppl = evaluate.perplexity(model, windows, progress=progress, desc="dense ppl")
+    t_dense = time.perf_counter()
+    report = prune_model(model, spec, calib, progress=progress)
+    pruned_ppl = evaluate.perplexity(model, windows, progress=progress, desc="pruned ppl")
+    t_end = time.perf_counter()
+
+    out = {
+        "model": args.model,
+        "method": spec.method,
+        "pattern": spec.pattern_str,
+        "target_sparsity": float(spec.sparsity),
+        "sparsity": report.sparsity,
+        "dense_ppl": dense_ppl,
+        "pruned_ppl": pruned_ppl,
+        "prune_seconds": report.seconds,
+        "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+        "eval": args.eval, "eval_tokens": int(windows.numel()), "eval_windows": int(windows.shape[0]),
+        "dtype": args.dtype, "device": args.device,
+        "seconds": {"load": t_loaded - t_start, "dense_eval": t_dense - t_loaded,
+                    "prune": report.seconds, "pruned_eval": t_end - t_dense - report.seconds,
+                    "total": t_end - t_start},
+        "versions": _versions(),
+        "layers": report.to_dict()["layers"],
+    }
+    save_pruned_model(model, tokenizer, args.output, out, overwrite=args.overwrite)
+
+    print(_table([
+        ("", "dense", f"{spec.method} {spec.pattern_str}"),
+        ("perplexity", f"{dense_ppl:.4f}", f"{pruned_ppl:.4f}"),
+        ("sparsity (pruned linears)", "-", f"{report.sparsity:.4f}"),
+        ("prune time (s)", "", f"{report.seconds:.1f}"),
+    ]))
+    print(f"eval: {windows.shape[0]} windows x {args.seqlen} tokens of {args.eval}; "
+          f"total {t_end - t_start:.1f} s; saved to {args.output}/ (report.json)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from .info import main as info_main
+
+        return info_main()
+    from .checkpoint import OutputExistsError
+    from .data import DataError
+    from .models import ModelNotFoundError
+
+    try:
+        return run_prune(args)
+    except (ValueError, DataError, ModelNotFoundError, OutputExistsError, PermissionError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

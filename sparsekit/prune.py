@@ -1,0 +1,218 @@
+"""Choose and apply pruning masks, layer by layer.
+
+Methods (mask = bool, True = keep; see ``sparsekit.ops`` for the tie rule):
+
+* ``magnitude``: unstructured, one |W| threshold per matrix: the ``int(numel * s)`` smallest |W_ij| of the
+  whole matrix are pruned. N:M: the N smallest |W| of every M consecutive input columns of each row.
+* ``wanda`` (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs", eq. 1): score
+  S_ij = |W_ij| * ||X_j||_2 over all calibration tokens. Unstructured: the ``int(in_features * s)`` lowest
+  scores **of each output row** are pruned (the paper's per-output comparison group, not the whole layer).
+  N:M: the N lowest scores of every M consecutive input columns of each row.
+
+N:M means N zeros in every M consecutive weights along the input dimension (the Wanda/SparseGPT
+references' convention; 2:4 and 4:8 read the same either way), so its sparsity is exactly N/M.
+
+Only the linear layers inside decoder blocks are pruned: embeddings and the LM head never are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import ops
+from .calibrate import LinearStats, capture_layer_inputs, collect_input_stats, run_layer
+from .models import find_decoder_layers, find_linears, linear_weight
+
+__all__ = [
+    "METHODS",
+    "PruneSpec",
+    "LinearReport",
+    "PruneReport",
+    "parse_pattern",
+    "magnitude_mask",
+    "wanda_mask",
+    "prune_model",
+]
+
+
+def parse_pattern(text: str | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4). None -> None. Raises ValueError naming the problem."""
+    if text is None:
+        return None
+    parts = str(text).split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"pattern must look like N:M (for example 2:4), got '{text}'")
+    n, m = int(parts[0]), int(parts[1])
+    if m < 1 or not (0 < n < m):
+        raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+    return n, m
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """What to prune. ``sparsity`` in [0, 1); with a pattern N:M it must be N/M (or None, meaning N/M)."""
+
+    method: str
+    sparsity: float | None = None
+    pattern: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method '{self.method}', choose one of {', '.join(METHODS)}")
+        if self.pattern is not None:
+            n, m = self.pattern
+            if m < 1 or not (0 < n < m):
+                raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+            if self.sparsity is None:
+                object.__setattr__(self, "sparsity", n / m)
+            elif abs(self.sparsity - n / m) > 1e-9:
+                raise ValueError(f"pattern {n}:{m} prunes exactly {n / m:g} of the weights; "
+                                 f"--sparsity {self.sparsity:g} contradicts it (omit --sparsity or pass {n / m:g})")
+        if self.sparsity is None:
+            raise ValueError("give a sparsity (in [0, 1)) or an N:M pattern")
+        if not (0.0 <= float(self.sparsity) < 1.0):
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+
+    @property
+    def pattern_str(self) -> str:
+        return "unstructured" if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}"
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None = None) -> torch.Tensor:
+    """Keep-mask by |W|. weight: (out, in). Unstructured: one threshold per matrix; N:M per group."""
+    score = weight.abs()
+    if pattern is not None:
+        return ops.nm_mask(score, *pattern)
+    flat = score.reshape(1, -1)
+    return ops.rowwise_prune_mask(flat, int(flat.shape[1] * sparsity)).reshape(weight.shape)
+
+
+def wanda_mask(weight: torch.Tensor, sq_norm: torch.Tensor, sparsity: float,
+               pattern: tuple[int, int] | None = None) -> torch.Tensor:
+    """Keep-mask by the Wanda score |W_ij| * ||X_j||. weight: (out, in); sq_norm: (in,) float32 sum of x^2.
+
+    Unstructured: ``int(in * sparsity)`` lowest scores pruned in each output row. N:M: per group of M.
+    """
+    score = ops.wanda_score(weight, sq_norm.to(weight.device))
+    if pattern is not None:
+        return ops.nm_mask(score, *pattern)
+    return ops.rowwise_prune_mask(score, int(weight.shape[1] * sparsity))
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    needs_calibration: bool
+    doc: str
+
+    def mask(self, weight: torch.Tensor, stats: LinearStats | None, spec: PruneSpec) -> torch.Tensor:
+        if self.name == "magnitude":
+            return magnitude_mask(weight, spec.sparsity, spec.pattern)
+        if self.name == "wanda":
+            return wanda_mask(weight, stats.sq_norm, spec.sparsity, spec.pattern)
+        raise AssertionError(self.name)  # pragma: no cover
+
+
+METHODS = {
+    "magnitude": Method("magnitude", False, "|W|, one threshold per matrix (N:M: per group)"),
+    "wanda": Method("wanda", True, "|W|*||X||, compared per output row (Sun et al. 2023)"),
+}
+
+
+@dataclass
+class LinearReport:
+    name: str
+    shape: tuple[int, int]
+    zeros: int
+    numel: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel
+
+
+@dataclass
+class PruneReport:
+    method: str
+    pattern: str
+    target_sparsity: float
+    seconds: float
+    layers: list[LinearReport] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all pruned linear layers."""
+        return sum(r.zeros for r in self.layers) / max(1, sum(r.numel for r in self.layers))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sparsity"] = self.sparsity
+        for row in d["layers"]:
+            row["sparsity"] = row["zeros"] / row["numel"]
+        return d
+
+
+def _check_prunable(layers: nn.ModuleList, spec: PruneSpec) -> list[dict[str, nn.Module]]:
+    """Linears per block; fails before anything is pruned if a pattern does not fit a layer."""
+    per_layer = [find_linears(layer) for layer in layers]
+    if not any(per_layer):
+        raise ValueError("the decoder layers hold no linear layers to prune")
+    if spec.pattern is not None:
+        n, m = spec.pattern
+        for i, linears in enumerate(per_layer):
+            for name, lin in linears.items():
+                width = linear_weight(lin).shape[1]
+                if width % m:
+                    raise ValueError(f"N:M pattern {n}:{m}: M={m} does not divide in_features={width} of "
+                                     f"layer {i} '{name}'")
+    return per_layer
+
+
+@torch.no_grad()
+def _apply(layer_idx: int, linears: dict[str, nn.Module], stats: dict[str, LinearStats] | None,
+           method: Method, spec: PruneSpec, report: PruneReport) -> None:
+    for name, lin in linears.items():
+        w = linear_weight(lin)
+        keep = method.mask(w, None if stats is None else stats[name], spec)
+        w.masked_fill_(~keep, 0)
+        report.layers.append(LinearReport(f"{layer_idx}.{name}", tuple(w.shape), int((w == 0).sum()), w.numel()))
+
+
+def prune_model(model: nn.Module, spec: PruneSpec, calib_windows: torch.Tensor | None = None,
+                progress: bool = True,
+                on_layer: Callable[[int, dict[str, LinearStats]], None] | None = None) -> PruneReport:
+    """Prune every linear layer inside ``model``'s decoder blocks in place, sequentially.
+
+    calib_windows: (nsamples, seqlen) int64 token windows, needed by methods that calibrate (wanda).
+    For those, each block's statistics are collected on the outputs of the already-pruned blocks before it.
+    on_layer(i, stats) is called with each block's statistics (name -> LinearStats) before it is pruned.
+    """
+    method = METHODS[spec.method]
+    layers = find_decoder_layers(model)
+    per_layer = _check_prunable(layers, spec)
+    report = PruneReport(spec.method, spec.pattern_str, float(spec.sparsity), 0.0)
+    t0 = time.perf_counter()
+    if not method.needs_calibration:
+        for i, linears in enumerate(tqdm(per_layer, desc=f"{spec.method}", unit="layer", disable=not progress)):
+            _apply(i, linears, None, method, spec, report)
+    else:
+        if calib_windows is None or calib_windows.numel() == 0:
+            raise ValueError(f"method '{spec.method}' needs calibration windows")
+        inputs = capture_layer_inputs(model, layers, calib_windows)
+        scratch = torch.empty_like(inputs.hidden)
+        bar = tqdm(list(enumerate(layers)), desc=f"{spec.method}", unit="layer", disable=not progress)
+        for i, layer in bar:
+            stats = collect_input_stats(layer, per_layer[i], inputs, scratch)
+            if on_layer is not None:
+                on_layer(i, stats)
+            _apply(i, per_layer[i], stats, method, spec, report)
+            run_layer(layer, inputs, scratch)  # outputs of the pruned block feed the next block
+            inputs.hidden, scratch = scratch, inputs.hidden
+    report.seconds = time.perf_counter() - t0
+    return report
