@@ -126,6 +126,10 @@ def run_prune(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     t_start = time.perf_counter()
     print(f"loading {args.model} ({args.dtype}, {args.device})", file=sys.stderr)

@@ -103,9 +103,22 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", device: str = "c
         dtype = _DTYPES[dtype]
     tokenizer = AutoTokenizer.from_pretrained(src.folder, **src.kwargs())
     model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, **src.kwargs())
+    if src.gguf_file:
+        _forget_gguf_origin(model)
     model.to(device).eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+def _forget_gguf_origin(model) -> None:
+    """transformers dequantizes GGUF weights to plain float tensors but keeps marking the model as
+    "quantized" (hf_quantizer, config.quantization_config), which makes save_pretrained refuse it. The
+    weights are ordinary dense floats (carrying the 4-bit rounding), so drop the marker."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _conv1d_type():
