@@ -57,8 +57,8 @@ for _name, _schema in _SCHEMAS.items():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Argument checks, shared by the public wrappers and the fake implementations (so torch.compile traces
-# raise the same errors as eager calls).
+# Argument checks, shared by the public wrappers, the fake implementations (so torch.compile traces
+# raise the same errors as eager calls) and the Triton dispatch (sparsekit/kernels/triton/dispatch.py).
 # ----------------------------------------------------------------------------------------------------
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -61,8 +61,12 @@ def wanda_score_reference(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.
     weight: (out_features, in_features), any floating dtype. sq_norm: (in_features,) float32, the sum over
     all calibration tokens of x_j^2 (see ``channel_sqnorm_accumulate_``). Returns float32 (out, in).
     The norm is the square root of the accumulated squares: the score uses ||X_j||, not ||X_j||^2.
+    The square root is correctly rounded (taken in float64, then rounded once): torch's vectorised float32
+    sqrt can be one ulp off, and the compiled kernels (std::sqrt, __fsqrt_rn, tl.sqrt_rn) round correctly,
+    so this makes every backend agree to the bit.
     """
-    return weight.abs().float() * sq_norm.float().sqrt().unsqueeze(0)
+    norm = sq_norm.double().sqrt().float()
+    return weight.abs().float() * norm.unsqueeze(0)
 
 
 def channel_sqnorm_accumulate_reference_(acc: torch.Tensor, x: torch.Tensor) -> None:

@@ -1,0 +1,183 @@
+"""Time sparsekit's CUDA ops against the measured copy bandwidth of the device they run on.
+
+For each op: the CUDA C++ kernel (``torch.ops.sparsekit.*`` when ``sparsekit._C_cuda`` is loaded), the Triton
+kernel (``sparsekit.kernels.triton.dispatch``, called directly) and the plain-PyTorch reference, each timed
+as the median of ``triton.testing.do_bench`` in this one process, on the shapes below:
+
+* channel_sqnorm_accumulate_ on 16384 tokens of Llama-2-7B hidden states (bf16): reads x once, so its
+  GB/s (bytes of x over time) is set next to a device-to-device copy of the same bytes, timed here
+  (reported as read + written bytes over time, the way copy bandwidth is quoted). Target: >= 70 % of it.
+* wanda_score and nm_mask on Llama-2-7B's mlp.down_proj weight (4096, 11008).
+
+Every implementation is checked against the reference before it is timed. Writes ``bench_ops_gpu.csv`` and
+``bench_ops_gpu.md`` (device, driver, torch, CUDA and triton versions, date) into --out.
+
+    python benchmarks/bench_ops_gpu.py [--out benchmarks/results] [--rep 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import subprocess
+import sys
+
+import torch
+
+# Shapes from real models, by name.
+SHAPES = {
+    "llama2-7b.hidden x 16384 tokens": (16384, 4096),
+    "llama2-7b.mlp.down_proj": (4096, 11008),
+}
+CHANNEL_STATS_TARGET = 0.70  # fraction of copy bandwidth the channel-stats kernels must reach
+
+
+def _driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _implementations():
+    """name -> (nm_mask, wanda_score, channel_sqnorm_accumulate_) for every implementation live on CUDA."""
+    import sparsekit
+    from sparsekit.kernels.triton import dispatch
+    from sparsekit.ops import reference
+
+    impls = {}
+    if sparsekit.backend_status()["cuda"].live:
+        ops = torch.ops.sparsekit
+        impls["CUDA C++"] = (ops.nm_mask, ops.wanda_score, ops.channel_sqnorm_accumulate_)
+    impls["Triton"] = (dispatch.nm_mask, dispatch.wanda_score, dispatch.channel_sqnorm_accumulate_)
+    impls["reference"] = (reference.nm_mask_reference, reference.wanda_score_reference,
+                          reference.channel_sqnorm_accumulate_reference_)
+    return impls
+
+
+def main(argv=None) -> int:
+    first, _, rest = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(description=first, epilog=rest,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                        help="folder for bench_ops_gpu.csv and bench_ops_gpu.md (default: benchmarks/results/)")
+    parser.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, milliseconds (default 25)")
+    parser.add_argument("--rep", type=float, default=200, help="do_bench repetition time, milliseconds (default 200)")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_ops_gpu.py needs a CUDA device: torch.cuda.is_available() is False "
+              f"(torch {torch.__version__}, CUDA {torch.version.cuda}). Nothing was timed.", file=sys.stderr)
+        return 1
+    import triton
+    from triton.testing import do_bench
+
+    from sparsekit.ops import reference
+
+    def bench(fn) -> float:
+        return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    impls = _implementations()
+    rows = []  # dicts for the CSV
+
+    def record(op, shape_name, shape, dtype, impl, ms, nbytes, copy_gbs=None, ref_ms=None):
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        rows.append({
+            "op": op, "shape_name": shape_name, "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
+            "impl": impl, "median_ms": f"{ms:.4f}", "GB/s": f"{gbs:.0f}",
+            "pct_of_copy": f"{100 * gbs / copy_gbs:.0f}" if copy_gbs else "",
+            "speedup_vs_reference": f"{ref_ms / ms:.2f}" if ref_ms else "",
+        })
+        return gbs
+
+    # --- channel_sqnorm_accumulate_ against copy bandwidth --------------------------------------------
+    name = "llama2-7b.hidden x 16384 tokens"
+    shape = SHAPES[name]
+    x = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
+    nbytes = x.numel() * x.element_size()
+    y = torch.empty_like(x)
+    copy_ms = bench(lambda: y.copy_(x))
+    copy_gbs = 2 * nbytes / (copy_ms * 1e-3) / 1e9  # read + write
+    rows.append({"op": "copy_ (ceiling)", "shape_name": name, "shape": "x".join(map(str, shape)), "dtype": "bfloat16",
+                 "impl": "torch", "median_ms": f"{copy_ms:.4f}", "GB/s": f"{copy_gbs:.0f}", "pct_of_copy": "100",
+                 "speedup_vs_reference": ""})
+    times = {}
+    for impl, (_, _, accumulate) in impls.items():
+        acc = torch.rand(shape[1], device=dev)
+        expect = acc.clone()
+        reference.channel_sqnorm_accumulate_reference_(expect, x)
+        accumulate(acc, x)
+        torch.testing.assert_close(acc, expect, rtol=(shape[0] + 2) * 2.0**-23, atol=0)
+        times[impl] = bench(lambda: accumulate(acc, x))
+    summary = []
+    for impl, ms in times.items():
+        gbs = record("channel_sqnorm_accumulate_", name, shape, x.dtype, impl, ms, nbytes, copy_gbs, times["reference"])
+        if impl != "reference":
+            verdict = "meets" if gbs >= CHANNEL_STATS_TARGET * copy_gbs else "MISSES"
+            summary.append(f"channel_sqnorm_accumulate_ {impl}: {gbs:.0f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy "
+                           f"({copy_gbs:.0f} GB/s); {verdict} the {100 * CHANNEL_STATS_TARGET:.0f}% target")
+    del x, y
+
+    # --- wanda_score and nm_mask on a Llama-2-7B weight ------------------------------------------------
+    name = "llama2-7b.mlp.down_proj"
+    shape = SHAPES[name]
+    weight = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
+    sq_norm = torch.rand(shape[1], device=dev) * 1000
+    times = {}
+    for impl, (_, wanda_score, _) in impls.items():
+        torch.testing.assert_close(wanda_score(weight, sq_norm), reference.wanda_score_reference(weight, sq_norm),
+                                   rtol=2.0**-21, atol=0)
+        times[impl] = bench(lambda: wanda_score(weight, sq_norm))
+    nbytes = weight.numel() * (weight.element_size() + 4) + sq_norm.numel() * 4
+    for impl, ms in times.items():
+        record("wanda_score", name, shape, weight.dtype, impl, ms, nbytes, copy_gbs, times["reference"])
+
+    for dtype in (torch.float32, torch.bfloat16):  # a wanda score (float32), or a weight's magnitude
+        score = torch.randn(*shape, device=dev, dtype=dtype)
+        for n, m in ((2, 4), (4, 8)):
+            times = {}
+            expect = reference.nm_mask_reference(score, n, m)
+            for impl, (nm_mask, _, _) in impls.items():
+                if not torch.equal(nm_mask(score, n, m), expect):
+                    raise SystemExit(f"nm_mask {impl} {n}:{m} {dtype} differs from the reference; not timing it")
+                times[impl] = bench(lambda: nm_mask(score, n, m))
+            nbytes = score.numel() * (score.element_size() + 1)
+            for impl, ms in times.items():
+                record(f"nm_mask {n}:{m}", name, shape, dtype, impl, ms, nbytes, copy_gbs, times["reference"])
+
+    # --- write ---------------------------------------------------------------------------------------
+    props = torch.cuda.get_device_properties(dev)
+    header = [
+        f"device: {props.name} ({props.multi_processor_count} SMs), driver {_driver_version()}",
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}",
+        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"timing: triton.testing.do_bench median, warmup {args.warmup} ms, rep {args.rep} ms; GB/s counts bytes "
+        "read + written once; copy_ is a device-to-device copy of the activation (read + write).",
+    ]
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "bench_ops_gpu.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cols = list(rows[0])
+    md = ["# sparsekit ops on GPU", ""] + [f"- {line}" for line in header] + [""]
+    md += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
+    md += [""] + [f"- {line}" for line in summary] + [""]
+    md_path = os.path.join(args.out, "bench_ops_gpu.md")
+    with open(md_path, "w") as f:
+        f.write("\n".join(md))
+    print("\n".join(md))
+    print(f"wrote {csv_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

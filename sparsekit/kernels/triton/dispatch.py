@@ -1,0 +1,129 @@
+"""Entry points of the Triton backend: ``sparsekit._backends`` registers these on the CUDA dispatch key.
+
+Each function takes exactly the op's arguments (see ``sparsekit.ops``), checks them with the same checks
+as the public wrappers (``torch.ops.sparsekit.*`` is reachable without the wrapper, and a kernel given a
+bad shape writes out of bounds), allocates the output, picks block sizes and launches one kernel.
+
+They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the test suite's way to check
+them without a GPU). Block sizes differ between the two: a GPU wants many small programs to fill its SMs,
+the interpreter few large ones (its cost is per program and per operation).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from ...ops import _check_nm, _check_sqnorm, _check_wanda
+from ...ops.reference import nm_mask_reference
+from .channel_stats import channel_sqnorm_kernel
+from .masks import nm_mask_kernel
+from .wanda import wanda_score_kernel
+
+__all__ = ["nm_mask", "wanda_score", "channel_sqnorm_accumulate_", "NM_MAX_M"]
+
+# Groups wider than this go to the plain-PyTorch reference: the kernel unrolls a loop over the group, and
+# every N:M pattern with hardware or paper support (2:4, 4:8, 8:16) is far below it.
+NM_MAX_M = 32
+
+# channel_sqnorm: programs launched per SM. More than the resident count, so that the last wave is short.
+_PROGRAMS_PER_SM = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter: few programs
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask (bool, True = keep) pruning the ``n`` lowest of every ``m`` consecutive columns per row.
+
+    score: (rows, cols) float16/bfloat16/float32/float64, any strides; cols % m == 0; 0 <= n < m.
+    Bit-identical to ``nm_mask_reference`` (stable ranking, NaN largest). m > NM_MAX_M uses the reference.
+    """
+    _check_nm(score, n, m)
+    if m > NM_MAX_M:
+        return nm_mask_reference(score, n, m)
+    rows, cols = score.shape
+    keep = torch.empty((rows, cols), dtype=torch.bool, device=score.device)
+    if keep.numel() == 0:
+        return keep
+    m_p2 = triton.next_power_of_2(m)
+    if _on_gpu(score):
+        block_r, block_g, num_warps = 4, max(1, 256 // m_p2), 4
+    else:
+        block_r, block_g, num_warps = 16, max(1, 1024 // m_p2), 4
+    num_groups = cols // m
+    block_g = min(block_g, triton.next_power_of_2(num_groups))
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(num_groups, block_g))
+    nm_mask_kernel[grid](
+        score, keep.view(torch.uint8), rows, num_groups, score.stride(0), score.stride(1), n,
+        M=m, M_P2=m_p2,
+        BLOCK_R=block_r, BLOCK_G=block_g, num_warps=num_warps,
+    )
+    return keep
+
+
+def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * sqrt(sq_norm_j) as float32 (rows, cols), correctly rounded (see ``wanda.py``).
+
+    weight: (rows, cols) any float dtype, any strides; sq_norm: (cols,) float32.
+    """
+    _check_wanda(weight, sq_norm)
+    rows, cols = weight.shape
+    out = torch.empty((rows, cols), dtype=torch.float32, device=weight.device)
+    if out.numel() == 0:
+        return out
+    sq_norm = sq_norm.contiguous()
+    if _on_gpu(weight):
+        block_r, block_c, num_warps = 8, 256, 4
+    else:
+        block_r, block_c, num_warps = 64, 256, 4
+    block_c = min(block_c, triton.next_power_of_2(cols))
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    wanda_score_kernel[grid](
+        weight, sq_norm, out, rows, cols, weight.stride(0), weight.stride(1),
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return out
+
+
+def channel_sqnorm_accumulate_(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += sum over all leading dims of x.float()**2, per channel (in place).
+
+    acc: (C,) float32 contiguous; x: (..., C) float32/float16/bfloat16. Reads x once. The float32 sums are
+    added to acc with atomics, so the last bits may differ from run to run.
+    """
+    _check_sqnorm(acc, x)
+    channels = x.shape[-1]
+    x2d = x.reshape(-1, channels)
+    if x2d.numel() == 0:
+        return None
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    tokens = x2d.shape[0]
+    if _on_gpu(x2d):
+        # (32, 256) bf16 is 16 KB per iteration per program: 8 bf16 (16 bytes) per thread per load.
+        block_t = 32 if x2d.element_size() == 2 else 16
+        block_c, num_warps = 256, 8
+    else:
+        block_t, block_c, num_warps = 32, 256, 4
+    block_c = min(block_c, max(16, triton.next_power_of_2(channels)))
+    channel_blocks = triton.cdiv(channels, block_c)
+    slabs = triton.cdiv(_num_sms(x2d.device) * _PROGRAMS_PER_SM, channel_blocks)
+    slabs = max(1, min(slabs, triton.cdiv(tokens, block_t)))
+    iters = triton.cdiv(triton.cdiv(tokens, slabs), block_t)  # row blocks per program
+    grid = (channel_blocks, triton.cdiv(tokens, iters * block_t))
+    channel_sqnorm_kernel[grid](
+        x2d, acc, tokens, channels, x2d.stride(0), iters,
+        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return None
