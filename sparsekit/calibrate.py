@@ -15,7 +15,8 @@ a tensor or a tuple whose first element is the new hidden states.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,12 +51,14 @@ class LinearStats:
     """Statistics of the inputs of one linear layer over all calibration tokens.
 
     sq_norm: (in_features,) float32, sum over tokens of x_j^2 (so ||X_j||_2 = sqrt(sq_norm_j)).
+    xtx: (in_features, in_features) float32 sum over tokens of x^T x, when asked for (SparseGPT).
     tokens: number of tokens accumulated.
+    Linears that read the same input tensor (q/k/v, gate/up) share one LinearStats object.
     """
 
     sq_norm: torch.Tensor
+    xtx: torch.Tensor | None = None
     tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -105,11 +108,14 @@ def _layer_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor | None = None) -> torch.Tensor:
+def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor | None = None,
+              before_each: Callable[[], None] | None = None) -> torch.Tensor:
     """Run ``layer`` on every recorded input; write outputs to ``out`` (allocated if None) and return it."""
     if out is None:
         out = torch.empty_like(inputs.hidden)
     for i in range(len(inputs)):
+        if before_each is not None:
+            before_each()
         y = layer(inputs.hidden[i: i + 1], *inputs.args[i], **inputs.kwargs[i])
         out[i] = _layer_output(y)[0]
     return out
@@ -117,35 +123,51 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor | None = 
 
 @torch.no_grad()
 def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs: LayerInputs,
-                        scratch: torch.Tensor | None = None) -> dict[str, LinearStats]:
-    """Replay ``layer`` over ``inputs`` and accumulate, per linear, the per-channel sum of squared inputs.
+                        scratch: torch.Tensor | None = None, hessian: bool = False) -> dict[str, LinearStats]:
+    """Replay ``layer`` over ``inputs`` and accumulate each linear's input statistics.
 
-    One forward over all windows; each linear's input is read once per batch by the fused
-    ``channel_sqnorm_accumulate_`` op and then dropped. ``scratch`` (like ``inputs.hidden``) receives the
-    layer's outputs, which are not used.
+    One forward over all windows. Linears that receive the very same input tensor in a forward (q/k/v
+    projections, gate/up projections: found by tensor identity, not by name) form a group whose statistics
+    are computed once and shared. Per group and batch, the input is read by the fused
+    ``channel_sqnorm_accumulate_`` op and, with ``hessian``, by one GEMM accumulating x^T x in float32;
+    then it is dropped. ``scratch`` (like ``inputs.hidden``) receives the layer's outputs, which are unused.
     """
+    from .models import linear_weight
+
     stats: dict[str, LinearStats] = {}
-    handles = []
+    seen: list[tuple[torch.Tensor, LinearStats]] = []  # inputs of the current forward, kept alive so that
+    handles = []                                        # identity cannot be confused by memory reuse
 
     def make_hook(name: str, in_features: int, device: torch.device):
-        st = LinearStats(torch.zeros(in_features, dtype=torch.float32, device=device))
-        stats[name] = st
-
         def hook(module, args):
             x = args[0]
-            ops.channel_sqnorm_accumulate_(st.sq_norm, x.detach())
-            st.tokens += x.numel() // x.shape[-1]
+            for other, st in seen:
+                if other is x:
+                    stats[name] = st
+                    return
+            st = stats.get(name)
+            if st is None:
+                st = LinearStats(torch.zeros(in_features, dtype=torch.float32, device=device))
+                if hessian:
+                    st.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+                stats[name] = st
+            seen.append((x, st))
+            x2 = x.detach().reshape(-1, in_features)
+            ops.channel_sqnorm_accumulate_(st.sq_norm, x2)
+            if hessian:
+                xf = x2.float()
+                st.xtx.addmm_(xf.t(), xf)
+            st.tokens += x2.shape[0]
 
         return hook
-
-    from .models import linear_weight
 
     for name, lin in linears.items():
         w = linear_weight(lin)
         handles.append(lin.register_forward_pre_hook(make_hook(name, w.shape[1], w.device)))
     try:
-        run_layer(layer, inputs, scratch)
+        run_layer(layer, inputs, scratch, before_each=seen.clear)
     finally:
+        seen.clear()
         for h in handles:
             h.remove()
     return stats

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     pr = sub.add_parser(
-        "prune", help="prune a model's linear layers (magnitude or Wanda), evaluate, save",
+        "prune", help="prune a model's linear layers (magnitude, Wanda, SparseGPT), evaluate, save",
         description="Prune every linear layer of a causal LM's decoder blocks, evaluate perplexity before and "
                     "after, and save the pruned model.",
         epilog=PRUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation text file or built-in (default %(default)s: the first 96 KiB of WikiText-2 test)")
     pr.add_argument("--eval-tokens", type=int, default=16384,
                     help="evaluate on the first N tokens of the evaluation text (default %(default)s)")
+    pr.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per update block (default %(default)s)")
+    pr.add_argument("--percdamp", type=float, default=0.01,
+                    help="sparsegpt: Hessian damping as a fraction of its mean diagonal (default %(default)s)")
     pr.add_argument("--output", required=True, metavar="DIR", help="folder for the pruned model and report.json")
     pr.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -116,7 +119,8 @@ def run_prune(args) -> int:
     from .prune import PruneSpec, parse_pattern, prune_model
 
     # Validate everything cheap before the long work starts.
-    spec = PruneSpec(args.method, args.sparsity, parse_pattern(args.pattern))
+    spec = PruneSpec(args.method, args.sparsity, parse_pattern(args.pattern), blocksize=args.blocksize,
+                     percdamp=args.percdamp)
     check_output_dir(args.output, args.overwrite)
     resolve_model(args.model)
     calib_text = data.read_text(args.calib)

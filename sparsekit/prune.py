@@ -4,6 +4,8 @@ Methods (mask = bool, True = keep; see ``sparsekit.ops`` for the tie rule):
 
 * ``magnitude``: unstructured, one |W| threshold per matrix: the ``int(numel * s)`` smallest |W_ij| of the
   whole matrix are pruned. N:M: the N smallest |W| of every M consecutive input columns of each row.
+* ``sparsegpt`` (Frantar and Alistarh 2023): see ``sparsekit.sparsegpt``; masks from the inverse Hessian of
+  the layer's reconstruction loss, remaining weights updated to compensate.
 * ``wanda`` (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs", eq. 1): score
   S_ij = |W_ij| * ||X_j||_2 over all calibration tokens. Unstructured: the ``int(in_features * s)`` lowest
   scores **of each output row** are pruned (the paper's per-output comparison group, not the whole layer).
@@ -61,6 +63,8 @@ class PruneSpec:
     method: str
     sparsity: float | None = None
     pattern: tuple[int, int] | None = None
+    blocksize: int = 128  # SparseGPT: columns per lazy-update block
+    percdamp: float = 0.01  # SparseGPT: damping as a fraction of mean(diag H)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -78,6 +82,10 @@ class PruneSpec:
             raise ValueError("give a sparsity (in [0, 1)) or an N:M pattern")
         if not (0.0 <= float(self.sparsity) < 1.0):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.blocksize < 1 or (self.pattern is not None and self.blocksize % self.pattern[1]):
+            raise ValueError(f"blocksize must be a positive multiple of M, got {self.blocksize}")
+        if not (0.0 <= self.percdamp):
+            raise ValueError(f"percdamp must be >= 0, got {self.percdamp}")
 
     @property
     def pattern_str(self) -> str:
@@ -109,19 +117,31 @@ def wanda_mask(weight: torch.Tensor, sq_norm: torch.Tensor, sparsity: float,
 class Method:
     name: str
     needs_calibration: bool
+    needs_hessian: bool
     doc: str
 
-    def mask(self, weight: torch.Tensor, stats: LinearStats | None, spec: PruneSpec) -> torch.Tensor:
+    def prune_(self, weight: torch.Tensor, stats: LinearStats | None, spec: PruneSpec) -> torch.Tensor:
+        """Prune ``weight`` (out, in) in place; return the keep-mask."""
+        if self.name == "sparsegpt":
+            from .sparsegpt import sparsegpt_prune_
+
+            return sparsegpt_prune_(weight, stats.xtx, stats.tokens, spec.sparsity, spec.pattern,
+                                    blocksize=spec.blocksize, percdamp=spec.percdamp)
         if self.name == "magnitude":
-            return magnitude_mask(weight, spec.sparsity, spec.pattern)
-        if self.name == "wanda":
-            return wanda_mask(weight, stats.sq_norm, spec.sparsity, spec.pattern)
-        raise AssertionError(self.name)  # pragma: no cover
+            keep = magnitude_mask(weight, spec.sparsity, spec.pattern)
+        elif self.name == "wanda":
+            keep = wanda_mask(weight, stats.sq_norm, spec.sparsity, spec.pattern)
+        else:  # pragma: no cover
+            raise AssertionError(self.name)
+        weight.masked_fill_(~keep, 0)
+        return keep
 
 
 METHODS = {
-    "magnitude": Method("magnitude", False, "|W|, one threshold per matrix (N:M: per group)"),
-    "wanda": Method("wanda", True, "|W|*||X||, compared per output row (Sun et al. 2023)"),
+    "magnitude": Method("magnitude", False, False, "|W|, one threshold per matrix (N:M: per group)"),
+    "wanda": Method("wanda", True, False, "|W|*||X||, compared per output row (Sun et al. 2023)"),
+    "sparsegpt": Method("sparsegpt", True, True,
+                        "Hessian-based masks with OBS weight updates (Frantar and Alistarh 2023)"),
 }
 
 
@@ -179,8 +199,7 @@ def _apply(layer_idx: int, linears: dict[str, nn.Module], stats: dict[str, Linea
            method: Method, spec: PruneSpec, report: PruneReport) -> None:
     for name, lin in linears.items():
         w = linear_weight(lin)
-        keep = method.mask(w, None if stats is None else stats[name], spec)
-        w.masked_fill_(~keep, 0)
+        method.prune_(w, None if stats is None else stats[name], spec)
         report.layers.append(LinearReport(f"{layer_idx}.{name}", tuple(w.shape), int((w == 0).sum()), w.numel()))
 
 
@@ -208,7 +227,7 @@ def prune_model(model: nn.Module, spec: PruneSpec, calib_windows: torch.Tensor |
         scratch = torch.empty_like(inputs.hidden)
         bar = tqdm(list(enumerate(layers)), desc=f"{spec.method}", unit="layer", disable=not progress)
         for i, layer in bar:
-            stats = collect_input_stats(layer, per_layer[i], inputs, scratch)
+            stats = collect_input_stats(layer, per_layer[i], inputs, scratch, hessian=method.needs_hessian)
             if on_layer is not None:
                 on_layer(i, stats)
             _apply(i, per_layer[i], stats, method, spec, report)

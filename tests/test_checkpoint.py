@@ -21,6 +21,16 @@ def test_failure_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []  # no temporary folder left behind
 
 
+def test_output_folder_mode_follows_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_output_dir(str(tmp_path / "ckpt")):
+            pass
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "ckpt").st_mode & 0o777) == 0o755
+
+
 def test_existing_output_needs_overwrite(tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()
