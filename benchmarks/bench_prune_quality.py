@@ -23,10 +23,14 @@ import torch
 
 
 def parse_setting(text: str):
-    method, _, rest = text.partition(":")
-    if ":" in rest:
-        return method, None, rest
-    return method, float(rest), None
+    """METHOD:SPARSITY[:owl] or METHOD:N:M -> (method, sparsity, pattern, profile)."""
+    parts = text.split(":")
+    profile = "uniform"
+    if parts[-1] == "owl":
+        profile, parts = "owl", parts[:-1]
+    if len(parts) == 3:
+        return parts[0], None, f"{parts[1]}:{parts[2]}", profile
+    return parts[0], float(parts[1]), None, profile
 
 
 def main(argv=None) -> int:
@@ -34,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--settings", nargs="+",
                     default=["magnitude:0.5", "wanda:0.5", "magnitude:2:4", "wanda:2:4", "magnitude:4:8", "wanda:4:8"],
-                    help="METHOD:SPARSITY or METHOD:N:M (default: %(default)s)")
+                    help="METHOD:SPARSITY[:owl] or METHOD:N:M (default: %(default)s)")
     ap.add_argument("--calib", default="wikitext2-valid")
     ap.add_argument("--eval", default="wikitext2-test")
     ap.add_argument("--nsamples", type=int, default=32)
@@ -54,8 +58,8 @@ def main(argv=None) -> int:
 
     specs = []
     for s in args.settings:
-        method, sparsity, pattern = parse_setting(s)
-        specs.append(PruneSpec(method, sparsity, parse_pattern(pattern)))
+        method, sparsity, pattern, profile = parse_setting(s)
+        specs.append(PruneSpec(method, sparsity, parse_pattern(pattern), profile=profile))
 
     model, tok = load_model(args.model)
     calib = data.calibration_windows(data.tokenize(tok, data.read_text(args.calib)), args.nsamples, args.seqlen,
@@ -63,7 +67,7 @@ def main(argv=None) -> int:
     windows = data.eval_windows(data.tokenize(tok, data.read_text(args.eval)), args.seqlen, args.eval_tokens)
     t = time.perf_counter()
     dense = evaluate.perplexity(model, windows, progress=True, desc="dense")
-    rows = [dict(method="dense", pattern="-", sparsity=0.0, ppl=dense, prune_seconds=0.0,
+    rows = [dict(method="dense", pattern="-", profile="-", sparsity=0.0, ppl=dense, prune_seconds=0.0,
                  eval_seconds=time.perf_counter() - t)]
     print(f"dense ppl {dense:.4f}", file=sys.stderr)
     for spec in specs:
@@ -71,9 +75,11 @@ def main(argv=None) -> int:
         report = prune_model(m, spec, calib, progress=True)
         t = time.perf_counter()
         ppl = evaluate.perplexity(m, windows, progress=True, desc=f"{spec.method} {spec.pattern_str}")
-        rows.append(dict(method=spec.method, pattern=spec.pattern_str, sparsity=report.sparsity, ppl=ppl,
+        rows.append(dict(method=spec.method, pattern=spec.pattern_str, profile=spec.profile,
+                         sparsity=report.sparsity, ppl=ppl,
                          prune_seconds=report.seconds, eval_seconds=time.perf_counter() - t))
-        print(f"{spec.method} {spec.pattern_str} s={report.sparsity:.4f} ppl {ppl:.4f}", file=sys.stderr)
+        print(f"{spec.method} {spec.pattern_str} {spec.profile} s={report.sparsity:.4f} ppl {ppl:.4f}",
+              file=sys.stderr)
         del m
 
     os.makedirs(args.out, exist_ok=True)
@@ -96,11 +102,11 @@ def main(argv=None) -> int:
         f"- calibration: {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
         f"evaluation: {windows.shape[0]} x {args.seqlen} tokens of {args.eval}; float32",
         "",
-        "| method | pattern | sparsity | perplexity | prune s |",
-        "|---|---|---:|---:|---:|",
+        "| method | pattern | profile | sparsity | perplexity | prune s |",
+        "|---|---|---|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.4f} | {r['ppl']:.2f} | "
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['profile']} | {r['sparsity']:.4f} | {r['ppl']:.2f} | "
                      f"{r['prune_seconds']:.1f} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:

@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per update block (default %(default)s)")
     pr.add_argument("--percdamp", type=float, default=0.01,
                     help="sparsegpt: Hessian damping as a fraction of its mean diagonal (default %(default)s)")
+    pr.add_argument("--sparsity-profile", default="uniform", choices=["uniform", "owl"],
+                    help="uniform: every block at --sparsity; owl: per-block sparsities from the blocks' outlier "
+                         "ratios (Yin et al. 2023), mean --sparsity (unstructured only; default %(default)s)")
+    pr.add_argument("--owl-m", type=float, default=5.0,
+                    help="owl: a score is an outlier above M times its block's mean (default %(default)s)")
+    pr.add_argument("--owl-lambda", type=float, default=0.08,
+                    help="owl: block sparsities span 2*lambda, with mean --sparsity (default %(default)s)")
     pr.add_argument("--output", required=True, metavar="DIR", help="folder for the pruned model and report.json")
     pr.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -120,7 +127,8 @@ def run_prune(args) -> int:
 
     # Validate everything cheap before the long work starts.
     spec = PruneSpec(args.method, args.sparsity, parse_pattern(args.pattern), blocksize=args.blocksize,
-                     percdamp=args.percdamp)
+                     percdamp=args.percdamp, profile=args.sparsity_profile, owl_m=args.owl_m,
+                     owl_lambda=args.owl_lambda)
     check_output_dir(args.output, args.overwrite)
     resolve_model(args.model)
     calib_text = data.read_text(args.calib)
@@ -154,6 +162,7 @@ def run_prune(args) -> int:
         "model": args.model,
         "method": spec.method,
         "pattern": spec.pattern_str,
+        "sparsity_profile": spec.profile,
         "target_sparsity": float(spec.sparsity),
         "sparsity": report.sparsity,
         "dense_ppl": dense_ppl,
@@ -166,6 +175,8 @@ def run_prune(args) -> int:
                     "prune": report.seconds, "pruned_eval": t_end - t_dense - report.seconds,
                     "total": t_end - t_start},
         "versions": _versions(),
+        "block_sparsities": report.block_sparsities,
+        "outlier_ratios": report.outlier_ratios,
         "layers": report.to_dict()["layers"],
     }
     save_pruned_model(model, tokenizer, args.output, out, overwrite=args.overwrite)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -65,6 +65,9 @@ class PruneSpec:
     pattern: tuple[int, int] | None = None
     blocksize: int = 128  # SparseGPT: columns per lazy-update block
     percdamp: float = 0.01  # SparseGPT: damping as a fraction of mean(diag H)
+    profile: str = "uniform"  # or "owl": per-block sparsities from outlier ratios (sparsekit.owl)
+    owl_m: float = 5.0  # OWL: a score is an outlier above owl_m times its block's mean score
+    owl_lambda: float = 0.08  # OWL: block sparsities span 2 * owl_lambda around a mean of sparsity
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -86,6 +89,11 @@ class PruneSpec:
             raise ValueError(f"blocksize must be a positive multiple of M, got {self.blocksize}")
         if not (0.0 <= self.percdamp):
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp}")
+        if self.profile not in ("uniform", "owl"):
+            raise ValueError(f"unknown sparsity profile '{self.profile}', choose uniform or owl")
+        if self.profile == "owl" and self.pattern is not None:
+            raise ValueError("the OWL profile gives each block its own sparsity; an N:M pattern fixes it at N/M "
+                             "(use OWL with unstructured sparsity)")
 
     @property
     def pattern_str(self) -> str:
@@ -164,6 +172,9 @@ class PruneReport:
     target_sparsity: float
     seconds: float
     layers: list[LinearReport] = field(default_factory=list)
+    profile: str = "uniform"
+    block_sparsities: list[float] = field(default_factory=list)  # target per decoder block
+    outlier_ratios: list[float] = field(default_factory=list)  # OWL only
 
     @property
     def sparsity(self) -> float:
@@ -215,14 +226,23 @@ def prune_model(model: nn.Module, spec: PruneSpec, calib_windows: torch.Tensor |
     method = METHODS[spec.method]
     layers = find_decoder_layers(model)
     per_layer = _check_prunable(layers, spec)
-    report = PruneReport(spec.method, spec.pattern_str, float(spec.sparsity), 0.0)
+    report = PruneReport(spec.method, spec.pattern_str, float(spec.sparsity), 0.0, profile=spec.profile)
+    needs_calibration = method.needs_calibration or spec.profile == "owl"
+    if needs_calibration and (calib_windows is None or calib_windows.numel() == 0):
+        raise ValueError(f"method '{spec.method}' (profile {spec.profile}) needs calibration windows")
     t0 = time.perf_counter()
+    if spec.profile == "owl":
+        from .owl import outlier_ratios, owl_sparsities
+
+        report.outlier_ratios = outlier_ratios(model, layers, calib_windows, spec.owl_m, progress)
+        report.block_sparsities = owl_sparsities(report.outlier_ratios, spec.sparsity, spec.owl_lambda)
+    else:
+        report.block_sparsities = [float(spec.sparsity)] * len(layers)
+    block_specs = [replace(spec, sparsity=s) for s in report.block_sparsities]
     if not method.needs_calibration:
         for i, linears in enumerate(tqdm(per_layer, desc=f"{spec.method}", unit="layer", disable=not progress)):
-            _apply(i, linears, None, method, spec, report)
+            _apply(i, linears, None, method, block_specs[i], report)
     else:
-        if calib_windows is None or calib_windows.numel() == 0:
-            raise ValueError(f"method '{spec.method}' needs calibration windows")
         inputs = capture_layer_inputs(model, layers, calib_windows)
         scratch = torch.empty_like(inputs.hidden)
         bar = tqdm(list(enumerate(layers)), desc=f"{spec.method}", unit="layer", disable=not progress)
@@ -230,7 +250,7 @@ def prune_model(model: nn.Module, spec: PruneSpec, calib_windows: torch.Tensor |
             stats = collect_input_stats(layer, per_layer[i], inputs, scratch, hessian=method.needs_hessian)
             if on_layer is not None:
                 on_layer(i, stats)
-            _apply(i, per_layer[i], stats, method, spec, report)
+            _apply(i, per_layer[i], stats, method, block_specs[i], report)
             run_layer(layer, inputs, scratch)  # outputs of the pruned block feed the next block
             inputs.hidden, scratch = scratch, inputs.hidden
     report.seconds = time.perf_counter() - t0
