@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in one call (the device tool allows ~10 min per call):
+#   build the extensions against the machine's torch, print the live backends, run the GPU tests on the
+#   CUDA C++ path and again on the Triton path (CUDA extension disabled), then the GPU benchmarks.
+# Usage on the GPU machine, from the repo root:  bash benchmarks/run_gpu_session.sh [OUT_DIR]
+# Results (CSV + markdown with device, versions, date) land in OUT_DIR (default: $OUT, else benchmarks/results).
+set -uo pipefail
+out=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+log="$out/gpu_session.log"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || nvidia-smi -L
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  MAX_JOBS=${MAX_JOBS:-16} pip install -q -e . --no-build-isolation --no-deps || echo "BUILD FAILED"
+  python -m sparsekit.info
+  echo "== GPU tests, CUDA C++ path"
+  python -m pytest -q -m gpu tests/ -p no:cacheprovider
+  echo "== GPU tests, Triton path (CUDA extension disabled)"
+  SPARSEKIT_DISABLE_EXTENSIONS=1 python -m pytest -q -m gpu tests/ -p no:cacheprovider
+  echo "== benchmarks"
+  python benchmarks/bench_ops_gpu.py --out "$out"
+} 2>&1 | tee "$log"
