@@ -1,0 +1,5 @@
+"""Drop-in replacements for ``nn.Linear`` backed by compressed weights."""
+
+from .low_rank import LowRankLinear, low_rank_saves_bytes
+
+__all__ = ["LowRankLinear", "low_rank_saves_bytes"]
