@@ -90,6 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    ev = sub.add_parser(
+        "eval", help="perplexity and multiple-choice accuracy of a model",
+        description="Evaluate a model: perplexity on text files and accuracy on multiple-choice sets.",
+        epilog="examples:\n"
+               "  sparsekit eval --model runs/demo --tasks wikitext2-test,arc_easy,piqa --limit 300\n"
+               "  sparsekit eval --model smollm2-135m --tasks mmlu:medical,pubmedqa --output medical.json\n\n"
+               "tasks: a text file or built-in text (perplexity), or a multiple-choice set: "
+               "arc_easy, arc_challenge, piqa, siqa, openbook_qa, copa, commonsense_qa, boolq, pubmedqa, "
+               "winogrande, logiqa, mmlu, mmlu:<subject>, mmlu:medical|legal|economics, or a .jsonl file.\n"
+               "accuracy: argmax of the summed log-probability of ' ' + choice given the query (acc), and of "
+               "that sum per UTF-8 byte of the choice (acc_norm).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("--model", default="smollm2-135m", help="local HF folder or built-in name (default %(default)s)")
+    ev.add_argument("--tasks", required=True, help="comma-separated tasks (see below)")
+    ev.add_argument("--limit", type=int, default=None, help="first N questions of each multiple-choice set")
+    ev.add_argument("--seqlen", type=int, default=512, help="perplexity window (default %(default)s)")
+    ev.add_argument("--eval-tokens", type=int, default=16384, help="perplexity tokens (default %(default)s)")
+    ev.add_argument("--data-dir", default=None, help="shared data folder (default: $SPARSEKIT_DATA or ../shared/data)")
+    ev.add_argument("--output", default=None, metavar="FILE", help="write the results as JSON")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--no-progress", action="store_true")
+
     sub.add_parser("info", help="versions and which kernel backends are live (same as python -m sparsekit.info)")
     return p
 
@@ -192,6 +215,43 @@ def run_prune(args) -> int:
     return 0
 
 
+def run_eval(args) -> int:
+    from . import data, evaluate, tasks
+    from .models import load_model, resolve_model
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise ValueError("--tasks is empty")
+    resolve_model(args.model)
+    kinds = {}
+    for name in names:  # validate every task before loading the model
+        if name in data.BUILTIN_TEXTS or (os.path.isfile(name) and not name.endswith(".jsonl")):
+            kinds[name] = ("ppl", data.read_text(name))
+        else:
+            kinds[name] = ("mc", tasks.load_task(name, args.data_dir, args.limit))
+    progress = not args.no_progress
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    results = {}
+    for name, (kind, payload) in kinds.items():
+        if kind == "ppl":
+            windows = data.eval_windows(data.tokenize(tokenizer, payload), args.seqlen, args.eval_tokens, name)
+            results[name] = {"ppl": evaluate.perplexity(model, windows, progress=progress, desc=name),
+                             "tokens": int(windows.numel())}
+        else:
+            results[name] = tasks.score_multiple_choice(model, tokenizer, payload, progress=progress, desc=name)
+    rows = [("task", "metric", "value")]
+    for name, r in results.items():
+        if "ppl" in r:
+            rows.append((name, f"perplexity ({r['tokens']} tok)", f"{r['ppl']:.4f}"))
+        else:
+            rows.append((name, f"acc / acc_norm (n={r['n']})", f"{r['acc']:.4f} / {r['acc_norm']:.4f}"))
+    print(_table(rows))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"model": args.model, "results": results, "versions": _versions()}, f, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -204,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelNotFoundError
 
     try:
-        return run_prune(args)
-    except (ValueError, DataError, ModelNotFoundError, OutputExistsError, PermissionError) as e:
+        return run_eval(args) if args.command == "eval" else run_prune(args)
+    except (ValueError, DataError, ModelNotFoundError, OutputExistsError, PermissionError, FileNotFoundError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written")

@@ -108,3 +108,24 @@ def test_prune_end_to_end_tiny(tiny_folder, calib_file, tmp_path, capsys):
                       "--eval-tokens", "64", "--output", str(out), "--overwrite", "--no-progress"], capsys)
     assert code == 0
     assert json.loads((out / "report.json").read_text())["method"] == "magnitude"
+
+
+def test_eval_command_tiny(tiny_folder, calib_file, tmp_path, capsys):
+    import json as _json
+
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("\n".join(_json.dumps({"query": "the cat", "choices": ["sat", "of"], "gold": i % 2})
+                            for i in range(4)) + "\n")
+    out = tmp_path / "eval.json"
+    code, stdout, err = run(["eval", "--model", tiny_folder, "--tasks", f"{calib_file},{mc}", "--seqlen", "32",
+                             "--eval-tokens", "128", "--output", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    res = _json.loads(out.read_text())["results"]
+    assert res[str(mc)]["n"] == 4 and 0 <= res[str(mc)]["acc"] <= 1
+    assert res[calib_file]["tokens"] == 128 and res[calib_file]["ppl"] > 1
+    assert "acc / acc_norm" in stdout
+
+
+def test_eval_unknown_task(capsys):
+    code, _, err = run(["eval", "--tasks", "nope"], capsys)
+    assert code == 2 and "unknown task 'nope'" in err

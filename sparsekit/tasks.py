@@ -1,0 +1,170 @@
+"""Multiple-choice evaluation: log-likelihood of each choice given its context, for the sets in shared/data.
+
+One example = several (context, continuation) pairs and the index of the right one. A choice's score is
+the sum of log p(continuation tokens | context tokens); ``acc`` takes the argmax of that sum, ``acc_norm``
+of the sum divided by the continuation's length in UTF-8 bytes (lm-evaluation-harness's normalisation,
+which removes the bias towards short answers). Continuations are scored as " " + choice text.
+
+Native formats read here (see shared/data/MANIFEST.md):
+
+* llm-foundry ICL jsonl: ``{"query", "choices", "gold"}`` (ARC, PIQA, BoolQ, SIQA, OpenBookQA, COPA, ...);
+  ``{"context_options", "continuation", "gold"}`` (Winogrande: the context varies, the continuation not);
+  ``{"context", "continuation"}`` with a yes/no/maybe answer (PubMedQA-labelled).
+* MMLU csv rows ``question,A,B,C,D,answer`` without header, prompted as the question, the four lettered
+  options and "Answer:", scored on the letters " A" .. " D".
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["MCExample", "TASKS", "MMLU_DOMAINS", "find_data_dir", "load_task", "score_multiple_choice"]
+
+
+@dataclass
+class MCExample:
+    contexts: list[str]  # one per choice
+    continuations: list[str]  # one per choice, with their leading space
+    gold: int
+
+
+_ICL = "llm-foundry-icl"
+TASKS = {
+    "arc_easy": f"{_ICL}/world_knowledge/arc_easy.jsonl",
+    "arc_challenge": f"{_ICL}/world_knowledge/arc_challenge.jsonl",
+    "piqa": f"{_ICL}/commonsense_reasoning/piqa.jsonl",
+    "siqa": f"{_ICL}/commonsense_reasoning/siqa.jsonl",
+    "openbook_qa": f"{_ICL}/commonsense_reasoning/openbook_qa.jsonl",
+    "copa": f"{_ICL}/commonsense_reasoning/copa.jsonl",
+    "commonsense_qa": f"{_ICL}/commonsense_reasoning/commonsense_qa.jsonl",
+    "boolq": f"{_ICL}/reading_comprehension/boolq.jsonl",
+    "pubmedqa": f"{_ICL}/reading_comprehension/pubmed_qa_labeled.jsonl",
+    "winogrande": f"{_ICL}/language_understanding/winogrande.jsonl",
+    "logiqa": f"{_ICL}/symbolic_problem_solving/logi_qa.jsonl",
+}
+MMLU_DOMAINS = {
+    "medical": ["professional_medicine", "clinical_knowledge", "college_medicine", "medical_genetics", "anatomy"],
+    "legal": ["professional_law", "international_law", "jurisprudence"],
+    "economics": ["professional_accounting", "econometrics", "high_school_macroeconomics",
+                  "high_school_microeconomics"],
+}
+
+
+def find_data_dir(explicit: str | None = None) -> str:
+    """The shared data folder: ``explicit``, $SPARSEKIT_DATA, or ../shared/data next to the repo or cwd."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [explicit, os.environ.get("SPARSEKIT_DATA"), os.path.join(here, "..", "shared", "data"),
+                  os.path.join(os.getcwd(), "..", "shared", "data")]
+    for c in candidates:
+        if c and os.path.isdir(c):
+            return os.path.abspath(c)
+    raise FileNotFoundError("shared data folder not found: pass --data-dir or set SPARSEKIT_DATA")
+
+
+def _from_icl_row(row: dict, line: int, path: str) -> MCExample:
+    if "choices" in row and "query" in row:
+        q = row["query"]
+        return MCExample([q] * len(row["choices"]), [" " + c for c in row["choices"]], int(row["gold"]))
+    if "context_options" in row:  # winogrande: partial scoring of the fixed continuation
+        cont = " " + row["continuation"]
+        return MCExample(list(row["context_options"]), [cont] * len(row["context_options"]), int(row["gold"]))
+    if "context" in row and row.get("continuation") in ("yes", "no", "maybe"):  # pubmedqa-labelled
+        options = ["yes", "no", "maybe"]
+        ctx = row["context"]
+        return MCExample([ctx] * 3, [" " + o for o in options], options.index(row["continuation"]))
+    raise ValueError(f"{path}:{line}: not a multiple-choice row (keys {sorted(row)})")
+
+
+def _mmlu_examples(data_dir: str, subjects: list[str], split: str) -> list[MCExample]:
+    out = []
+    for subject in subjects:
+        path = os.path.join(data_dir, "mmlu", "data", split, f"{subject}_{split}.csv")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no MMLU file {path}")
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.reader(f):
+                q, options, answer = row[0], row[1:5], row[5].strip()
+                prompt = q.strip() + "\n" + "\n".join(f"{L}. {o}" for L, o in zip("ABCD", options)) + "\nAnswer:"
+                out.append(MCExample([prompt] * 4, [" A", " B", " C", " D"], "ABCD".index(answer)))
+    return out
+
+
+def load_task(name: str, data_dir: str | None = None, limit: int | None = None, split: str = "test"
+              ) -> list[MCExample]:
+    """Examples of a named task (``arc_easy``, ``pubmedqa``, ``mmlu:medical``, ``mmlu:anatomy``, ...) or a
+    jsonl file in one of the ICL formats. ``limit`` keeps the first N examples (deterministic)."""
+    if name.endswith(".jsonl") and os.path.exists(name):
+        path = name
+    elif name.startswith("mmlu:") or name == "mmlu":
+        root = find_data_dir(data_dir)
+        key = name.partition(":")[2] or "all"
+        if key == "all":
+            subjects = sorted(os.path.basename(p)[: -len(f"_{split}.csv")]
+                              for p in glob.glob(os.path.join(root, "mmlu", "data", split, f"*_{split}.csv")))
+        else:
+            subjects = MMLU_DOMAINS.get(key, [key])
+        examples = _mmlu_examples(root, subjects, split)
+        return examples[:limit] if limit else examples
+    elif name in TASKS:
+        path = os.path.join(find_data_dir(data_dir), TASKS[name])
+    else:
+        raise ValueError(f"unknown task '{name}': choose one of {', '.join(sorted(TASKS))}, mmlu, "
+                         f"mmlu:<subject>, mmlu:<{'|'.join(MMLU_DOMAINS)}>, or a .jsonl path")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                examples.append(_from_icl_row(json.loads(line), i, path))
+            if limit and len(examples) >= limit:
+                break
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
+
+
+@torch.no_grad()
+def _choice_logliks(model, tokenizer, ex: MCExample, max_len: int) -> list[float]:
+    device = next(model.parameters()).device
+    seqs, spans = [], []
+    for ctx, cont in zip(ex.contexts, ex.continuations):
+        c_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        k_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        ids = (c_ids + k_ids)[-max_len:]  # keep the continuation; truncate the context from the left
+        seqs.append(ids)
+        spans.append(min(len(k_ids), len(ids) - 1))
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):  # right padding: positions of real tokens are unchanged
+        batch[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    logits = model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+    logp = F.log_softmax(logits, dim=-1)
+    out = []
+    for i, (s, k) in enumerate(zip(seqs, spans)):
+        n = len(s)
+        targets = torch.tensor(s[n - k:], device=device)
+        out.append(float(logp[i, n - k - 1: n - 1].gather(-1, targets[:, None]).sum()))
+    return out
+
+
+def score_multiple_choice(model, tokenizer, examples: list[MCExample], max_len: int = 1024,
+                          progress: bool = False, desc: str = "mc") -> dict:
+    """{'acc', 'acc_norm', 'n'} over ``examples`` (accuracies as fractions)."""
+    correct = correct_norm = 0
+    for ex in tqdm(examples, desc=desc, unit="q", disable=not progress, leave=False):
+        ll = _choice_logliks(model, tokenizer, ex, max_len)
+        norm = [v / max(1, len(c.encode("utf-8"))) for v, c in zip(ll, ex.continuations)]
+        correct += int(max(range(len(ll)), key=ll.__getitem__) == ex.gold)
+        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == ex.gold)
+    n = len(examples)
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}

@@ -1,0 +1,78 @@
+"""Multiple-choice loading and scoring."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsekit.tasks import MCExample, _choice_logliks, load_task, score_multiple_choice
+from tiny_models import WORDS, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    text = open(WORDS, encoding="utf-8").read()[:60000]
+    return tiny_model("llama"), tiny_tokenizer(text)
+
+
+def naive_loglik(model, tok, ctx, cont):
+    c = tok(ctx, add_special_tokens=False)["input_ids"]
+    k = tok(cont, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([c + k])
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids).logits[0].float(), -1)
+    return float(sum(logp[len(c) + j - 1, t] for j, t in enumerate(k)))
+
+
+def test_batched_padded_logliks_equal_one_at_a_time(tiny):
+    model, tok = tiny
+    ex = MCExample(["the cat sat on", "the cat sat on", "in the year of the"],
+                   [" the mat", " a very long continuation of the story", " war"], 0)
+    got = _choice_logliks(model, tok, ex, max_len=512)
+    want = [naive_loglik(model, tok, c, k) for c, k in zip(ex.contexts, ex.continuations)]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_accuracy_and_length_normalisation(monkeypatch, tiny):
+    model, tok = tiny
+    import sparsekit.tasks as T
+
+    # choice 0 has the higher sum; per byte, the 100-byte choice 1 is far likelier: -0.12 vs -5 per byte
+    monkeypatch.setattr(T, "_choice_logliks", lambda *a, **k: [-10.0, -12.0])
+    exs = [MCExample(["q", "q"], [" y", " " + "x" * 99], 1)]
+    assert score_multiple_choice(model, tok, exs) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
+def test_icl_formats(tmp_path):
+    rows = [
+        {"query": "Question: 2+2?", "choices": ["3", "4"], "gold": 1},
+        {"context_options": ["A went so A", "B went so B"], "continuation": "left.", "gold": 0},
+        {"context": "Context: ... Answer:", "continuation": "maybe"},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    a, b, c = load_task(str(path))
+    assert a.contexts == ["Question: 2+2?"] * 2 and a.continuations == [" 3", " 4"] and a.gold == 1
+    assert b.contexts == ["A went so A", "B went so B"] and b.continuations == [" left."] * 2 and b.gold == 0
+    assert c.continuations == [" yes", " no", " maybe"] and c.gold == 2
+    assert len(load_task(str(path), limit=2)) == 2
+
+
+def test_bad_rows_and_names(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "no choices"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: not a multiple-choice row"):
+        load_task(str(path))
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        load_task("nope")
+
+
+def test_shared_sets_load(shared_data):
+    assert len(load_task("arc_easy", shared_data)) == 2376
+    pub = load_task("pubmedqa", shared_data)
+    assert len(pub) == 1000 and {e.gold for e in pub} <= {0, 1, 2}
+    med = load_task("mmlu:medical", shared_data)
+    assert len(med) > 500 and med[0].continuations == [" A", " B", " C", " D"]
+    assert med[0].contexts[0].endswith("\nAnswer:") and "\nD. " in med[0].contexts[0]
+    assert len(load_task("winogrande", shared_data, limit=5)) == 5
