@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from their folder)
 from torch.utils import benchmark
 
 import sparsekit
@@ -30,17 +30,6 @@ MODEL_SHAPES = {
     "smollm2-360m": {"mlp.up": (2560, 960), "mlp.down": (960, 2560)},
     "smollm2-1.7b": {"mlp.up": (8192, 2048), "mlp.down": (2048, 8192)},
 }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_ms(fn, min_run_time: float) -> float:

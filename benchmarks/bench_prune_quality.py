@@ -15,11 +15,11 @@ import copy
 import csv
 import datetime
 import os
-import platform
 import sys
 import time
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from their folder)
 
 
 def parse_setting(text: str):
@@ -87,12 +87,7 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     lines = [
         f"# Perplexity after pruning: {args.model}",
         "",

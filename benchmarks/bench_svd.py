@@ -14,12 +14,12 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run from their folder)
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -74,11 +74,7 @@ def main(argv=None) -> int:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()
         wr.writerows(rows)
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
+    cpu = cpu_name()
     lines = [
         "# Truncated SVD on CPU: batched randomized vs looping torch.linalg.svd",
         "",

@@ -7,24 +7,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_type.h"
 #include "cuda/kernels/channel_stats.cuh"
 
 namespace sparsekit {
 namespace {
-
-// ATen's element types -> the CUDA headers' (same bits).
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<c10::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 void channel_sqnorm_accumulate_cuda(at::Tensor& acc, const at::Tensor& x) {
   TORCH_CHECK(acc.is_cuda(), "channel_sqnorm_accumulate_: acc must be a CUDA tensor, got ", acc.device());

@@ -9,24 +9,11 @@
 
 #include <limits>
 
+#include "cuda/cuda_type.h"
 #include "cuda/kernels/masks.cuh"
 
 namespace sparsekit {
 namespace {
-
-// ATen's element types -> the CUDA headers' (same bits).
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<c10::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 at::Tensor nm_mask_cuda(const at::Tensor& score, int64_t n, int64_t m) {
   TORCH_CHECK(score.is_cuda(), "nm_mask: score must be a CUDA tensor, got ", score.device());

@@ -8,24 +8,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_type.h"
 #include "cuda/kernels/wanda.cuh"
 
 namespace sparsekit {
 namespace {
-
-// ATen's element types -> the CUDA headers' (same bits).
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<c10::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 at::Tensor wanda_score_cuda(const at::Tensor& weight, const at::Tensor& sq_norm) {
   TORCH_CHECK(weight.is_cuda(), "wanda_score: weight must be a CUDA tensor, got ", weight.device());
