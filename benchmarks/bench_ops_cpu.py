@@ -34,7 +34,9 @@ MODEL_SHAPES = {
 
 def median_ms(fn, min_run_time: float) -> float:
     fn()  # first-call costs (lazy kernel init, page faults on fresh outputs) are not what we measure
-    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+    # num_threads: Timer runs single-threaded unless told otherwise, which would make --threads a no-op
+    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def cases(models: list[str], tokens: int):

@@ -179,3 +179,128 @@ def channel_sqnorm_accumulate_(acc: torch.Tensor, x: torch.Tensor) -> torch.Tens
 from .. import _backends  # noqa: E402
 
 _backends.load(_lib)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sparse linear layers on packed weights (sparsekit/formats). Kernels: csrc/cpu/sparse24_gemv.cpp and
+# csrc/cpu/bitmap_gemv.cpp. Declared after the backends load: the dispatcher accepts the C++ kernels'
+# registrations before the schema exists and joins them when it is defined.
+# ----------------------------------------------------------------------------------------------------
+from ..formats.bitmap import BITMAP_TILE as _BITMAP_TILE  # noqa: E402
+from ..formats.sparse24 import MAX_GROUP_SIZE as _NM_MAX_GROUP, nm_index_bits as _nm_index_bits  # noqa: E402
+from .reference import bitmap_linear_reference, nm_linear_reference  # noqa: E402
+
+_LINEAR_SCHEMAS = {
+    "nm_linear": "nm_linear(Tensor x, Tensor values, Tensor index_codes, int n, int m, int in_features, "
+    "Tensor? bias) -> Tensor",
+    "bitmap_linear": "bitmap_linear(Tensor x, Tensor bitmask, Tensor values, Tensor row_offsets, int in_features, "
+    "Tensor? bias) -> Tensor",
+}
+_LINEAR_DEFAULTS = {"nm_linear": nm_linear_reference, "bitmap_linear": bitmap_linear_reference}
+for _name, _schema in _LINEAR_SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, _LINEAR_DEFAULTS[_name], "CompositeExplicitAutograd")
+OP_NAMES = OP_NAMES + tuple(_LINEAR_SCHEMAS)
+__all__ += ["nm_linear", "bitmap_linear"]
+
+_LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_linear_common(x, out_features, in_features, bias, weight_dtype, device) -> None:
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have in_features={in_features} in its last dim, got shape {tuple(x.shape)}")
+    if x.dtype not in _LINEAR_DTYPES:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if weight_dtype != x.dtype:
+        raise ValueError(f"values must have x's dtype {x.dtype}, got {weight_dtype}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the packed weight is on {device}")
+    if bias is not None:
+        if bias.shape != (out_features,) or bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(
+                f"bias must be ({out_features},) {x.dtype} on {x.device}, got {tuple(bias.shape)} {bias.dtype} "
+                f"on {bias.device}"
+            )
+
+
+def _check_nm_linear(x, values, index_codes, n, m, in_features, bias) -> None:
+    if not (isinstance(m, int) and 1 <= m <= _NM_MAX_GROUP):
+        raise ValueError(f"N:M needs 1 <= M <= {_NM_MAX_GROUP}, got M={m}")
+    if not (0 <= n < m):
+        raise ValueError(f"N:M needs 0 <= N < M, got {n}:{m}")
+    if in_features < 0 or in_features % m != 0:
+        raise ValueError(f"N:M pattern {n}:{m}: M={m} does not divide in_features={in_features}")
+    kept = in_features // m * (m - n)
+    if values.dim() != 2 or values.shape[1] != kept:
+        raise ValueError(
+            f"values must be (out_features, {kept}) for {n}:{m} with in_features={in_features}, "
+            f"got {tuple(values.shape)}"
+        )
+    width = -(-kept * _nm_index_bits(m) // 8)
+    if index_codes.dtype != torch.uint8 or tuple(index_codes.shape) != (values.shape[0], width):
+        raise ValueError(
+            f"index_codes must be uint8 ({values.shape[0]}, {width}) (sparsekit.formats.nm_index_codes), got "
+            f"{index_codes.dtype} {tuple(index_codes.shape)}"
+        )
+    if index_codes.device != values.device:
+        raise ValueError(f"values are on {values.device} but index_codes on {index_codes.device}")
+    _check_linear_common(x, values.shape[0], in_features, bias, values.dtype, values.device)
+
+
+def _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias) -> None:
+    if in_features < 0:
+        raise ValueError(f"in_features must be >= 0, got {in_features}")
+    tiles = -(-in_features // _BITMAP_TILE)
+    if bitmask.dim() != 2 or bitmask.dtype != torch.int64 or bitmask.shape[1] != tiles:
+        raise ValueError(
+            f"bitmask must be int64 (out_features, {tiles}) for in_features={in_features}, got {bitmask.dtype} "
+            f"{tuple(bitmask.shape)}"
+        )
+    out_features = bitmask.shape[0]
+    if row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (out_features + 1,):
+        raise ValueError(
+            f"row_offsets must be int64 ({out_features + 1},), got {row_offsets.dtype} {tuple(row_offsets.shape)}"
+        )
+    if values.dim() != 1:
+        raise ValueError(f"values must be 1-D (nnz,), got shape {tuple(values.shape)}")
+    if bitmask.device != values.device or row_offsets.device != values.device:
+        raise ValueError(
+            f"bitmask ({bitmask.device}), values ({values.device}) and row_offsets ({row_offsets.device}) must "
+            "share a device"
+        )
+    _check_linear_common(x, out_features, in_features, bias, values.dtype, values.device)
+
+
+@torch.library.register_fake("sparsekit::nm_linear")
+def _nm_linear_fake(x, values, index_codes, n, m, in_features, bias):
+    _check_nm_linear(x, values, index_codes, n, m, in_features, bias)
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+@torch.library.register_fake("sparsekit::bitmap_linear")
+def _bitmap_linear_fake(x, bitmask, values, row_offsets, in_features, bias):
+    _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
+    return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
+
+
+def nm_linear(x, values, index_codes, n: int, m: int, in_features: int, bias=None) -> torch.Tensor:
+    """x @ W^T (+ bias) with W stored N:M packed (``sparsekit.formats.pack_nm`` + ``nm_index_codes``).
+
+    x: (..., in_features) float32/bfloat16/float16; values: (out, in_features / m * (m - n)) x's dtype;
+    index_codes: uint8 (out, ceil(kept * b / 8)), b = 2 bits for m <= 4 else 4; bias: (out,) x's dtype or
+    None. Returns (..., out) in x's dtype. The CPU kernel accumulates in float32 and rounds once.
+    """
+    _check_nm_linear(x, values, index_codes, n, m, in_features, bias)
+    return torch.ops.sparsekit.nm_linear(x, values, index_codes, n, m, in_features, bias)
+
+
+def bitmap_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) -> torch.Tensor:
+    """x @ W^T (+ bias) with W stored as a bitmap (``sparsekit.formats.pack_bitmap``).
+
+    x: (..., in_features) float32/bfloat16/float16; bitmask: (out, ceil(in_features / 64)) int64;
+    values: (nnz,) x's dtype; row_offsets: (out + 1,) int64, trusted to match the bitmask's popcounts
+    (only its last entry is checked against nnz by the CPU kernel); bias: (out,) x's dtype or None.
+    Returns (..., out) in x's dtype. The CPU kernel accumulates in float32 and rounds once.
+    """
+    _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
+    return torch.ops.sparsekit.bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)

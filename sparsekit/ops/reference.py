@@ -75,3 +75,36 @@ def channel_sqnorm_accumulate_reference_(acc: torch.Tensor, x: torch.Tensor) -> 
     acc: (C,) float32, updated in place. x: (..., C) float32/float16/bfloat16.
     """
     acc.add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sparse linear layers on packed weights (formats in sparsekit/formats): unpack, then a dense F.linear.
+# ----------------------------------------------------------------------------------------------------
+import torch.nn.functional as F  # noqa: E402
+
+from ..formats.bitmap import BitmapPacked, unpack_bitmap  # noqa: E402
+from ..formats.sparse24 import NMPacked, nm_indices_from_codes, unpack_nm  # noqa: E402
+
+__all__ += ["nm_linear_reference", "bitmap_linear_reference"]
+
+
+def nm_linear_reference(x, values, index_codes, n, m, in_features, bias=None):
+    """x @ W^T (+ bias) for an N:M packed W (``sparsekit.formats.sparse24``).
+
+    x: (..., in_features); values: (out, in_features / m * (m - n)) x's dtype; index_codes: uint8 codes
+    (``nm_index_codes``); bias: (out,) or None. Returns (..., out) in x's dtype, computed by
+    ``F.linear`` in that dtype on the unpacked weight.
+    """
+    indices = nm_indices_from_codes(index_codes, m, values.shape[1])
+    weight = unpack_nm(NMPacked(values, indices, (values.shape[0], in_features), n, m))
+    return F.linear(x, weight, bias)
+
+
+def bitmap_linear_reference(x, bitmask, values, row_offsets, in_features, bias=None):
+    """x @ W^T (+ bias) for a bitmap packed W (``sparsekit.formats.bitmap``).
+
+    x: (..., in_features); bitmask: (out, ceil(in_features / 64)) int64; values: (nnz,) x's dtype;
+    row_offsets: (out + 1,) int64; bias: (out,) or None. Returns (..., out) in x's dtype via ``F.linear``.
+    """
+    weight = unpack_bitmap(BitmapPacked(bitmask, values, row_offsets, (bitmask.shape[0], in_features)))
+    return F.linear(x, weight, bias)

@@ -1,0 +1,32 @@
+// Which vector instructions the CPU kernels may use. AVX-512 code is compiled per function
+// (SPARSEKIT_AVX512), never with a global -march flag, and chosen at run time by use_avx512(); a portable
+// scalar path always remains.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SPARSEKIT_HAVE_X86 1
+#define SPARSEKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,bmi,popcnt")))
+#else
+#define SPARSEKIT_HAVE_X86 0
+#endif
+
+namespace sparsekit {
+
+// True when this CPU has AVX-512 F/BW/VL and SPARSEKIT_CPU_ISA is not "scalar" (the tests force the
+// portable path that way).
+inline bool use_avx512() {
+#if SPARSEKIT_HAVE_X86
+  static const bool cpu_has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                              __builtin_cpu_supports("avx512vl");
+  const char* isa = std::getenv("SPARSEKIT_CPU_ISA");
+  return cpu_has && !(isa && std::strcmp(isa, "scalar") == 0);
+#else
+  return false;
+#endif
+}
+
+}  // namespace sparsekit

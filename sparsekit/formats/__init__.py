@@ -1,0 +1,26 @@
+"""Compressed weight formats for pruned linear layers (plain PyTorch, pure functions).
+
+* ``sparse24`` N:M structured sparsity (2:4, 4:8, ... with M <= 16): per row, the kept values of every
+  group of M consecutive input weights plus their positions in the group (``pack_nm`` / ``unpack_nm``),
+  and the compact 2- or 4-bit index codes the kernels read (``nm_index_codes``).
+* ``bitmap``   unstructured sparsity: a 64-bit mask per 64-column tile of a row, the non-zeros packed in
+  row-major order, and per-row offsets into them (``pack_bitmap`` / ``unpack_bitmap``).
+
+The formats hold tensors and nothing else; ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` compute with them.
+"""
+
+from .bitmap import BITMAP_TILE, BitmapPacked, pack_bitmap, unpack_bitmap
+from .sparse24 import NMPacked, nm_index_bits, nm_index_codes, nm_indices_from_codes, pack_nm, unpack_nm
+
+__all__ = [
+    "NMPacked",
+    "pack_nm",
+    "unpack_nm",
+    "nm_index_bits",
+    "nm_index_codes",
+    "nm_indices_from_codes",
+    "BITMAP_TILE",
+    "BitmapPacked",
+    "pack_bitmap",
+    "unpack_bitmap",
+]

@@ -1,0 +1,130 @@
+"""N:M packed weights: the kept values of every group of M consecutive input weights and their positions.
+
+Convention (as ``sparsekit.ops.nm_mask``, Wanda and SparseGPT): "N:M" means N ZEROS in every M consecutive
+weights of a row, so each group keeps K = M - N values. 2:4 keeps 2 of 4.
+
+Layout of ``NMPacked`` for a weight W: (out_features, in_features), in_features % M == 0, G = in_features / M:
+
+* ``values``  (out_features, G * K), W's dtype. Row r holds, group after group, the K kept values of each
+  group in increasing column order.
+* ``indices`` (out_features, G * K) uint8, the position (0..M-1) of each kept value in its group, increasing
+  within a group. W[r, g * M + indices[r, g * K + k]] == values[r, g * K + k].
+
+A group with more than N zeros is stored as is: some of its K "kept" values are zeros (the lowest-index zero
+positions fill the slots). A group with fewer than N zeros does not fit and ``pack_nm`` raises.
+
+Index codes (``nm_index_codes``), what the kernels read: the indices of a row packed little-endian into
+bytes, b = 2 bits each when M <= 4 and b = 4 bits when M <= 16. Index j of row r sits in byte
+codes[r, (j * b) // 8] at bit (j * b) % 8; the last byte of a row is zero-padded. For 2:4 this is
+0.25 byte per kept value (16 indices in one little-endian uint32, index j at bits 2j..2j+1), so a bf16
+2:4 weight moves 1.125 bytes per dense weight instead of 2, and an fp32 one 2.125 instead of 4.
+
+Not done here: conversion to torch's semi-structured (``to_sparse_semi_structured``) or cuSPARSELt layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["NMPacked", "pack_nm", "unpack_nm", "nm_index_bits", "nm_index_codes", "nm_indices_from_codes"]
+
+# Index codes are 2 or 4 bits wide, so a group position must fit in 4 bits.
+MAX_GROUP_SIZE = 16
+
+
+@dataclass(frozen=True)
+class NMPacked:
+    """An N:M sparse weight (see the module docstring for the layout).
+
+    values: (out, in / m * (m - n)) the weight's dtype; indices: same shape, uint8, position in the group;
+    shape: (out, in) of the dense weight; n zeros in every m.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    shape: tuple[int, int]
+    n: int
+    m: int
+
+    @property
+    def kept_per_group(self) -> int:
+        return self.m - self.n
+
+
+def _check_pattern(n: int, m: int) -> None:
+    if not (isinstance(m, int) and 1 <= m <= MAX_GROUP_SIZE):
+        raise ValueError(f"N:M packing needs 1 <= M <= {MAX_GROUP_SIZE}, got M={m}")
+    if not (isinstance(n, int) and 0 <= n < m):
+        raise ValueError(f"N:M packing needs 0 <= N < M, got {n}:{m}")
+
+
+def pack_nm(weight: torch.Tensor, n: int, m: int) -> NMPacked:
+    """Pack W: (out, in) floating, with at least n zeros in every m consecutive weights of a row.
+
+    Raises ValueError if in % m != 0, or naming the first group (row-major order) with more than m - n
+    non-zeros. -0.0 counts as a zero and may come back as +0.0 (torch.equal treats them as equal).
+    """
+    _check_pattern(n, m)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be floating, got dtype {weight.dtype}")
+    rows, cols = weight.shape
+    if cols % m != 0:
+        raise ValueError(f"N:M pattern {n}:{m}: M={m} does not divide in_features {cols} (shape {(rows, cols)})")
+    kept = m - n
+    groups = weight.reshape(rows, cols // m, m)
+    nonzero = groups != 0
+    count = nonzero.sum(dim=-1)
+    bad = (count > kept).nonzero()
+    if bad.numel():
+        r, g = (int(v) for v in bad[0])
+        raise ValueError(
+            f"weight is not {n}:{m} sparse: row {r}, columns {g * m}..{g * m + m - 1} hold {int(count[r, g])} "
+            f"non-zeros, at most {kept} allowed (first bad group of {bad.shape[0]})"
+        )
+    # Rank positions: non-zeros first, then zeros, each in column order; keep the first K, sorted by column.
+    pos = torch.arange(m, device=weight.device)
+    rank_key = (~nonzero).to(torch.int64) * m + pos
+    chosen = torch.sort(torch.argsort(rank_key, dim=-1)[..., :kept], dim=-1).values
+    values = torch.gather(groups, -1, chosen).reshape(rows, -1)
+    return NMPacked(values.contiguous(), chosen.to(torch.uint8).reshape(rows, -1).contiguous(), (rows, cols), n, m)
+
+
+def unpack_nm(packed: NMPacked) -> torch.Tensor:
+    """The dense (out, in) weight of ``packed``, its values' dtype and device."""
+    rows, cols = packed.shape
+    m, kept = packed.m, packed.kept_per_group
+    dense = packed.values.new_zeros(rows, cols // m, m)
+    dense.scatter_(-1, packed.indices.to(torch.int64).reshape(rows, -1, kept), packed.values.reshape(rows, -1, kept))
+    return dense.reshape(rows, cols)
+
+
+def nm_index_bits(m: int) -> int:
+    """Width in bits of one index code for group size m: 2 for m <= 4, else 4."""
+    if not 1 <= m <= MAX_GROUP_SIZE:
+        raise ValueError(f"index codes need 1 <= M <= {MAX_GROUP_SIZE}, got M={m}")
+    return 2 if m <= 4 else 4
+
+
+def nm_index_codes(indices: torch.Tensor, m: int) -> torch.Tensor:
+    """Pack uint8 indices (out, kept_total) into the kernels' codes: (out, ceil(kept_total * b / 8)) uint8."""
+    bits = nm_index_bits(m)
+    per_byte = 8 // bits
+    rows, count = indices.shape
+    width = -(-count // per_byte)
+    padded = indices.new_zeros(rows, width * per_byte, dtype=torch.int32)
+    padded[:, :count] = indices.to(torch.int32)
+    shifts = torch.arange(per_byte, device=indices.device, dtype=torch.int32) * bits
+    return (padded.reshape(rows, width, per_byte) << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def nm_indices_from_codes(codes: torch.Tensor, m: int, count: int) -> torch.Tensor:
+    """Inverse of ``nm_index_codes``: (out, count) uint8 indices from (out, width) uint8 codes."""
+    bits = nm_index_bits(m)
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    unpacked = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return unpacked.reshape(codes.shape[0], -1)[:, :count].to(torch.uint8)

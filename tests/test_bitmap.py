@@ -1,0 +1,161 @@
+"""Bitmap packed weights (sparsekit.formats.bitmap) and sparsekit::bitmap_linear.
+
+Packing: exact round trips at several sparsities (0%, all zeros, widths that are not a multiple of 64), a
+hand-worked layout (bit 63 is int64's sign bit), and the op (C++ when built: AVX-512 path and, with
+SPARSEKIT_CPU_ISA=scalar, the portable one) against the float64 result on the same inputs. Tolerances as
+in test_sparse24.py: float32 rtol 1e-5 of the sum of |products|, bfloat16 one ulp of the exactly rounded
+result.
+"""
+
+import pytest
+import torch
+
+import sparsekit
+from sparsekit import ops
+from sparsekit.formats import BitmapPacked, pack_bitmap, unpack_bitmap
+from sparsekit.ops import reference as R
+from linear_check import assert_linear_close
+
+CPP_LIVE = sparsekit.backend_status()["cpu"].live
+
+
+def _id(v):
+    return str(v).removeprefix("torch.")
+
+
+def sparse_weight(rows, cols, sparsity, dtype=torch.float32):
+    """Per-row magnitude pruning of a fresh randn weight to the given fraction of zeros."""
+    w = torch.randn(rows, cols)
+    return (w * ops.rowwise_prune_mask(w.abs(), round(sparsity * cols))).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 130), (33, 64), (64, 128), (5, 200)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_pack_bitmap_round_trip(shape, sparsity, dtype):
+    w = sparse_weight(*shape, sparsity, dtype)
+    p = pack_bitmap(w)
+    tiles = -(-shape[1] // 64)
+    assert p.bitmask.shape == (shape[0], tiles) and p.bitmask.dtype == torch.int64
+    assert p.values.shape == (int((w != 0).sum()),) and p.values.dtype == dtype
+    assert p.row_offsets.tolist() == [0] + (w != 0).sum(1).cumsum(0).tolist()
+    assert torch.equal(unpack_bitmap(p), w)
+
+
+def test_pack_bitmap_hand_worked():
+    w = torch.zeros(2, 70)
+    w[0, 0], w[0, 63], w[0, 64], w[0, 69] = 1.0, 2.0, 3.0, 4.0
+    w[1, 5] = 5.0
+    p = pack_bitmap(w)
+    assert p.bitmask.tolist() == [[1 - 2**63, 1 + 2**5], [2**5, 0]]  # bit 63 set: int64's sign bit
+    assert p.values.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert p.row_offsets.tolist() == [0, 4, 5]
+    assert isinstance(p, BitmapPacked) and p.shape == (2, 70)
+
+
+@pytest.mark.parametrize(
+    "args,match", [((torch.zeros(8),), "2-D"), ((torch.zeros(2, 8, dtype=torch.int64),), "floating")]
+)
+def test_pack_bitmap_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        pack_bitmap(*args)
+
+
+def packed_args(out_f, in_f, sparsity, dtype):
+    p = pack_bitmap(sparse_weight(out_f, in_f, sparsity, dtype))
+    return p.bitmask, p.values, p.row_offsets
+
+
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+@pytest.mark.parametrize("shape", [(64, 128), (96, 256), (33, 512), (17, 100)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16, 70])
+def test_bitmap_linear_matches_reference(rows, shape, sparsity, dtype, bias, isa, monkeypatch):
+    if isa == "scalar":
+        if not CPP_LIVE:
+            pytest.skip("the scalar switch only changes the C++ kernel")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", "scalar")
+    out_f, in_f = shape
+    bitmask, values, offsets = packed_args(out_f, in_f, sparsity, dtype)
+    x = torch.randn(rows, in_f).to(dtype)
+    b = torch.randn(out_f).to(dtype) if bias else None
+    got = torch.ops.sparsekit.bitmap_linear(x, bitmask, values, offsets, in_f, b)
+    weight = unpack_bitmap(BitmapPacked(bitmask, values, offsets, shape))
+    assert_linear_close(got, x, weight, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
+def test_bitmap_linear_leading_dims_and_wrapper(dtype):
+    bitmask, values, offsets = packed_args(48, 100, 0.7, dtype)
+    x = torch.randn(2, 3, 100).to(dtype)
+    b = torch.randn(48).to(dtype)
+    got = ops.bitmap_linear(x, bitmask, values, offsets, 100, b)
+    assert got.shape == (2, 3, 48)
+    assert torch.equal(got.reshape(6, 48), ops.bitmap_linear(x.reshape(6, 100), bitmask, values, offsets, 100, b))
+    ref = R.bitmap_linear_reference(x.float(), bitmask, values.float(), offsets, 100, b.float())
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.float(), ref, **tol)
+
+
+def test_bitmap_linear_all_zero_weight_gives_bias():
+    bitmask, values, offsets = packed_args(8, 64, 1.0, torch.float32)
+    b = torch.randn(8)
+    assert torch.equal(ops.bitmap_linear(torch.randn(3, 64), bitmask, values, offsets, 64, b), b.expand(3, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+def test_bitmap_linear_opcheck(dtype):
+    bitmask, values, offsets = packed_args(12, 100, 0.7, dtype)
+    torch.library.opcheck(
+        torch.ops.sparsekit.bitmap_linear.default, (torch.randn(3, 100).to(dtype), bitmask, values, offsets, 100, None)
+    )
+    torch.library.opcheck(
+        torch.ops.sparsekit.bitmap_linear.default,
+        (torch.randn(2, 1, 100).to(dtype), bitmask, values, offsets, 100, torch.randn(12).to(dtype)),
+    )
+
+
+def test_bitmap_linear_compiles_fullgraph():
+    """The op traces as one node (fake implementation, no graph break); aot_eager keeps the test fast."""
+    bitmask, values, offsets = packed_args(24, 100, 0.7, torch.float32)
+    x, b = torch.randn(2, 5, 100), torch.randn(24)
+    fn = torch.compile(
+        lambda x: ops.bitmap_linear(x, bitmask, values, offsets, 100, b) * 2, backend="aot_eager", fullgraph=True
+    )
+    assert torch.equal(fn(x), ops.bitmap_linear(x, bitmask, values, offsets, 100, b) * 2)
+
+
+def _bad_bitmap_linear():
+    bitmask, values, offsets = packed_args(8, 100, 0.5, torch.float32)
+    x = torch.randn(3, 100)
+    return [
+        ((torch.randn(3, 99), bitmask, values, offsets, 100, None), "in_features=100"),
+        ((x.bfloat16(), bitmask, values, offsets, 100, None), "values must"),
+        ((x, bitmask[:, :1], values, offsets, 100, None), r"bitmask must be int64 \(out"),
+        ((x, bitmask.int(), values, offsets, 100, None), "bitmask must be int64"),
+        ((x, bitmask, values, offsets[:-1], 100, None), "row_offsets must be int64"),
+        ((x, bitmask, values.reshape(1, -1), offsets, 100, None), "values must"),
+        ((x, bitmask, values, offsets, 100, torch.randn(9)), "bias must be"),
+    ]
+
+
+@pytest.mark.parametrize("args,match", _bad_bitmap_linear())
+def test_bitmap_linear_wrapper_raises_value_error(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.bitmap_linear(*args)
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("args,match", _bad_bitmap_linear())
+def test_bitmap_linear_cpp_raises_runtime_error(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sparsekit.bitmap_linear(*args)
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+def test_bitmap_linear_cpp_rejects_offsets_not_ending_at_nnz():
+    bitmask, values, offsets = packed_args(8, 100, 0.5, torch.float32)
+    with pytest.raises(RuntimeError, match="row_offsets must run from 0 to nnz"):
+        torch.ops.sparsekit.bitmap_linear(torch.randn(2, 100), bitmask, values[:-1], offsets, 100, None)

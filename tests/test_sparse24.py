@@ -1,0 +1,204 @@
+"""N:M packed weights (sparsekit.formats.sparse24) and sparsekit::nm_linear.
+
+Packing: exact round trips on weights pruned with ``nm_mask``, hand-worked layouts of values, indices and
+the 2-bit codes, and the error naming the first bad group. The op: the dispatched op (the C++ kernel when
+``sparsekit._C`` is loaded; both its AVX-512 path and, with SPARSEKIT_CPU_ISA=scalar, its portable path) is
+compared with ``nm_linear_reference`` computed in float64 on the same inputs, on fresh random data.
+
+Tolerances come from the dtype. float32: the kernel sums the same products in another order, so the error
+is bounded by a few units of float32 roundoff times the sum of |products| (rtol 1e-5 for <= 256 terms:
+256 * 2^-24 = 1.5e-5 worst case, far less in practice). bfloat16: the kernel accumulates in float32 and
+rounds once, so it must equal the exact result rounded to bfloat16 up to one bfloat16 ulp (2^-7 relative),
+where float32 accumulation error moves a value across a rounding boundary.
+"""
+
+import pytest
+import torch
+
+import sparsekit
+from sparsekit import ops
+from sparsekit.formats import NMPacked, nm_index_codes, nm_indices_from_codes, pack_nm, unpack_nm
+from sparsekit.ops import reference as R
+from linear_check import assert_linear_close
+
+CPP_LIVE = sparsekit.backend_status()["cpu"].live
+PACK_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PATTERNS = [(2, 4), (1, 4), (3, 4), (0, 4), (4, 8), (6, 8), (5, 16)]
+
+
+def _id(v):
+    return str(v).removeprefix("torch.")
+
+
+def nm_weight(rows, cols, n, m, dtype=torch.float32):
+    w = torch.randn(rows, cols)
+    return (w * ops.nm_mask(w.abs(), n, m)).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Format
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", PACK_DTYPES, ids=_id)
+@pytest.mark.parametrize("n,m", PATTERNS, ids=str)
+@pytest.mark.parametrize("shape", [(1, 16), (7, 48), (33, 64), (64, 128)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_pack_nm_round_trip(shape, n, m, dtype):
+    w = nm_weight(*shape, n, m, dtype)
+    p = pack_nm(w, n, m)
+    kept = shape[1] // m * (m - n)
+    assert p.values.shape == p.indices.shape == (shape[0], kept)
+    assert p.values.dtype == dtype and p.indices.dtype == torch.uint8
+    assert torch.equal(unpack_nm(p), w)
+    codes = nm_index_codes(p.indices, m)
+    assert torch.equal(nm_indices_from_codes(codes, m, kept), p.indices)
+
+
+def test_pack_nm_extra_zeros_round_trip():
+    w = nm_weight(9, 32, 2, 4)
+    w[w.abs() < 0.5] = 0  # many groups now hold fewer than 2 non-zeros
+    w[3] = 0
+    p = pack_nm(w, 2, 4)
+    assert torch.equal(unpack_nm(p), w)
+
+
+def test_pack_nm_hand_worked():
+    w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 4.0, 5.0, 6.0, 0.0, 7.0, 0.0]])
+    p = pack_nm(w, 2, 4)
+    assert p.values.tolist() == [[1.0, 2.0, 3.0, 0.0], [4.0, 5.0, 6.0, 7.0]]
+    # a group with one non-zero fills its second slot with its first zero position
+    assert p.indices.tolist() == [[1, 3, 0, 1], [2, 3, 0, 2]]
+    # 2-bit codes, index j at bits 2j: 1 | 3 << 2 | 0 << 4 | 1 << 6 and 2 | 3 << 2 | 0 << 4 | 2 << 6
+    assert nm_index_codes(p.indices, 4).tolist() == [[1 + 12 + 64], [2 + 12 + 128]]
+    # 4-bit codes for M > 4: index j at bits 4j
+    assert nm_index_codes(torch.tensor([[7, 2, 5]], dtype=torch.uint8), 8).tolist() == [[7 + 32, 5]]
+
+
+def test_pack_nm_names_first_bad_group():
+    w = nm_weight(4, 16, 2, 4)
+    w[1, 4:8] = torch.tensor([1.0, 2.0, 0.0, 3.0])
+    w[2, 0:4] = 1.0
+    with pytest.raises(ValueError, match=r"row 1, columns 4\.\.7 hold 3 non-zeros, at most 2 allowed"):
+        pack_nm(w, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.zeros(2, 6), 2, 4), "does not divide"),
+        ((torch.zeros(2, 8), 4, 4), "0 <= N < M"),
+        ((torch.zeros(2, 34), 2, 17), "M <= 16"),
+        ((torch.zeros(8), 2, 4), "2-D"),
+        ((torch.zeros(2, 8, dtype=torch.int32), 2, 4), "floating"),
+    ],
+)
+def test_pack_nm_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        pack_nm(*args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# nm_linear against the reference
+# ----------------------------------------------------------------------------------------------------
+def packed_args(out_f, in_f, n, m, dtype):
+    """(values, index_codes) of a fresh random N:M weight, as the op takes them."""
+    p = pack_nm(nm_weight(out_f, in_f, n, m, dtype), n, m)
+    return p.values, nm_index_codes(p.indices, m)
+
+
+def weight_of(values, codes, n, m, in_f):
+    indices = nm_indices_from_codes(codes, m, values.shape[1])
+    return unpack_nm(NMPacked(values, indices, (values.shape[0], in_f), n, m))
+
+
+# (n, m, isa): "scalar" sets SPARSEKIT_CPU_ISA=scalar, which moves 2:4 off the AVX-512 path; other
+# patterns always take the portable path.
+NM_LINEAR_CASES = [(2, 4, "auto"), (2, 4, "scalar"), (4, 8, "auto"), (1, 4, "auto")]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("n,m,isa", NM_LINEAR_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", [(64, 128), (96, 256), (33, 512), (5, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16, 70])
+def test_nm_linear_matches_reference(rows, shape, n, m, isa, dtype, bias, monkeypatch):
+    if isa == "scalar":
+        if not CPP_LIVE:
+            pytest.skip("the scalar switch only changes the C++ kernel")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", "scalar")
+    out_f, in_f = shape
+    values, codes = packed_args(out_f, in_f, n, m, dtype)
+    x = torch.randn(rows, in_f).to(dtype)
+    b = torch.randn(out_f).to(dtype) if bias else None
+    got = torch.ops.sparsekit.nm_linear(x, values, codes, n, m, in_f, b)
+    assert_linear_close(got, x, weight_of(values, codes, n, m, in_f), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
+def test_nm_linear_leading_dims_and_wrapper(dtype):
+    values, codes = packed_args(48, 96, 2, 4, dtype)
+    x = torch.randn(2, 3, 96).to(dtype)
+    b = torch.randn(48).to(dtype)
+    got = ops.nm_linear(x, values, codes, 2, 4, 96, b)
+    assert got.shape == (2, 3, 48)
+    flat = ops.nm_linear(x.reshape(6, 96), values, codes, 2, 4, 96, b)
+    assert torch.equal(got.reshape(6, 48), flat)
+    ref = R.nm_linear_reference(x.float(), values.float(), codes, 2, 4, 96, b.float())
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.float(), ref, **tol)
+
+
+def test_nm_linear_empty_batch():
+    values, codes = packed_args(8, 16, 2, 4, torch.float32)
+    assert ops.nm_linear(torch.randn(0, 16), values, codes, 2, 4, 16).shape == (0, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)], ids=str)
+def test_nm_linear_opcheck(n, m, dtype):
+    values, codes = packed_args(12, 64, n, m, dtype)
+    torch.library.opcheck(
+        torch.ops.sparsekit.nm_linear.default, (torch.randn(3, 64).to(dtype), values, codes, n, m, 64, None)
+    )
+    torch.library.opcheck(
+        torch.ops.sparsekit.nm_linear.default,
+        (torch.randn(2, 1, 64).to(dtype), values, codes, n, m, 64, torch.randn(12).to(dtype)),
+    )
+
+
+def test_nm_linear_compiles_fullgraph():
+    """The op traces as one node (fake implementation, no graph break); aot_eager keeps the test fast."""
+    values, codes = packed_args(24, 64, 2, 4, torch.float32)
+    x, b = torch.randn(2, 5, 64), torch.randn(24)
+    fn = torch.compile(lambda x: ops.nm_linear(x, values, codes, 2, 4, 64, b) * 2, backend="aot_eager", fullgraph=True)
+    assert torch.equal(fn(x), ops.nm_linear(x, values, codes, 2, 4, 64, b) * 2)
+
+
+def _bad_nm_linear():
+    values, codes = packed_args(8, 32, 2, 4, torch.float32)
+    x = torch.randn(3, 32)
+    return [
+        ((torch.randn(3, 31), values, codes, 2, 4, 32, None), "in_features=32"),
+        ((x.bfloat16(), values, codes, 2, 4, 32, None), "values must have x's dtype"),
+        ((x.double(), values.double(), codes, 2, 4, 32, None), "float32, bfloat16 or float16"),
+        ((x, values[:, :-1], codes, 2, 4, 32, None), r"values must be \(out"),
+        ((x, values, codes.int(), 2, 4, 32, None), "index_codes must be uint8"),
+        ((x, values, codes[:, :-1], 2, 4, 32, None), "index_codes must be uint8"),
+        ((x, values, codes, 2, 4, 32, torch.randn(7)), "bias must be"),
+    ]
+
+
+@pytest.mark.parametrize("args,match", _bad_nm_linear())
+def test_nm_linear_wrapper_raises_value_error(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.nm_linear(*args)
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("args,match", _bad_nm_linear())
+def test_nm_linear_cpp_raises_runtime_error(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sparsekit.nm_linear(*args)
+
+
+def test_nm_packed_is_plain_data():
+    p = pack_nm(nm_weight(2, 8, 2, 4), 2, 4)
+    assert isinstance(p, NMPacked) and p.shape == (2, 8) and p.kept_per_group == 2
