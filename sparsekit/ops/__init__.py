@@ -175,16 +175,9 @@ def channel_sqnorm_accumulate_(acc: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return acc
 
 
-# Load the compiled and Triton backends (each registers itself on the dispatcher if it can).
-from .. import _backends  # noqa: E402
-
-_backends.load(_lib)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Sparse linear layers on packed weights (sparsekit/formats). Kernels: csrc/cpu/sparse24_gemv.cpp and
-# csrc/cpu/bitmap_gemv.cpp. Declared after the backends load: the dispatcher accepts the C++ kernels'
-# registrations before the schema exists and joins them when it is defined.
+# csrc/cpu/bitmap_gemv.cpp.
 # ----------------------------------------------------------------------------------------------------
 from ..formats.bitmap import BITMAP_TILE as _BITMAP_TILE  # noqa: E402
 from ..formats.sparse24 import MAX_GROUP_SIZE as _NM_MAX_GROUP, nm_index_bits as _nm_index_bits  # noqa: E402
@@ -304,3 +297,10 @@ def bitmap_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) 
     """
     _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
     return torch.ops.sparsekit.bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
+
+
+# Load the compiled and Triton backends last, once every schema above is defined
+# (each registers itself on the dispatcher if it can).
+from .. import _backends  # noqa: E402
+
+_backends.load(_lib)
