@@ -50,9 +50,16 @@ def _triton_status() -> tuple[bool, str]:
         import triton  # noqa: F401
     except Exception as e:  # pragma: no cover - broken installs
         return False, f"triton failed to import: {e}"
+    import torch
+
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    where = "CPU interpreter (TRITON_INTERPRET=1)" if interp else "CUDA devices"
-    return True, f"triton {triton.__version__}, runs on {where}"
+    if interp:
+        where = "runs on the CPU interpreter (TRITON_INTERPRET=1)"
+    elif torch.version.cuda:
+        where = "runs on CUDA devices (registered where the CUDA C++ extension is not loaded)"
+    else:
+        where = "but this torch has no CUDA: kernels run only under TRITON_INTERPRET=1 (as the tests do)"
+    return True, f"triton {triton.__version__}, {where}"
 
 
 def _register_triton(lib) -> None:
