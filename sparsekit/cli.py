@@ -140,6 +140,15 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c:>{w2}}" for a, b, c in rows)
 
 
+def _progress(args) -> bool:
+    """Whether to show progress bars; with --no-progress, transformers' own bars (GGUF loading) go too."""
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return not args.no_progress
+
+
 def run_prune(args) -> int:
     import torch
 
@@ -160,11 +169,7 @@ def run_prune(args) -> int:
         raise data.DataError(f"--eval-tokens must be >= 1, got {args.eval_tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    progress = not args.no_progress
-    if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    progress = _progress(args)
 
     t_start = time.perf_counter()
     print(f"loading {args.model} ({args.dtype}, {args.device})", file=sys.stderr)
@@ -229,7 +234,7 @@ def run_eval(args) -> int:
             kinds[name] = ("ppl", data.read_text(name))
         else:
             kinds[name] = ("mc", tasks.load_task(name, args.data_dir, args.limit))
-    progress = not args.no_progress
+    progress = _progress(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     results = {}
     for name, (kind, payload) in kinds.items():

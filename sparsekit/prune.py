@@ -43,6 +43,11 @@ __all__ = [
 ]
 
 
+def _check_pattern(n: int, m: int) -> None:
+    if m < 1 or not (0 < n < m):
+        raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+
+
 def parse_pattern(text: str | None) -> tuple[int, int] | None:
     """'2:4' -> (2, 4). None -> None. Raises ValueError naming the problem."""
     if text is None:
@@ -51,8 +56,7 @@ def parse_pattern(text: str | None) -> tuple[int, int] | None:
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise ValueError(f"pattern must look like N:M (for example 2:4), got '{text}'")
     n, m = int(parts[0]), int(parts[1])
-    if m < 1 or not (0 < n < m):
-        raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+    _check_pattern(n, m)
     return n, m
 
 
@@ -74,8 +78,7 @@ class PruneSpec:
             raise ValueError(f"unknown method '{self.method}', choose one of {', '.join(METHODS)}")
         if self.pattern is not None:
             n, m = self.pattern
-            if m < 1 or not (0 < n < m):
-                raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+            _check_pattern(n, m)
             if self.sparsity is None:
                 object.__setattr__(self, "sparsity", n / m)
             elif abs(self.sparsity - n / m) > 1e-9:
@@ -105,8 +108,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: tuple[int, in
     score = weight.abs()
     if pattern is not None:
         return ops.nm_mask(score, *pattern)
-    flat = score.reshape(1, -1)
-    return ops.rowwise_prune_mask(flat, int(flat.shape[1] * sparsity)).reshape(weight.shape)
+    return ops.matrix_prune_mask(score, sparsity)
 
 
 def wanda_mask(weight: torch.Tensor, sq_norm: torch.Tensor, sparsity: float,

@@ -88,9 +88,7 @@ def sparsegpt_prune_(weight: torch.Tensor, xtx: torch.Tensor, tokens: int, spars
         hinv_blk = hinv[b0:b1, b0:b1]
         d = torch.diagonal(hinv_blk)
         if pattern is None:
-            saliency = (w_blk / d) ** 2
-            flat = saliency.reshape(1, -1)
-            keep_blk = ops.rowwise_prune_mask(flat, int(flat.shape[1] * sparsity)).reshape(w_blk.shape)
+            keep_blk = ops.matrix_prune_mask((w_blk / d) ** 2, sparsity)
         else:
             keep_blk = torch.ones_like(w_blk, dtype=torch.bool)
         for j in range(b1 - b0):

@@ -28,6 +28,7 @@ from .reference import (
 __all__ = [
     "nm_mask",
     "rowwise_prune_mask",
+    "matrix_prune_mask",
     "wanda_score",
     "channel_sqnorm_accumulate_",
     "OP_NAMES",
@@ -160,6 +161,13 @@ def rowwise_prune_mask(score: torch.Tensor, num_pruned: int) -> torch.Tensor:
     """
     _check_rowwise(score, num_pruned)
     return torch.ops.sparsekit.rowwise_prune_mask(score, num_pruned)
+
+
+def matrix_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask pruning the ``int(numel * sparsity)`` lowest scores of the whole matrix: one threshold per
+    matrix, ties broken in row-major order (the per-row rule applied to the flattened matrix)."""
+    flat = score.reshape(1, -1)
+    return rowwise_prune_mask(flat, int(flat.shape[1] * sparsity)).reshape(score.shape)
 
 
 def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
