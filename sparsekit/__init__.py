@@ -7,3 +7,4 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: F401  (declares the torch.library ops and loads the backends)
 from ._backends import status as backend_status  # noqa: F401
+from .compressed import load_compressed, register_compressed_module, save_compressed  # noqa: F401,E402

@@ -1,0 +1,270 @@
+"""Save and load models whose modules were replaced or physically shrunk.
+
+sparsekit changes models in three ways that a plain ``from_pretrained`` cannot always rebuild:
+
+* compressed layers (``SparseLinear``, ``LowRankLinear``): other classes than the architecture's;
+* shrunk layers (contextual pruning): ``nn.Linear`` / ``nn.Embedding`` narrower than the config says, with a
+  different width in each decoder layer (and attention modules with fewer heads);
+* a smaller vocabulary: the config's ``vocab_size`` changes (the tokenizer is remapped with it).
+
+``save_compressed(model, DIR)`` writes, atomically:
+
+* ``config.json`` / ``generation_config.json``: the model's (possibly updated) transformers config;
+* ``model.safetensors``: the state dict; tensors shared between modules (tied embeddings) are stored once;
+* ``sparsekit.json``: for every module that differs from what the config builds, its class and constructor
+  arguments, plus module attributes to restore (e.g. an attention layer's head counts);
+* the tokenizer and ``report.json`` when given.
+
+``load_compressed(DIR)`` builds the architecture from the config, swaps in the recorded modules, restores
+the attributes, loads the state dict strictly and re-ties shared tensors. When ``sparsekit.json`` records no
+module (every shape matches the config), the folder is also a plain transformers checkpoint that
+``AutoModelForCausalLM.from_pretrained(DIR)`` loads.
+
+A module class takes part by ``@register_compressed_module`` and two methods: ``compressed_spec(self) ->
+dict`` (JSON-able constructor arguments) and ``from_compressed_spec(cls, spec, dtype, device)`` (an empty
+module of the right shapes; its tensors must all be parameters or persistent buffers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_output_dir
+
+__all__ = ["register_compressed_module", "save_compressed", "load_compressed", "count_parameters",
+           "FORMAT_VERSION", "MANIFEST"]
+
+FORMAT_VERSION = 1
+MANIFEST = "sparsekit.json"
+WEIGHTS = "model.safetensors"
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_compressed_module(cls: type) -> type:
+    """Class decorator: ``save_compressed`` records instances of ``cls`` and ``load_compressed`` rebuilds them."""
+    for meth in ("compressed_spec", "from_compressed_spec"):
+        if not hasattr(cls, meth):
+            raise TypeError(f"{cls.__name__} must define {meth}() to be registered as a compressed module")
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+# Plain torch modules that contextual pruning shrinks: rebuilt from their shapes.
+def _linear_spec(m: nn.Linear) -> dict:
+    return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+
+
+def _embedding_spec(m: nn.Embedding) -> dict:
+    return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim, "padding_idx": m.padding_idx}
+
+
+_PLAIN: dict[str, tuple[type, Callable[[nn.Module], dict]]] = {
+    "Linear": (nn.Linear, _linear_spec),
+    "Embedding": (nn.Embedding, _embedding_spec),
+}
+
+
+def _spec_of(m: nn.Module) -> tuple[str, dict] | None:
+    name = type(m).__name__
+    if name in _REGISTRY and isinstance(m, _REGISTRY[name]):
+        return name, m.compressed_spec()
+    if type(m) in (nn.Linear, nn.Embedding):
+        return name, _PLAIN[name][1](m)
+    return None
+
+
+def _build(kind: str, spec: dict, dtype: torch.dtype, device) -> nn.Module:
+    if kind in _REGISTRY:
+        return _REGISTRY[kind].from_compressed_spec(spec, dtype=dtype, device=device)
+    if kind in _PLAIN:
+        return _PLAIN[kind][0](**spec, dtype=dtype, device=device)
+    if kind in ("SparseLinear", "LowRankLinear"):  # registered when their module is imported
+        from . import nn as _sk_nn  # noqa: F401
+
+        if kind in _REGISTRY:
+            return _REGISTRY[kind].from_compressed_spec(spec, dtype=dtype, device=device)
+    raise ValueError(f"{MANIFEST} names a module class '{kind}' that sparsekit does not know "
+                     f"(known: {', '.join(sorted(set(_REGISTRY) | set(_PLAIN)))})")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Numbers stored by the model: parameters and persistent buffers, each shared tensor counted once.
+
+    Packed sparse and low-rank layers hold their weights partly in buffers (values, index codes); those
+    count too, so this is the size that matters for memory, not ``sum(p.numel())`` of a dense model.
+    """
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel()
+    return total
+
+
+def _reference_shapes(config) -> dict[str, tuple[str, dict]]:
+    """Class and spec of every Linear/Embedding the config builds (on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(config)
+    out = {}
+    for name, m in ref.named_modules():
+        s = _spec_of(m)
+        if s is not None:
+            out[name] = s
+    return out
+
+
+_ATTR_NAMES = ("num_heads", "num_key_value_heads", "num_key_value_groups", "head_dim", "num_attention_heads")
+
+
+def _module_attributes(model: nn.Module, ref_model_attrs: dict[str, dict]) -> dict[str, dict]:
+    """Integer attributes of modules (head counts) that differ from what the config builds."""
+    out = {}
+    for name, m in model.named_modules():
+        want = ref_model_attrs.get(name)
+        if want is None:
+            continue
+        diff = {k: getattr(m, k) for k in want if getattr(m, k, None) != want[k]}
+        if diff:
+            out[name] = diff
+    return out
+
+
+def _reference_attrs(config) -> dict[str, dict]:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(config)
+    out = {}
+    for name, m in ref.named_modules():
+        found = {k: getattr(m, k) for k in _ATTR_NAMES if isinstance(getattr(m, k, None), int)}
+        if found:
+            out[name] = found
+    return out
+
+
+def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with every shared storage kept once; returns (tensors, {dropped_name: kept_name})."""
+    sd = model.state_dict()
+    kept: dict[tuple, str] = {}
+    tensors, tied = {}, {}
+    for name, t in sd.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in kept:
+            tied[name] = kept[key]
+            continue
+        kept[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, tied
+
+
+def save_compressed(model: nn.Module, path: str, tokenizer=None, report: dict | None = None,
+                    overwrite: bool = False, extra: dict | None = None) -> dict:
+    """Write ``model`` (with compressed or shrunk modules) to ``path`` atomically; return the manifest.
+
+    ``extra`` is stored in the manifest under ``"extra"`` (e.g. a vocabulary map).
+    """
+    from safetensors.torch import save_file
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"{type(model).__name__} has no transformers config; save_compressed needs a "
+                        "transformers model")
+    ref = _reference_shapes(config)
+    modules = {}
+    for name, m in model.named_modules():
+        s = _spec_of(m)
+        if s is None:
+            continue
+        if s != ref.get(name):
+            modules[name] = {"class": s[0], "spec": s[1]}
+    attributes = _module_attributes(model, _reference_attrs(config))
+    tensors, tied = _dedup_state_dict(model)
+    dtype = next(model.parameters()).dtype
+    manifest = {"format_version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""),
+                "modules": modules, "attributes": attributes, "tied": tied,
+                "plain_transformers_loadable": not modules and not attributes}
+    if extra:
+        manifest["extra"] = extra
+    with atomic_output_dir(path, overwrite) as tmp:
+        config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(tmp)
+            except ValueError:  # an invalid generation config must not block saving the weights
+                pass
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            with open(os.path.join(tmp, "report.json"), "w") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
+    return manifest
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_compressed(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                    **from_config_kwargs):
+    """Rebuild a model saved by ``save_compressed`` (eval mode, on ``device``).
+
+    ``from_config_kwargs`` go to ``AutoModelForCausalLM.from_config`` (e.g. ``attn_implementation="eager"``).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise FileNotFoundError(f"{path} holds no {MANIFEST}: not a folder written by sparsekit.save_compressed")
+    with open(mpath) as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{mpath}: format_version {manifest.get('format_version')} is not supported "
+                         f"(this sparsekit reads {FORMAT_VERSION})")
+    saved_dtype = _DT[manifest["dtype"]]
+    if isinstance(dtype, str):
+        dtype = _DT[dtype]
+    config = AutoConfig.from_pretrained(path)
+    # Built for real (not on the meta device) so that non-persistent buffers such as rotary frequencies are
+    # computed by the architecture's own code; the weights are then overwritten by the checkpoint.
+    model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype, **from_config_kwargs)
+    for name, entry in manifest["modules"].items():
+        _set_module(model, name, _build(entry["class"], entry["spec"], saved_dtype, "cpu"))
+    for name, attrs in manifest.get("attributes", {}).items():
+        mod = model.get_submodule(name)
+        for k, v in attrs.items():
+            setattr(mod, k, v)
+    state = load_file(os.path.join(path, WEIGHTS))
+    for dropped, kept in manifest.get("tied", {}).items():
+        state[dropped] = state[kept]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise ValueError(f"{path}: checkpoint does not match the rebuilt model (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if dtype is not None and dtype != saved_dtype:
+        model = model.to(dtype)
+    return model.to(device).eval()
