@@ -52,13 +52,22 @@ class LinearStats:
 
     sq_norm: (in_features,) float32, sum over tokens of x_j^2 (so ||X_j||_2 = sqrt(sq_norm_j)).
     xtx: (in_features, in_features) float32 sum over tokens of x^T x, when asked for (SparseGPT).
+    abs_sum: (in_features,) float32 sum over tokens of |x_j|, when asked for (contextual pruning: the mean
+    |activation| of channel j is abs_sum_j / tokens).
     tokens: number of tokens accumulated.
     Linears that read the same input tensor (q/k/v, gate/up) share one LinearStats object.
     """
 
     sq_norm: torch.Tensor
     xtx: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
     tokens: int = 0
+
+    def abs_mean(self) -> torch.Tensor:
+        """Mean |x_j| over the accumulated tokens (needs ``abs_sum``)."""
+        if self.abs_sum is None:
+            raise ValueError("these statistics were collected without abs_sum")
+        return self.abs_sum / max(self.tokens, 1)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -123,14 +132,15 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor | None = 
 
 @torch.no_grad()
 def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs: LayerInputs,
-                        scratch: torch.Tensor | None = None, hessian: bool = False) -> dict[str, LinearStats]:
+                        scratch: torch.Tensor | None = None, hessian: bool = False, abs_sum: bool = False
+                        ) -> dict[str, LinearStats]:
     """Replay ``layer`` over ``inputs`` and accumulate each linear's input statistics.
 
     One forward over all windows. Linears that receive the very same input tensor in a forward (q/k/v
     projections, gate/up projections: found by tensor identity, not by name) form a group whose statistics
     are computed once and shared. Per group and batch, the input is read by the fused
     ``channel_sqnorm_accumulate_`` op and, with ``hessian``, by one GEMM accumulating x^T x in float32;
-    then it is dropped. ``scratch`` (like ``inputs.hidden``) receives the layer's outputs, which are unused.
+    with ``abs_sum``, by a sum of |x| per channel; then it is dropped. ``scratch`` (like ``inputs.hidden``) receives the layer's outputs, which are unused.
     """
     from .models import linear_weight
 
@@ -150,6 +160,8 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs:
                 st = LinearStats(torch.zeros(in_features, dtype=torch.float32, device=device))
                 if hessian:
                     st.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+                if abs_sum:
+                    st.abs_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
                 stats[name] = st
             seen.append((x, st))
             x2 = x.detach().reshape(-1, in_features)
@@ -157,6 +169,8 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs:
             if hessian:
                 xf = x2.float()
                 st.xtx.addmm_(xf.t(), xf)
+            if abs_sum:
+                st.abs_sum += x2.abs().sum(0, dtype=torch.float32)
             st.tokens += x2.shape[0]
 
         return hook

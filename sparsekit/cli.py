@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--no-progress", action="store_true")
 
+    from . import cli_contextual
+
+    cli_contextual.add_parser(sub)
     sub.add_parser("info", help="versions and which kernel backends are live (same as python -m sparsekit.info)")
     return p
 
@@ -268,9 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelNotFoundError
 
+    from . import cli_contextual
+    from .contextual import ContextualError
+
+    runners = {"eval": run_eval, "prune": run_prune, "contextual": cli_contextual.run}
     try:
-        return run_eval(args) if args.command == "eval" else run_prune(args)
-    except (ValueError, DataError, ModelNotFoundError, OutputExistsError, PermissionError, FileNotFoundError) as e:
+        return runners[args.command](args)
+    except (ValueError, DataError, ContextualError, ModelNotFoundError, OutputExistsError, PermissionError, FileNotFoundError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written")

@@ -102,6 +102,12 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", device: str = "c
             raise ValueError(f"unknown dtype '{dtype}', choose one of {', '.join(_DTYPES)}")
         dtype = _DTYPES[dtype]
     tokenizer = AutoTokenizer.from_pretrained(src.folder, **src.kwargs())
+    if os.path.exists(os.path.join(src.folder, "sparsekit.json")):  # written by sparsekit.save_compressed
+        from .compressed import load_compressed
+
+        model = load_compressed(src.folder, device=device, dtype=dtype)
+        model.config.use_cache = False
+        return model, tokenizer
     model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, **src.kwargs())
     if src.gguf_file:
         _forget_gguf_origin(model)

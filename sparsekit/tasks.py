@@ -131,8 +131,16 @@ def load_task(name: str, data_dir: str | None = None, limit: int | None = None, 
 
 
 @torch.no_grad()
-def _choice_logliks(model, tokenizer, ex: MCExample, max_len: int) -> list[float]:
+def _choice_logliks(model, tokenizer, ex: MCExample, max_len: int, fast: bool = True) -> list[float]:
     device = next(model.parameters()).device
+    if fast and len(set(ex.contexts)) == 1:  # one context, one-token continuations (MMLU letters, yes/no/maybe): 1 forward
+        c_ids = tokenizer(ex.contexts[0], add_special_tokens=False)["input_ids"]
+        k_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in ex.continuations]
+        if c_ids and all(len(k) == 1 for k in k_ids):
+            ids = torch.tensor([c_ids[-(max_len - 1):]], device=device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+            logp = F.log_softmax(logits, dim=-1)
+            return [float(logp[k[0]]) for k in k_ids]
     seqs, spans = [], []
     for ctx, cont in zip(ex.contexts, ex.continuations):
         c_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]

@@ -76,3 +76,14 @@ def test_shared_sets_load(shared_data):
     assert len(med) > 500 and med[0].continuations == [" A", " B", " C", " D"]
     assert med[0].contexts[0].endswith("\nAnswer:") and "\nD. " in med[0].contexts[0]
     assert len(load_task("winogrande", shared_data, limit=5)) == 5
+
+
+def test_one_forward_path_for_shared_context_equals_the_batched_path(tiny):
+    model, tok = tiny
+    ex = MCExample(["the cat sat on the"] * 3, [" the", " a", " of"], 0)  # one-token continuations
+    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) == 1 for c in ex.continuations)
+    fast = _choice_logliks(model, tok, ex, max_len=512)
+    slow = _choice_logliks(model, tok, ex, max_len=512, fast=False)
+    assert fast == pytest.approx(slow, rel=1e-5, abs=1e-5)
+    assert fast == pytest.approx([naive_loglik(model, tok, c, k) for c, k in zip(ex.contexts, ex.continuations)],
+                                 rel=1e-5, abs=1e-5)

@@ -9,7 +9,14 @@ import torch
 ARCHS = ("llama", "mistral", "qwen2", "phi", "opt", "gpt2")
 
 
-def tiny_config(arch: str, hidden: int = 64, layers: int = 2, vocab: int = 256):
+def tiny_config(arch: str, hidden: int = 64, layers: int = 2, vocab: int = 256, **extra):
+    cfg = _tiny_config(arch, hidden, layers, vocab)
+    for k, v in extra.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _tiny_config(arch: str, hidden: int, layers: int, vocab: int):
     import transformers as tf
 
     common = dict(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=256)
