@@ -16,13 +16,15 @@ import functools
 import torch
 import triton
 
-from ...ops import _check_nm, _check_sqnorm, _check_wanda
-from ...ops.reference import nm_mask_reference
+from ...ops import _check_bitmap_linear, _check_nm, _check_nm_linear, _check_sqnorm, _check_wanda
+from ...ops.reference import bitmap_linear_reference, nm_linear_reference, nm_mask_reference
 from .channel_stats import channel_sqnorm_kernel
 from .masks import nm_mask_kernel
+from .sparse_gemv import MAX_ROWS as SPARSE_GEMV_MAX_ROWS
+from .sparse_gemv import launch_bitmap_linear, launch_nm_linear
 from .wanda import wanda_score_kernel
 
-__all__ = ["nm_mask", "wanda_score", "channel_sqnorm_accumulate_", "NM_MAX_M"]
+__all__ = ["nm_mask", "wanda_score", "channel_sqnorm_accumulate_", "nm_linear", "bitmap_linear", "NM_MAX_M"]
 
 # Groups wider than this go to the plain-PyTorch reference: the kernel unrolls a loop over the group, and
 # every N:M pattern with hardware or paper support (2:4, 4:8, 8:16) is far below it.
@@ -127,3 +129,68 @@ def channel_sqnorm_accumulate_(acc: torch.Tensor, x: torch.Tensor) -> None:
         BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
     return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sparse linear layers (sparse_gemv.py): decode for M = 1..SPARSE_GEMV_MAX_ROWS rows of x; more rows go to
+# the reference (unpack once, then a dense matmul: the weight is no longer the main cost there).
+# ----------------------------------------------------------------------------------------------------
+# nm_linear on a GPU: programs per SM wanted before the input features are split over programs.
+_GEMV_PROGRAMS_PER_SM = 2
+
+
+def _rows_2d(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    x2d = x.reshape(-1, in_features)
+    return x2d if x2d.stride(-1) == 1 or x2d.shape[1] <= 1 else x2d.contiguous()
+
+
+def nm_linear(x, values, index_codes, n: int, m: int, in_features: int, bias=None) -> torch.Tensor:
+    """x @ W^T (+ bias) with W N:M packed (``sparsekit.formats``), float32 accumulation, x's dtype out.
+
+    x: (..., in_features) float32/bfloat16/float16; values: (out, in_features / m * (m - n)); index_codes:
+    uint8 (out, code width); bias: (out,) or None. More than 64 rows of x: the reference.
+    """
+    _check_nm_linear(x, values, index_codes, n, m, in_features, bias)
+    out_features = values.shape[0]
+    x2d = _rows_2d(x, in_features)
+    rows = x2d.shape[0]
+    if rows > SPARSE_GEMV_MAX_ROWS:
+        return nm_linear_reference(x, values, index_codes, n, m, in_features, bias)
+    m_p2 = triton.next_power_of_2(m)
+    num_groups = in_features // m
+    if _on_gpu(x2d):
+        block_n, cols, num_warps = (32 if rows <= 16 else 64), 128, 4
+    else:
+        block_n, cols, num_warps = 32, 256, 4
+    block_g = max(max(1, 16 // m_p2), min(max(1, cols // m_p2), triton.next_power_of_2(max(1, num_groups))))
+    split_k = 1
+    if _on_gpu(x2d):
+        programs = triton.cdiv(out_features, block_n)
+        split_k = triton.cdiv(_num_sms(x2d.device) * _GEMV_PROGRAMS_PER_SM, programs)
+    y = launch_nm_linear(x2d, values.contiguous(), index_codes.contiguous(), n, m, in_features,
+                         None if bias is None else bias.contiguous(), block_n=block_n, block_g=block_g,
+                         split_k=split_k, num_warps=num_warps)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def bitmap_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) -> torch.Tensor:
+    """x @ W^T (+ bias) with W bitmap packed (``sparsekit.formats``), float32 accumulation, x's dtype out.
+
+    x: (..., in_features); bitmask: (out, ceil(in / 64)) int64; values: (nnz,); row_offsets: (out + 1,)
+    int64, trusted to match the bitmask's popcounts; bias: (out,) or None. More than 64 rows: the reference.
+    """
+    _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
+    out_features, num_tiles = bitmask.shape
+    x2d = _rows_2d(x, in_features)
+    rows = x2d.shape[0]
+    if rows > SPARSE_GEMV_MAX_ROWS:
+        return bitmap_linear_reference(x, bitmask, values, row_offsets, in_features, bias)
+    if _on_gpu(x2d):
+        block_n, block_t, num_warps = 16, 2, 4
+    else:
+        block_n, block_t, num_warps = 32, 4, 4
+    block_t = min(block_t, triton.next_power_of_2(max(1, num_tiles)))
+    y = launch_bitmap_linear(x2d, bitmask.contiguous(), values.contiguous(), row_offsets.contiguous(), in_features,
+                             None if bias is None else bias.contiguous(), block_n=block_n, block_t=block_t,
+                             num_warps=num_warps)
+    return y.reshape(*x.shape[:-1], out_features)
