@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", default="smollm2-135m", help="local HF folder or built-in name (default %(default)s)")
     ev.add_argument("--tasks", required=True, help="comma-separated tasks (see below)")
-    ev.add_argument("--limit", type=int, default=None, help="first N questions of each multiple-choice set")
+    ev.add_argument("--limit", type=int, default=None, help="first N questions of each multiple-choice set (of each subject for MMLU)")
     ev.add_argument("--seqlen", type=int, default=512, help="perplexity window (default %(default)s)")
     ev.add_argument("--eval-tokens", type=int, default=16384, help="perplexity tokens (default %(default)s)")
     ev.add_argument("--data-dir", default=None, help="shared data folder (default: $SPARSEKIT_DATA or ../shared/data)")

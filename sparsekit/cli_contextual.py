@@ -84,7 +84,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None,
                    help="multiple-choice sets to score before and after, e.g. mmlu:medical,pubmedqa (see "
                         "`sparsekit eval --help`)")
-    p.add_argument("--limit", type=int, default=None, help="first N questions of each multiple-choice set")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each multiple-choice set (of each subject for MMLU)")
     p.add_argument("--data-dir", default=None, help="shared data folder (default: $SPARSEKIT_DATA or ../shared/data)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration windows and fine-tuning (default %(default)s)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the pruned model and report.json")

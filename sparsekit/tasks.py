@@ -100,7 +100,8 @@ def _mmlu_examples(data_dir: str, subjects: list[str], split: str) -> list[MCExa
 def load_task(name: str, data_dir: str | None = None, limit: int | None = None, split: str = "test"
               ) -> list[MCExample]:
     """Examples of a named task (``arc_easy``, ``pubmedqa``, ``mmlu:medical``, ``mmlu:anatomy``, ...) or a
-    jsonl file in one of the ICL formats. ``limit`` keeps the first N examples (deterministic)."""
+    jsonl file in one of the ICL formats. ``limit`` keeps the first N examples (deterministic; for MMLU, the
+    first N of each subject)."""
     if name.endswith(".jsonl") and os.path.exists(name):
         path = name
     elif name.startswith("mmlu:") or name == "mmlu":
@@ -111,8 +112,12 @@ def load_task(name: str, data_dir: str | None = None, limit: int | None = None, 
                               for p in glob.glob(os.path.join(root, "mmlu", "data", split, f"*_{split}.csv")))
         else:
             subjects = MMLU_DOMAINS.get(key, [key])
-        examples = _mmlu_examples(root, subjects, split)
-        return examples[:limit] if limit else examples
+        # ``limit`` applies to each subject, so that a domain (several subjects) is sampled evenly
+        examples = []
+        for subject in subjects:
+            rows = _mmlu_examples(root, [subject], split)
+            examples.extend(rows[:limit] if limit else rows)
+        return examples
     elif name in TASKS:
         path = os.path.join(find_data_dir(data_dir), TASKS[name])
     else:

@@ -82,3 +82,31 @@ def test_cli_end_to_end_real_model(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(str(out))
     w = model.model.layers[3].mlp.down_proj.weight
     assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
+
+
+def test_contextual_vocabulary_on_the_real_tokenizer(smollm):
+    """SmolLM2's byte-level BPE (with ignore_merges): after pruning the vocabulary to a text's tokens, that
+    text tokenizes to the very same tokens (renumbered), other text still round-trips, and the model's
+    logits are the dense logits restricted to the kept ids."""
+    from sparsekit import contextual as C
+    from sparsekit import data
+
+    model, tok = smollm
+    text = data.read_text("wikitext2-valid")[:20000]
+    old = data.tokenize(tok, text)
+    keep = C.vocabulary_keep_set(tok, torch.bincount(old, minlength=len(tok)))
+    assert 1000 < keep.numel() < len(tok)
+    m = copy.deepcopy(model)
+    x = old[:64][None]
+    with torch.no_grad():
+        want = model(input_ids=x, use_cache=False).logits[..., keep]
+    new_tok = C.prune_vocabulary_(m, tok, keep)
+    new = data.tokenize(new_tok, text)
+    assert torch.equal(keep[new], old)
+    other = "Pneumonoultramicroscopicsilicovolcanoconiosis: 42 naïve cafés, 東京."
+    assert new_tok.decode(new_tok(other, add_special_tokens=False)["input_ids"]) == other
+    with torch.no_grad():
+        got = m(input_ids=new[:64][None], use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert m.config.vocab_size == keep.numel()
+    assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
