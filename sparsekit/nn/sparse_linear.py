@@ -1,0 +1,417 @@
+"""SparseLinear: a drop-in ``nn.Linear`` whose pruned weight is stored packed, and whose forward takes the
+fastest measured path for each call.
+
+Storage (persistent buffers, so ``state_dict`` / ``save_compressed`` hold only the packed form):
+
+* ``"N:M"`` (``"2:4"``, ``"4:8"``, ...; N zeros in every M consecutive inputs, ``sparsekit.formats.sparse24``):
+  ``values`` (out, in / M * (M - N)) and ``index_codes`` uint8 (2-bit codes for M <= 4, 4-bit for M <= 16).
+* ``"bitmap"`` (any sparsity, ``sparsekit.formats.bitmap``): ``bitmask`` int64 (out, ceil(in / 64)),
+  ``values`` (nnz,) and ``row_offsets`` int64 (out + 1,).
+* ``bias`` (out,) as a frozen parameter, as ``nn.Linear`` names it.
+
+Forward paths, chosen per call from the device, the dtype and M = the number of rows of x (the product of
+its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a call takes:
+
+* ``"sparse"``: ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` where the packed kernel was measured to beat
+  dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu.md``:
+  cold weights, 2 threads): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 8, in bfloat16 for M <= 2.
+  Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M than 2:4, float16,
+  CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed.
+* ``"cslt"``: CUDA only, 2:4 in float16/bfloat16 where torch exposes cuSPARSELt
+  (``torch._cslt_sparse_mm``, ``torch.backends.cusparselt.is_available()``) and the shape fits its limits
+  (out % 32 == 0, in % 64 == 0). Untested on a device so far.
+* ``"dense"``: ``F.linear`` on a cached dense copy of the weight, when ``dense_fallback="cache"``.
+* ``"unpack"``: everywhere else with ``dense_fallback="unpack"`` (the default): the packed op anyway, which
+  streams the packed weight up to 64 rows of x and decodes it to dense + BLAS above that.
+* ``"grad"``: when x requires grad: ``F.linear`` on the unpacked weight, so gradients reach x (the ops have
+  no autograd formula). The packed weight itself is frozen.
+
+The dense fallback's storage, a trade-off to choose per model:
+
+* ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32
+  0.53x dense, bitmap 50% fp32 0.53x). Calls outside the measured region run the op on the packed weight and
+  are slower than dense ``F.linear``: on SmolLM2 shapes, float32 M = 32-64 about 0.5x, bfloat16 M = 8-64
+  0.1-0.8x, and every call of a layer without a fast kernel (4:8, float16) 10-50x slower
+  (``benchmarks/results/sparse_linear_cpu_dispatch.md``). Decoding the weight in Python on each call is
+  slower still (a bitmap 1536x576 takes ~4 ms to unpack against ~0.05 ms for the dense GEMV), so it is not
+  offered.
+* ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer:
+  never saved, rebuilt on load): calls outside the measured region cost exactly a dense ``F.linear``, so
+  the layer is never slower than ``nn.Linear`` beyond dispatch noise, but memory is packed + dense
+  (1.53x dense for 2:4 fp32), more than the dense model.
+
+Not done: training (the packed weight has no gradient), CUDA kernels of sparsekit's own (the ops run their
+plain-PyTorch default on CUDA), quantized values.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..compressed import register_compressed_module
+from ..formats import (
+    BITMAP_TILE,
+    BitmapPacked,
+    NMPacked,
+    nm_index_bits,
+    nm_index_codes,
+    nm_indices_from_codes,
+    pack_bitmap,
+    pack_nm,
+    unpack_bitmap,
+    unpack_nm,
+)
+from ..models import is_linear, linear_weight
+
+__all__ = [
+    "SparseLinear",
+    "parse_format",
+    "auto_format",
+    "CPU_SPARSE_MAX_ROWS",
+    "BITMAP_MIN_SPARSITY",
+    "cpu_sparse_kernels_fast",
+    "DENSE_FALLBACKS",
+]
+
+DENSE_FALLBACKS = ("unpack", "cache")
+
+# Largest M (rows of x) at which the packed CPU kernel beats dense F.linear, per (format, dtype), from
+# benchmarks/results/sparse_linear_cpu.md (cold weights, 2 threads, Llama-3-8B and SmolLM2 shapes):
+# float32 wins 1.1-6.8x up to M = 8 (it loses at M = 32-64); bfloat16 wins 1.0-3.4x up to M = 2 and loses
+# 0.6-0.9x at M >= 4 on Llama shapes. Re-measure with benchmarks/bench_sparse_linear.py before changing.
+CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
+    ("2:4", torch.float32): 8,
+    ("2:4", torch.bfloat16): 2,
+    ("bitmap", torch.float32): 8,
+    ("bitmap", torch.bfloat16): 2,
+}
+# The bitmap table above was measured at 50%, 70% and 80% sparsity; below 50% the kernel is not used.
+BITMAP_MIN_SPARSITY = 0.5
+
+# cuSPARSELt shape limits for float16/bfloat16 (sparse operand rows and columns, dense operand columns).
+_CSLT_OUT_MULTIPLE, _CSLT_IN_MULTIPLE, _CSLT_ROWS_MULTIPLE = 32, 64, 8
+_CSLT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_sparse_kernels_fast() -> tuple[bool, str]:
+    """(True, why) when the CPU C++ sparse kernels run their AVX-512 path here; (False, why) otherwise.
+
+    Decided once per process (when the first SparseLinear is built): the C++ backend must be
+    loaded, the CPU must have AVX-512 F/BW/VL (as csrc/cpu/cpu_isa.h checks), and SPARSEKIT_CPU_ISA must
+    not be "scalar".
+    """
+    from .._backends import status
+
+    cpu = status().get("cpu")
+    if cpu is None or not cpu.live:
+        return False, f"CPU C++ backend not live ({cpu.detail if cpu else 'not loaded'})"
+    if os.environ.get("SPARSEKIT_CPU_ISA", "") == "scalar":
+        return False, "SPARSEKIT_CPU_ISA=scalar forces the portable kernels"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False, "cannot read /proc/cpuinfo to check for AVX-512"
+    missing = [flag for flag in ("avx512f", "avx512bw", "avx512vl") if flag not in flags]
+    if missing:
+        return False, f"CPU lacks {', '.join(missing)}: the kernels' portable path is slower than dense"
+    return True, "CPU C++ kernels with AVX-512"
+
+
+def parse_format(fmt: str) -> tuple[str, int | None, int | None]:
+    """'2:4' -> ('nm', 2, 4); 'bitmap' -> ('bitmap', None, None). Raises ValueError naming the problem.
+
+    N:M means N zeros in every M consecutive input weights (sparsekit's convention), 0 <= N < M <= 16.
+    """
+    if fmt == "bitmap":
+        return "bitmap", None, None
+    parts = str(fmt).split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"format must be 'auto', 'bitmap' or 'N:M' (e.g. '2:4', '4:8'), got {fmt!r}")
+    n, m = int(parts[0]), int(parts[1])
+    if not (1 <= m <= 16 and 0 <= n < m):
+        raise ValueError(f"N:M format needs 0 <= N < M <= 16, got {fmt!r}")
+    return "nm", n, m
+
+
+def _packed_bytes(kind: str, out_f: int, in_f: int, elem: int, n: int = 0, m: int = 1, nnz: int = 0) -> int:
+    if kind == "nm":
+        kept = in_f // m * (m - n)
+        return out_f * kept * elem + out_f * (-(-kept * nm_index_bits(m) // 8))
+    tiles = -(-in_f // BITMAP_TILE)
+    return nnz * elem + out_f * tiles * 8 + (out_f + 1) * 8
+
+
+def _fits_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    rows, cols = weight.shape
+    if cols % m:
+        return False
+    return bool(((weight.reshape(rows, cols // m, m) != 0).sum(-1) <= m - n).all())
+
+
+def auto_format(weight: torch.Tensor) -> str | None:
+    """The format ``format="auto"`` picks for W (out, in): the smaller of 2:4 (when every group of 4 holds at
+    most 2 non-zeros) and bitmap, 2:4 on a tie; None when neither is smaller than the dense weight."""
+    out_f, in_f = weight.shape
+    elem = weight.element_size()
+    dense = out_f * in_f * elem
+    nnz = int((weight != 0).sum())
+    candidates = []
+    if _fits_nm(weight, 2, 4):
+        candidates.append((_packed_bytes("nm", out_f, in_f, elem, 2, 4), 0, "2:4"))
+    candidates.append((_packed_bytes("bitmap", out_f, in_f, elem, nnz=nnz), 1, "bitmap"))
+    best = min(candidates)
+    return best[2] if best[0] < dense else None
+
+
+@register_compressed_module
+class SparseLinear(nn.Module):
+    """``nn.Linear`` with a packed sparse weight. Same forward contract: x (..., in_features) in the layer's
+    dtype and device -> (..., out_features); a wrong last dim, dtype or device raises ValueError.
+
+    Build with ``SparseLinear.from_linear(linear, format=...)``; the constructor makes an empty layer of the
+    right shapes (``nnz`` = number of stored values, bitmap only).
+    """
+
+    def __init__(self, in_features: int, out_features: int, format: str = "2:4", bias: bool = True,
+                 nnz: int | None = None, dense_fallback: str = "unpack", device=None, dtype=None):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        if dense_fallback not in DENSE_FALLBACKS:
+            raise ValueError(f"dense_fallback must be one of {DENSE_FALLBACKS}, got {dense_fallback!r}")
+        kind, n, m = parse_format(format)
+        dtype = dtype or torch.get_default_dtype()
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"SparseLinear holds float32, bfloat16 or float16 values, got {dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.format, self.kind, self.n, self.m = format, kind, n, m
+        self.dense_fallback = dense_fallback
+        kw = {"device": device}
+        if kind == "nm":
+            if in_features % m:
+                raise ValueError(f"N:M format {format}: M={m} does not divide in_features={in_features}")
+            kept = in_features // m * (m - n)
+            width = -(-kept * nm_index_bits(m) // 8)
+            self.register_buffer("values", torch.zeros(out_features, kept, dtype=dtype, **kw))
+            self.register_buffer("index_codes", torch.zeros(out_features, width, dtype=torch.uint8, **kw))
+            self.nnz = out_features * kept
+        else:
+            if nnz is None or not (0 <= nnz <= in_features * out_features):
+                raise ValueError(f"bitmap format needs nnz in [0, {in_features * out_features}], got {nnz}")
+            tiles = -(-in_features // BITMAP_TILE)
+            self.register_buffer("bitmask", torch.zeros(out_features, tiles, dtype=torch.int64, **kw))
+            self.register_buffer("values", torch.zeros(nnz, dtype=dtype, **kw))
+            self.register_buffer("row_offsets", torch.zeros(out_features + 1, dtype=torch.int64, **kw))
+            self.nnz = nnz
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), requires_grad=False) if bias \
+            else None
+        # Derived tensors, never saved: rebuilt from the packed buffers after loading.
+        self.register_buffer("dense_weight", None, persistent=False)
+        self.register_buffer("cslt_weight", None, persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+        # decided once, outside forward, so that torch.compile sees a constant
+        self._cpu_kernels_fast = cpu_sparse_kernels_fast()[0]
+        if dense_fallback == "cache":  # right shape now; filled from the packed buffers once they are loaded
+            self.dense_weight = torch.zeros(out_features, in_features, dtype=dtype, **kw)
+
+    # ------------------------------------------------------------------------------------------------
+    # Construction
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Module, format: str = "auto", dense_fallback: str = "unpack") -> "SparseLinear":
+        """Pack the already-pruned weight of ``linear`` (``nn.Linear`` or transformers' ``Conv1D``).
+
+        format: ``"2:4"``, ``"4:8"``, any ``"N:M"``, ``"bitmap"``, or ``"auto"`` (``auto_format``: 2:4 when
+        the weight fits it, else bitmap, whichever is smaller; raises if neither is smaller than dense).
+        An N:M format raises the formats' ValueError naming the first group that breaks the pattern.
+        The weight is not pruned here: prune first (``sparsekit.prune``).
+        """
+        if not is_linear(linear):
+            raise TypeError(f"expected nn.Linear (or transformers Conv1D), got {type(linear).__name__}")
+        weight = linear_weight(linear)
+        if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"SparseLinear packs float32, bfloat16 or float16 weights, got {weight.dtype}")
+        out_f, in_f = weight.shape
+        if format == "auto":
+            chosen = auto_format(weight)
+            if chosen is None:
+                sparsity = float((weight == 0).sum()) / weight.numel()
+                raise ValueError(f"weight {out_f}x{in_f} is only {sparsity:.1%} zeros: no packed format is smaller "
+                                 "than dense; prune it first or keep it dense")
+            format = chosen
+        kind, n, m = parse_format(format)
+        bias = getattr(linear, "bias", None)
+        if kind == "nm":
+            packed = pack_nm(weight, n, m)
+            layer = cls(in_f, out_f, format, bias=bias is not None, dense_fallback=dense_fallback,
+                        device=weight.device, dtype=weight.dtype)
+            layer.values.copy_(packed.values)
+            layer.index_codes.copy_(nm_index_codes(packed.indices, m))
+        else:
+            packed = pack_bitmap(weight)
+            layer = cls(in_f, out_f, format, bias=bias is not None, nnz=packed.values.numel(),
+                        dense_fallback=dense_fallback, device=weight.device, dtype=weight.dtype)
+            layer.bitmask.copy_(packed.bitmask)
+            layer.values.copy_(packed.values)
+            layer.row_offsets.copy_(packed.row_offsets)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        layer._refresh_derived()
+        return layer
+
+    # save_compressed / load_compressed (sparsekit.compressed)
+    def compressed_spec(self) -> dict:
+        spec = {"in_features": self.in_features, "out_features": self.out_features, "format": self.format,
+                "bias": self.bias is not None, "dense_fallback": self.dense_fallback}
+        if self.kind == "bitmap":
+            spec["nnz"] = self.nnz
+        return spec
+
+    @classmethod
+    def from_compressed_spec(cls, spec: dict, dtype: torch.dtype, device) -> "SparseLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["format"], bias=spec["bias"],
+                   nnz=spec.get("nnz"), dense_fallback=spec.get("dense_fallback", "unpack"), device=device,
+                   dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------------
+    # Derived tensors
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_dense(self) -> torch.Tensor:
+        """The (out_features, in_features) weight, in the values' dtype and device."""
+        if self.kind == "nm":
+            kept = self.values.shape[1]
+            indices = nm_indices_from_codes(self.index_codes, self.m, kept)
+            return unpack_nm(NMPacked(self.values, indices, (self.out_features, self.in_features), self.n, self.m))
+        return unpack_bitmap(BitmapPacked(self.bitmask, self.values, self.row_offsets,
+                                          (self.out_features, self.in_features)))
+
+    def set_dense_fallback(self, mode: str) -> "SparseLinear":
+        """Switch between ``"unpack"`` (packed weight only) and ``"cache"`` (plus a dense copy in memory)."""
+        if mode not in DENSE_FALLBACKS:
+            raise ValueError(f"dense_fallback must be one of {DENSE_FALLBACKS}, got {mode!r}")
+        self.dense_fallback = mode
+        self._refresh_derived()
+        return self
+
+    @torch.no_grad()
+    def _refresh_derived(self) -> None:
+        self.dense_weight = self.to_dense() if self.dense_fallback == "cache" else None
+        self.cslt_weight = None
+        if self._cslt_possible(self.values.device, self.values.dtype):
+            self.cslt_weight = torch._cslt_compress(self.to_dense())
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # the cuSPARSELt copy is device-specific: rebuild it for the new device / dtype
+        if self.cslt_weight is not None or self._cslt_possible(self.values.device, self.values.dtype):
+            self.cslt_weight = None
+            if self._cslt_possible(self.values.device, self.values.dtype):
+                self.cslt_weight = torch._cslt_compress(self.to_dense())
+        return self
+
+    def _cslt_possible(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return (device.type == "cuda" and self.kind == "nm" and (self.n, self.m) == (2, 4)
+                and dtype in _CSLT_DTYPES and hasattr(torch, "_cslt_sparse_mm")
+                and torch.backends.cusparselt.is_available()
+                and self.out_features % _CSLT_OUT_MULTIPLE == 0 and self.in_features % _CSLT_IN_MULTIPLE == 0)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros in the weight (N:M: N/M, counting stored zeros as kept)."""
+        if self.kind == "nm":
+            return self.n / self.m
+        return 1.0 - self.nnz / (self.in_features * self.out_features)
+
+    def packed_bytes(self) -> int:
+        """Bytes of the persistent packed weight (bias excluded)."""
+        if self.kind == "nm":
+            return self.values.numel() * self.values.element_size() + self.index_codes.numel()
+        return (self.values.numel() * self.values.element_size() + self.bitmask.numel() * 8
+                + self.row_offsets.numel() * 8)
+
+    # ------------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------------
+    def path(self, rows: int, device: torch.device, dtype: torch.dtype, requires_grad: bool = False) -> str:
+        """The forward path a call with ``rows`` rows of x on ``device`` in ``dtype`` takes: "sparse",
+        "cslt", "dense", "unpack" or "grad" (see the module docstring)."""
+        if requires_grad:
+            return "grad"
+        if device.type == "cuda" and self.cslt_weight is not None:
+            return "cslt"
+        if device.type == "cpu" and self._cpu_sparse_wins(rows, dtype):
+            return "sparse"
+        return "dense" if self.dense_weight is not None else "unpack"
+
+    def _cpu_sparse_wins(self, rows: int, dtype: torch.dtype) -> bool:
+        key = "2:4" if (self.kind, self.n, self.m) == ("nm", 2, 4) else self.kind
+        limit = CPU_SPARSE_MAX_ROWS.get((key, dtype), 0)
+        if limit == 0 or rows > limit or not self._cpu_kernels_fast:
+            return False
+        if self.kind == "bitmap":
+            numel = self.in_features * self.out_features
+            return numel - self.nnz >= int(BITMAP_MIN_SPARSITY * numel)
+        return True
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects x with in_features={self.in_features} in its last dim, got "
+                             f"shape {tuple(x.shape)}")
+        if x.dtype != self.values.dtype:
+            raise ValueError(f"SparseLinear holds {self.values.dtype} weights but x is {x.dtype}; convert one of "
+                             f"them (layer.to({x.dtype}) or x.to({self.values.dtype}))")
+        if x.device != self.values.device:
+            raise ValueError(f"SparseLinear's weight is on {self.values.device} but x is on {x.device}")
+
+    def _packed_op(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "nm":
+            return torch.ops.sparsekit.nm_linear(x, self.values, self.index_codes, self.n, self.m, self.in_features,
+                                                 self.bias)
+        return torch.ops.sparsekit.bitmap_linear(x, self.bitmask, self.values, self.row_offsets, self.in_features,
+                                                 self.bias)
+
+    def _cslt_linear(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        rows = x2.shape[0]
+        pad = -rows % _CSLT_ROWS_MULTIPLE
+        if pad:
+            x2 = F.pad(x2, (0, 0, 0, pad))
+        y = torch._cslt_sparse_mm(self.cslt_weight, x2.t()).t()[:rows]  # (out, rows) -> (rows, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.contiguous().reshape(*lead, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        rows = x.numel() // self.in_features
+        path = self.path(rows, x.device, x.dtype, requires_grad=x.requires_grad and torch.is_grad_enabled())
+        if path == "sparse" or path == "unpack":
+            return self._packed_op(x)
+        if path == "dense":
+            return F.linear(x, self.dense_weight, self.bias)
+        if path == "cslt":
+            return self._cslt_linear(x)
+        return F.linear(x, self.to_dense(), self.bias)  # "grad"
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"sparsity={self.sparsity:.3f}, bias={self.bias is not None}, dense_fallback={self.dense_fallback}")
+
+
+def _refresh_after_load(module: SparseLinear, _incompatible_keys) -> None:
+    module._refresh_derived()
+
+
+# ops is imported for its side effect: the sparsekit::nm_linear / bitmap_linear schemas must exist.
+_ = ops

@@ -1,0 +1,174 @@
+"""sparsify_ end to end: a tiny Llama pruned (magnitude, 2:4 and 50% unstructured), its linear layers swapped
+for SparseLinear, generates the same greedy tokens as the masked dense model (eager and torch.compile
+fullgraph); the swap's report, its options and errors; save_compressed / load_compressed round trip.
+
+The prompt has 12 tokens, so the prefill (12 rows) runs the fallback path and each decode step (1 row) the
+sparse kernel (where the CPU has it): both paths feed the generated tokens.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekit import load_compressed, save_compressed
+from sparsekit.nn import SparseLinear
+from sparsekit.prune import PruneSpec, prune_model
+from sparsekit.sparsify import sparsify_
+from tiny_models import tiny_model
+
+SPECS = {"2:4": PruneSpec("magnitude", pattern=(2, 4)), "unstructured50": PruneSpec("magnitude", 0.5)}
+NEW_TOKENS = 8
+
+
+def pruned_llama(kind: str, layers: int = 2):
+    model = tiny_model("llama", layers=layers)
+    prune_model(model, SPECS[kind], progress=False)
+    return model
+
+
+def prompt(n: int = 12):
+    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(3))
+
+
+def greedy(model, ids, **kw):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                              pad_token_id=0, **kw)
+
+
+def sparse_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+@pytest.mark.parametrize("fallback", ["unpack", "cache"])
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_generate_matches_masked_dense(kind, fallback):
+    model = pruned_llama(kind)
+    ids = prompt()
+    want = greedy(model, ids)
+    logits_before = model(ids).logits
+    report = sparsify_(model, dense_fallback=fallback)
+
+    layers = sparse_layers(model)
+    assert len(layers) == len(report.layers) == 14  # 7 linears x 2 blocks; the LM head stays dense
+    assert isinstance(model.lm_head, nn.Linear) and ("lm_head", "LM head (include_lm_head=True to swap it)") in \
+        report.skipped
+    assert {m.format for m in layers.values()} == {"2:4" if kind == "2:4" else "bitmap"}
+    assert report.bytes_after < 0.6 * report.bytes_before
+    assert (report.cache_bytes > 0) == (fallback == "cache")
+    torch.testing.assert_close(model(ids).logits, logits_before, rtol=1e-4, atol=1e-4)
+    assert torch.equal(greedy(model, ids), want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_generate_compiled_fullgraph_matches_masked_dense(kind):
+    torch._dynamo.reset()
+    model = pruned_llama(kind, layers=1)
+    ids = prompt()
+    want = greedy(model, ids)
+    sparsify_(model, dense_fallback="cache")
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    try:
+        got = greedy(model, ids, cache_implementation="static")
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, want)
+
+
+def test_report_and_table():
+    model = pruned_llama("2:4")
+    report = sparsify_(model)
+    row = next(r for r in report.layers if r.name == "model.layers.0.mlp.down_proj")
+    assert row.shape == (64, 128) and row.format == "2:4" and row.sparsity == 0.5
+    assert row.bytes_before == 64 * 128 * 4 and row.bytes_after == 64 * 64 * 4 + 64 * 16
+    d = report.to_dict()
+    assert d["bytes_before"] == report.bytes_before and len(d["layers"]) == 14
+    text = report.table()
+    assert "model.layers.1.self_attn.q_proj" in text and "total (14 layers)" in text and "lm_head" in text
+
+
+def test_filter_min_sparsity_and_lm_head():
+    model = pruned_llama("unstructured50")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.normal_()  # dense again
+        model.lm_head.weight.mul_(model.lm_head.weight.abs() > model.lm_head.weight.abs().median())
+    report = sparsify_(model, filter_fn=lambda name, m: "self_attn.v_proj" not in name, include_lm_head=True)
+    names = set(sparse_layers(model))
+    assert "lm_head" in names
+    assert "model.layers.0.mlp.up_proj" not in names and "model.layers.0.self_attn.v_proj" not in names
+    reasons = dict(report.skipped)
+    assert reasons["model.layers.1.self_attn.v_proj"] == "filter_fn"
+    assert reasons["model.layers.0.mlp.up_proj"].startswith("sparsity 0.000 < min_sparsity 0.5")
+    assert len(names) == 15 - 3  # 14 + lm_head, less two v_proj and the dense up_proj
+
+
+def test_tied_weights_are_left_alone():
+    model = pruned_llama("2:4")
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.lm_head.weight.mul_(model.lm_head.weight.abs() > model.lm_head.weight.abs().median())
+    report = sparsify_(model, include_lm_head=True)
+    assert dict(report.skipped)["lm_head"] == "weight shared with another module (tied)"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_explicit_format_errors_leave_model_untouched():
+    model = pruned_llama("unstructured50")
+    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj': weight is not 2:4 sparse"):
+        sparsify_(model, format="2:4")
+    assert not sparse_layers(model)
+    with pytest.raises(ValueError, match="min_sparsity must be in"):
+        sparsify_(model, min_sparsity=1.5)
+    with pytest.raises(ValueError, match="format must be"):
+        sparsify_(model, format="dense")
+    report = sparsify_(model, format="bitmap")
+    assert {r.format for r in report.layers} == {"bitmap"}
+
+
+def test_unpruned_model_swaps_nothing():
+    model = tiny_model("llama")
+    report = sparsify_(model)
+    assert not report.layers and not sparse_layers(model) and len(report.skipped) == 15
+
+
+def test_gpt2_conv1d_layers():
+    model = tiny_model("gpt2")
+    prune_model(model, PruneSpec("magnitude", pattern=(2, 4)), progress=False)
+    ids = prompt()
+    with torch.no_grad():
+        want = model(ids).logits
+    report = sparsify_(model)
+    assert len(report.layers) == 8  # c_attn, c_proj, c_fc, mlp.c_proj in 2 blocks
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fallback", ["unpack", "cache"])
+def test_save_compressed_round_trip(tmp_path, fallback):
+    model = pruned_llama("unstructured50")
+    sparsify_(model, format="auto", dense_fallback=fallback)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj = SparseLinear.from_linear(  # one 2:4 layer among bitmaps
+            _two_four_linear(64, 64), "2:4", dense_fallback=fallback)
+    ids = prompt()
+    save_compressed(model, str(tmp_path / "ckpt"))
+    loaded = load_compressed(str(tmp_path / "ckpt"), attn_implementation="eager")
+    before, after = sparse_layers(model), sparse_layers(loaded)
+    assert before.keys() == after.keys()
+    for name, layer in after.items():
+        assert layer.format == before[name].format and layer.dense_fallback == fallback
+        for key, t in before[name].state_dict().items():
+            assert torch.equal(layer.state_dict()[key], t), (name, key)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert torch.equal(greedy(loaded, ids), greedy(model, ids))
+
+
+def _two_four_linear(in_f, out_f):
+    from sparsekit import ops
+
+    lin = nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        lin.weight.mul_(ops.nm_mask(lin.weight.abs(), 2, 4))
+    return lin
