@@ -184,4 +184,7 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs:
         seen.clear()
         for h in handles:
             h.remove()
+    from .distributed import all_reduce_stats_
+
+    all_reduce_stats_(stats)  # under torchrun: sums over every rank's windows (no-op in one process)
     return stats

@@ -24,6 +24,10 @@ examples:
   # quick smoke run (small calibration and evaluation budget):
   sparsekit prune --method wanda --sparsity 0.5 --nsamples 4 --seqlen 128 --eval-tokens 2048 --output /tmp/x
 
+  # distributed calibration: the ranks split the windows and all-reduce their statistics (gloo on CPU,
+  # NCCL on GPU); the masks equal the single-process run up to float rounding; rank 0 writes OUTPUT:
+  torchrun --nproc-per-node 2 --no-python sparsekit prune --method sparsegpt --sparsity 0.5 --output out/sg50
+
 what it does:
   1. loads the model (float32 on CPU by default) and evaluates its perplexity;
   2. draws --nsamples random windows of --seqlen tokens from the calibration text (--seed);
@@ -155,7 +159,9 @@ def _progress(args) -> bool:
 def run_prune(args) -> int:
     import torch
 
-    from . import data, evaluate
+    import math
+
+    from . import data, distributed, evaluate
     from .checkpoint import check_output_dir, save_pruned_model
     from .models import load_model, resolve_model
     from .prune import PruneSpec, parse_pattern, prune_model
@@ -174,19 +180,30 @@ def run_prune(args) -> int:
         torch.set_num_threads(args.threads)
     progress = _progress(args)
 
+    rank, world = distributed.init_from_env(args.device)  # torchrun: split calibration over the ranks
+    progress = progress and rank == 0
     t_start = time.perf_counter()
-    print(f"loading {args.model} ({args.dtype}, {args.device})", file=sys.stderr)
+    if rank == 0:
+        print(f"loading {args.model} ({args.dtype}, {args.device})"
+              + (f" on {world} ranks" if world > 1 else ""), file=sys.stderr)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     calib = data.calibration_windows(data.tokenize(tokenizer, calib_text), args.nsamples, args.seqlen, args.seed,
                                      source=args.calib)
+    calib = distributed.shard(calib)
     eval_ids = data.tokenize(tokenizer, eval_text)
     windows = data.eval_windows(eval_ids, args.seqlen, args.eval_tokens, source=args.eval)
     t_loaded = time.perf_counter()
 
-    dense_ppl = evaluate.perplexity(model, windows, progress=progress, desc="dense ppl")
+    def ppl(desc: str) -> float:  # each rank scores its share of the windows; the sums are all-reduced
+        mine = windows[rank::world]
+        nll, count = evaluate.window_nll(model, mine, progress=progress, desc=desc) if mine.numel() else (0.0, 0)
+        tot = distributed.all_reduce_sum_(torch.tensor([nll, float(count)], dtype=torch.float64))
+        return math.exp(float(tot[0]) / float(tot[1]))
+
+    dense_ppl = ppl("dense ppl")
     t_dense = time.perf_counter()
     report = prune_model(model, spec, calib, progress=progress)
-    pruned_ppl = evaluate.perplexity(model, windows, progress=progress, desc="pruned ppl")
+    pruned_ppl = ppl("pruned ppl")
     t_end = time.perf_counter()
 
     out = {
@@ -199,6 +216,7 @@ def run_prune(args) -> int:
         "dense_ppl": dense_ppl,
         "pruned_ppl": pruned_ppl,
         "prune_seconds": report.seconds,
+        "world_size": world,
         "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "eval": args.eval, "eval_tokens": int(windows.numel()), "eval_windows": int(windows.shape[0]),
         "dtype": args.dtype, "device": args.device,
@@ -210,7 +228,11 @@ def run_prune(args) -> int:
         "outlier_ratios": report.outlier_ratios,
         "layers": report.to_dict()["layers"],
     }
+    if rank != 0:  # rank 0 writes; the others wait so that the command ends when the folder exists
+        distributed.barrier()
+        return 0
     save_pruned_model(model, tokenizer, args.output, out, overwrite=args.overwrite)
+    distributed.barrier()
 
     print(_table([
         ("", "dense", f"{spec.method} {spec.pattern_str}"),
