@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one call (the device tool allows ~10 min per call):
 #   build the extensions against the machine's torch, print the live backends, run the GPU tests on the
-#   CUDA C++ path and again on the Triton path (CUDA extension disabled), then the GPU benchmarks.
+#   CUDA C++ path and again on the Triton path (CUDA extension disabled), then the GPU benchmarks (ops against
+#   copy bandwidth; sparse GEMV against cuBLAS).
 # Usage on the GPU machine, from the repo root:  bash benchmarks/run_gpu_session.sh [OUT_DIR]
 # Results (CSV + markdown with device, versions, date) land in OUT_DIR (default: $OUT, else benchmarks/results).
 set -uo pipefail
@@ -21,4 +22,5 @@ log="$out/gpu_session.log"
   SPARSEKIT_DISABLE_EXTENSIONS=1 python -m pytest -q -m gpu tests/ -p no:cacheprovider
   echo "== benchmarks"
   python benchmarks/bench_ops_gpu.py --out "$out"
+  python benchmarks/bench_sparse_gemv_gpu.py --out "$out"
 } 2>&1 | tee "$log"

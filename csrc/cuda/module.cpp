@@ -7,5 +7,7 @@
 #include <pybind11/pybind11.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sparsekit CUDA kernels (nm_mask, wanda_score, channel_sqnorm_accumulate_), registered on the CUDA key";
+  m.doc() =
+      "sparsekit CUDA kernels (nm_mask, wanda_score, channel_sqnorm_accumulate_, nm_linear, bitmap_linear), "
+      "registered on the CUDA key";
 }

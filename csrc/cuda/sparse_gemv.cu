@@ -1,0 +1,204 @@
+// sparsekit::nm_linear and sparsekit::bitmap_linear on the CUDA dispatch key (schemas: sparsekit/ops/__init__.py;
+// kernels and their design: kernels/sparse_gemv.cuh).
+//
+// * nm_linear: 1..64 rows of x, bf16/fp16, an N:M pattern nm_mma_kernel is built for, in_features % 64 == 0,
+//   16-byte aligned tensors and an sm_80+ device: the tensor-core decode kernel (plus a zeroed float32 workspace and a rounding
+//   pass when it splits in_features over CTAs). Anything else (float32, other patterns, more rows): decode W
+//   to dense, then at::linear (cuBLAS).
+// * bitmap_linear: 1..64 rows of x, bf16/fp16/fp32: the CUDA-core kernel; more rows: decode + at::linear.
+// Neither syncs with the host, so both can be captured in a CUDA graph. row_offsets is trusted to match the
+// bitmask's popcounts (checking its last entry against nnz, as the CPU kernel does, would need a host sync).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "cuda/cuda_type.h"
+#include "cuda/kernels/sparse_gemv.cuh"
+
+namespace sparsekit {
+namespace {
+
+namespace gemv = cuda::gemv;
+
+void check_x_and_bias(const char* op, const at::Tensor& x, int64_t in_features, int64_t out_features,
+                      const at::Tensor& weight_values, const std::optional<at::Tensor>& bias) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(in_features >= 0 && x.dim() >= 1 && x.size(-1) == in_features, op, ": x must have in_features=",
+              in_features, " in its last dim, got shape ", x.sizes());
+  TORCH_CHECK(weight_values.scalar_type() == dt, op, ": values must have x's dtype ", dt, ", got ",
+              weight_values.scalar_type());
+  TORCH_CHECK(weight_values.device() == x.device(), op, ": x is on ", x.device(), " but the packed weight is on ",
+              weight_values.device());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == dt && bias->dim() == 1 &&
+                    bias->size(0) == out_features,
+                op, ": bias must be (", out_features, ",) ", dt, " on ", x.device(), ", got ", bias->scalar_type(),
+                " ", bias->sizes(), " on ", bias->device());
+  }
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t out_features) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return shape;
+}
+
+at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& index_codes, int64_t n,
+                          int64_t m, int64_t in_features, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "sparsekit::nm_linear";
+  TORCH_CHECK(1 <= m && m <= 16 && 0 <= n && n < m, op, ": N:M needs 0 <= N < M <= 16, got ", n, ":", m);
+  TORCH_CHECK(in_features >= 0 && in_features % m == 0, op, ": M=", m, " does not divide in_features=",
+              in_features);
+  const int64_t kept = m - n;
+  const int64_t kept_per_row = in_features / m * kept;
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == kept_per_row, op, ": values must be (out, ", kept_per_row,
+              "), got ", values.sizes());
+  const int64_t out_features = values.size(0);
+  const int64_t bits = m <= 4 ? 2 : 4;
+  const int64_t code_width = (kept_per_row * bits + 7) / 8;
+  TORCH_CHECK(index_codes.scalar_type() == at::kByte && index_codes.dim() == 2 &&
+                  index_codes.size(0) == out_features && index_codes.size(1) == code_width,
+              op, ": index_codes must be uint8 (", out_features, ", ", code_width, "), got ",
+              index_codes.scalar_type(), " ", index_codes.sizes());
+  TORCH_CHECK(index_codes.device() == values.device(), op, ": values are on ", values.device(),
+              " but index_codes on ", index_codes.device());
+  check_x_and_bias(op, x, in_features, out_features, values, bias);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto shape = output_shape(x, out_features);
+  const at::Tensor x2 = x.reshape({-1, in_features}).contiguous();
+  const int64_t rows = x2.size(0);
+  if (rows == 0 || out_features == 0) return at::empty(shape, x.options());
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor codes = index_codes.contiguous();
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x2.get_device()).stream();
+  const int num_sms = cuda::multiprocessor_count(x2.get_device());
+
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_nm_linear_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    if (gemv::nm_mma_supported<T>(m, kept, rows, in_features, x2.const_data_ptr(), vals.const_data_ptr(),
+                                  codes.const_data_ptr(), gemv::compute_capability_major(x2.get_device()))) {
+      const gemv::NMPlan plan = gemv::plan_nm_linear(rows, out_features, in_features, num_sms);
+      y = at::empty({rows, out_features}, x2.options());
+      at::Tensor workspace;
+      if (plan.splits > 1) {  // (out_features, rows rounded up to 8): see kernels/sparse_gemv.cuh
+        workspace = at::zeros({out_features, int64_t(plan.row_blocks) * 8}, x2.options().dtype(at::kFloat));
+      }
+      gemv::NMArgs args{};
+      args.x = x2.const_data_ptr();
+      args.values = vals.const_data_ptr();
+      args.codes = codes.const_data_ptr<uint8_t>();
+      args.bias = b.has_value() ? b->const_data_ptr() : nullptr;
+      args.y = y.mutable_data_ptr();
+      args.workspace = workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr;
+      args.rows = rows;
+      args.out_features = out_features;
+      args.in_features = in_features;
+      args.kept_per_row = kept_per_row;
+      args.code_width = code_width;
+      TORCH_CHECK(gemv::launch_nm_linear<T>(args, m, kept, plan, stream), op,
+                  ": internal error: no kernel for a supported pattern ", n, ":", m);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (workspace.defined()) {
+        gemv::launch_finalize<T>(workspace.const_data_ptr<float>(), reinterpret_cast<T*>(y.mutable_data_ptr()),
+                                 rows, out_features, workspace.size(1), num_sms, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    } else {
+      at::Tensor dense = at::zeros({out_features, in_features}, vals.options());
+      gemv::launch_nm_decode<T>(reinterpret_cast<const T*>(vals.const_data_ptr()), codes.const_data_ptr<uint8_t>(),
+                                reinterpret_cast<T*>(dense.mutable_data_ptr()), out_features, in_features, m, kept,
+                                num_sms, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      y = at::linear(x2, dense, b);
+    }
+  });
+  return y.reshape(shape);
+}
+
+at::Tensor bitmap_linear_cuda(const at::Tensor& x, const at::Tensor& bitmask, const at::Tensor& values,
+                              const at::Tensor& row_offsets, int64_t in_features,
+                              const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "sparsekit::bitmap_linear";
+  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  const int64_t tiles = cuda::ceil_div(in_features, gemv::kTile);
+  TORCH_CHECK(bitmask.scalar_type() == at::kLong && bitmask.dim() == 2 && bitmask.size(1) == tiles, op,
+              ": bitmask must be int64 (out, ", tiles, "), got ", bitmask.scalar_type(), " ", bitmask.sizes());
+  const int64_t out_features = bitmask.size(0);
+  TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 &&
+                  row_offsets.size(0) == out_features + 1,
+              op, ": row_offsets must be int64 (", out_features + 1, ",), got ", row_offsets.scalar_type(), " ",
+              row_offsets.sizes());
+  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D (nnz,), got shape ", values.sizes());
+  TORCH_CHECK(bitmask.device() == values.device() && row_offsets.device() == values.device(), op, ": bitmask (",
+              bitmask.device(), "), values (", values.device(), ") and row_offsets (", row_offsets.device(),
+              ") must share a device");
+  check_x_and_bias(op, x, in_features, out_features, values, bias);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto shape = output_shape(x, out_features);
+  const at::Tensor x2 = x.reshape({-1, in_features}).contiguous();
+  const int64_t rows = x2.size(0);
+  if (rows == 0 || out_features == 0) return at::empty(shape, x.options());
+  const at::Tensor mask = bitmask.contiguous();
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor offsets = row_offsets.contiguous();
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x2.get_device()).stream();
+  const int num_sms = cuda::multiprocessor_count(x2.get_device());
+
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_bitmap_linear_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    const auto* mask_bits = reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>());
+    if (rows <= gemv::kMaxRows) {
+      y = at::empty({rows, out_features}, x2.options());
+      gemv::BitmapArgs args{};
+      args.x = x2.const_data_ptr();
+      args.bitmask = mask_bits;
+      args.values = vals.const_data_ptr();
+      args.row_offsets = offsets.const_data_ptr<int64_t>();
+      args.bias = b.has_value() ? b->const_data_ptr() : nullptr;
+      args.y = y.mutable_data_ptr();
+      args.rows = rows;
+      args.out_features = out_features;
+      args.in_features = in_features;
+      args.tiles = tiles;
+      args.nnz = vals.numel();
+      gemv::launch_bitmap_linear<T>(args, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      at::Tensor dense = at::zeros({out_features, in_features}, vals.options());
+      gemv::launch_bitmap_decode<T>(mask_bits, reinterpret_cast<const T*>(vals.const_data_ptr()),
+                                    offsets.const_data_ptr<int64_t>(), reinterpret_cast<T*>(dense.mutable_data_ptr()),
+                                    out_features, in_features, num_sms, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      y = at::linear(x2, dense, b);
+    }
+  });
+  return y.reshape(shape);
+}
+
+}  // namespace
+}  // namespace sparsekit
+
+TORCH_LIBRARY_IMPL(sparsekit, CUDA, m) {
+  m.impl("nm_linear", TORCH_FN(sparsekit::nm_linear_cuda));
+  m.impl("bitmap_linear", TORCH_FN(sparsekit::bitmap_linear_cuda));
+}
