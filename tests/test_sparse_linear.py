@@ -15,6 +15,7 @@ from sparsekit import ops
 from sparsekit.nn import SparseLinear
 from sparsekit.nn.sparse_linear import (
     BITMAP_MIN_SPARSITY,
+    BITMAP_MIN_THREADS,
     CPU_SPARSE_MAX_ROWS,
     auto_format,
     cpu_sparse_kernels_fast,
@@ -59,7 +60,7 @@ def count_packed_calls(layer):
 def expected_path(fmt, dtype, rows, fallback, sparsity=0.5):
     key = "2:4" if fmt == "2:4" else ("bitmap" if fmt == "bitmap" else fmt)
     wins = FAST and rows <= CPU_SPARSE_MAX_ROWS.get((key, dtype), 0)
-    if fmt == "bitmap" and sparsity < BITMAP_MIN_SPARSITY:
+    if fmt == "bitmap" and (sparsity < BITMAP_MIN_SPARSITY or torch.get_num_threads() < BITMAP_MIN_THREADS):
         wins = False
     if wins:
         return "sparse"
@@ -73,7 +74,7 @@ def test_dispatch_policy_is_the_measured_one():
         ("2:4", torch.float32): 8, ("2:4", torch.bfloat16): 2,
         ("bitmap", torch.float32): 8, ("bitmap", torch.bfloat16): 2,
     }
-    assert BITMAP_MIN_SPARSITY == 0.5
+    assert BITMAP_MIN_SPARSITY == 0.5 and BITMAP_MIN_THREADS == 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,6 +141,23 @@ def test_bitmap_below_half_sparse_uses_the_fallback():
     assert layer.path(1, torch.device("cpu"), torch.float32) == "dense"
     x = torch.randn(1, 128)
     assert torch.equal(layer(x), lin(x))
+
+
+def test_bitmap_kernel_needs_two_threads():
+    if not FAST:
+        pytest.skip(cpu_sparse_kernels_fast()[1])
+    threads = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        torch.set_num_threads(1)
+        one = SparseLinear.from_linear(pruned_linear(128, 16, "bitmap"), "bitmap", dense_fallback="cache")
+        two_four = SparseLinear.from_linear(pruned_linear(128, 16, "2:4"), "2:4", dense_fallback="cache")
+        assert one.path(1, cpu, torch.float32) == "dense" and two_four.path(1, cpu, torch.float32) == "sparse"
+        torch.set_num_threads(2)
+        assert one.path(1, cpu, torch.float32) == "dense"  # decided when built
+        assert one.refresh_dispatch().path(1, cpu, torch.float32) == "sparse"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_non_contiguous_input():

@@ -1,6 +1,6 @@
 """sparsify_ end to end: a tiny Llama pruned (magnitude, 2:4 and 50% unstructured), its linear layers swapped
 for SparseLinear, generates the same greedy tokens as the masked dense model (eager and torch.compile
-fullgraph); the swap's report, its options and errors; save_compressed / load_compressed round trip.
+fullgraph, ~15 s each with a one-block model); the swap's report, its options and errors; save_compressed / load_compressed round trip.
 
 The prompt has 12 tokens, so the prefill (12 rows) runs the fallback path and each decode step (1 row) the
 sparse kernel (where the CPU has it): both paths feed the generated tokens.
@@ -60,7 +60,6 @@ def test_generate_matches_masked_dense(kind, fallback):
     assert torch.equal(greedy(model, ids), want)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(SPECS))
 def test_generate_compiled_fullgraph_matches_masked_dense(kind):
     torch._dynamo.reset()
@@ -172,3 +171,52 @@ def _two_four_linear(in_f, out_f):
     with torch.no_grad():
         lin.weight.mul_(ops.nm_mask(lin.weight.abs(), 2, 4))
     return lin
+
+
+# ----------------------------------------------------------------------------------------------------
+# sparsekit bench (sparsekit/cli_bench.py)
+# ----------------------------------------------------------------------------------------------------
+def _bench_parser():
+    import argparse
+
+    from sparsekit import cli_bench
+
+    parser = argparse.ArgumentParser(prog="sparsekit")
+    cli_bench.add_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_bench_cli_on_a_pruned_folder(tmp_path, capsys):
+    import json
+
+    from sparsekit import cli_bench
+    from tiny_models import WORDS, save_tiny_hf_folder
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_hf_folder(str(tmp_path / "tiny"), open(WORDS).read()[:20000])
+    unpruned = _bench_parser().parse_args(["bench", "--model", folder, "--new-tokens", "3", "--repeats", "1",
+                                           "--no-progress"])
+    assert cli_bench.run(unpruned) == 2
+    assert "prune it first" in capsys.readouterr().err
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    prune_model(model, SPECS["2:4"], progress=False)
+    model.save_pretrained(folder)
+    args = _bench_parser().parse_args(["bench", "--model", folder, "--new-tokens", "4", "--prompt-tokens", "6",
+                                       "--repeats", "1", "--batch", "2", "--output", str(tmp_path / "b.json")])
+    assert cli_bench.run(args) == 0
+    captured = capsys.readouterr()
+    assert "[4/4] round 1/1" in captured.err and "swapped 14 linear layers (2:4)" in captured.err
+    assert "decode tokens/s" in captured.out and "same tokens" in captured.out
+    out = json.load(open(tmp_path / "b.json"))
+    assert out["same_tokens"] is True and out["formats"] == ["2:4"] and out["batch"] == 2
+    assert out["results"]["sparse"]["decode_tokens_per_s"] > 0
+    assert len(out["sparsify"]["layers"]) == 14
+
+
+def test_bench_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        _bench_parser().parse_args(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "decode tokens/s = batch * (new_tokens - 1)" in text and "sparsekit prune" in text
+    assert "--dense-fallback" in text and "--new-tokens" in text

@@ -14,34 +14,41 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 
 * ``"sparse"``: ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` where the packed kernel was measured to beat
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu.md``:
-  cold weights, 2 threads): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 8, in bfloat16 for M <= 2.
-  Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M than 2:4, float16,
-  CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed.
+  cold weights, 2 threads, idle machine): 2:4 and bitmap (>= 50% sparse, >= 2 torch threads) in float32
+  for M <= 8, in bfloat16 for M <= 2. Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M
+  than 2:4, float16, CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed.
 * ``"cslt"``: CUDA only, 2:4 in float16/bfloat16 where torch exposes cuSPARSELt
   (``torch._cslt_sparse_mm``, ``torch.backends.cusparselt.is_available()``) and the shape fits its limits
-  (out % 32 == 0, in % 64 == 0). Untested on a device so far.
+  (out % 16 == 0, in % 16 == 0). Untested on a device so far.
 * ``"dense"``: ``F.linear`` on a cached dense copy of the weight, when ``dense_fallback="cache"``.
 * ``"unpack"``: everywhere else with ``dense_fallback="unpack"`` (the default): the packed op anyway, which
   streams the packed weight up to 64 rows of x and decodes it to dense + BLAS above that.
 * ``"grad"``: when x requires grad: ``F.linear`` on the unpacked weight, so gradients reach x (the ops have
   no autograd formula). The packed weight itself is frozen.
 
-The dense fallback's storage, a trade-off to choose per model:
+The dense fallback's storage, a trade-off to choose per model (figures from
+``benchmarks/results/sparse_linear_cpu_dispatch.md``):
 
 * ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32
-  0.53x dense, bitmap 50% fp32 0.53x). Calls outside the measured region run the op on the packed weight and
-  are slower than dense ``F.linear``: on SmolLM2 shapes, float32 M = 32-64 about 0.5x, bfloat16 M = 8-64
-  0.1-0.8x, and every call of a layer without a fast kernel (4:8, float16) 10-50x slower
-  (``benchmarks/results/sparse_linear_cpu_dispatch.md``). Decoding the weight in Python on each call is
-  slower still (a bitmap 1536x576 takes ~4 ms to unpack against ~0.05 ms for the dense GEMV), so it is not
-  offered.
-* ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer:
-  never saved, rebuilt on load): calls outside the measured region cost exactly a dense ``F.linear``, so
-  the layer is never slower than ``nn.Linear`` beyond dispatch noise, but memory is packed + dense
-  (1.53x dense for 2:4 fp32), more than the dense model.
+  0.53x dense, bitmap 50% fp32 0.53x). Calls outside the measured region run the packed op and are slower
+  than dense ``F.linear``: down to 0.2x at M = 32-64 in float32 and 0.06-0.3x at M = 4-64 in bfloat16 (a
+  prefill of a few dozen tokens), and every call of a layer without a fast kernel (4:8, float16) is 10-50x
+  slower. Decoding the weight in Python on each call is slower still (a bitmap 1536x576 takes ~4 ms to
+  unpack against ~0.05 ms for the dense GEMV), so it is not offered.
+* ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer: never
+  saved, rebuilt on load): calls outside the measured region cost a dense ``F.linear`` plus ~6 us of Python
+  dispatch, so the layer is never slower than ``nn.Linear`` beyond noise (0.9-1.0x measured; the dispatch
+  shows on the smallest layers), but memory is packed + dense (1.53x dense for 2:4 fp32), more than the
+  dense model.
 
-Not done: training (the packed weight has no gradient), CUDA kernels of sparsekit's own (the ops run their
-plain-PyTorch default on CUDA), quantized values.
+The measured region depends on threads and load: with one thread (on a busy machine) the bitmap kernel lost
+to dense at M = 1 on every shape (0.4-0.9x) while 2:4 still won 1.1-4x, hence ``BITMAP_MIN_THREADS``.
+The limits are decided when a layer is built; ``refresh_dispatch()`` re-decides them.
+
+On CUDA the table is empty until sparsekit's own GPU kernels for these ops are measured: calls go to the op
+(``unpack``: whatever backend the op has there) or to the dense cache, except the cuSPARSELt path above.
+
+Not done: training (the packed weight has no gradient), a measured CUDA dispatch table, quantized values.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ __all__ = [
     "auto_format",
     "CPU_SPARSE_MAX_ROWS",
     "BITMAP_MIN_SPARSITY",
+    "BITMAP_MIN_THREADS",
     "cpu_sparse_kernels_fast",
     "DENSE_FALLBACKS",
 ]
@@ -93,9 +101,14 @@ CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
 }
 # The bitmap table above was measured at 50%, 70% and 80% sparsity; below 50% the kernel is not used.
 BITMAP_MIN_SPARSITY = 0.5
+# The bitmap kernel is compute-bound per core (2:4 and dense GEMV are memory-bound): with one torch thread it
+# lost to dense at M = 1 (4096x4096 fp32: 3.9 ms against 2.8 ms; SmolLM2 decode 0.92x) while two threads won
+# 1.8-4.8x. Below this many threads (torch.get_num_threads() when the layer is built) it is not used.
+BITMAP_MIN_THREADS = 2
 
-# cuSPARSELt shape limits for float16/bfloat16 (sparse operand rows and columns, dense operand columns).
-_CSLT_OUT_MULTIPLE, _CSLT_IN_MULTIPLE, _CSLT_ROWS_MULTIPLE = 32, 64, 8
+# cuSPARSELt shape limits for float16/bfloat16, as torch.sparse's cuSPARSELt backend states them: the sparse
+# operand's rows and columns multiples of 16, the dense operand's of 8 (x's rows are padded to that).
+_CSLT_OUT_MULTIPLE, _CSLT_IN_MULTIPLE, _CSLT_ROWS_MULTIPLE = 16, 16, 8
 _CSLT_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -217,8 +230,8 @@ class SparseLinear(nn.Module):
         self.register_buffer("dense_weight", None, persistent=False)
         self.register_buffer("cslt_weight", None, persistent=False)
         self.register_load_state_dict_post_hook(_refresh_after_load)
-        # decided once, outside forward, so that torch.compile sees a constant
-        self._cpu_kernels_fast = cpu_sparse_kernels_fast()[0]
+        # decided once, outside forward (torch.compile sees a constant): {dtype: largest M for the CPU kernel}
+        self._cpu_sparse_max_rows = self._cpu_sparse_limits()
         if dense_fallback == "cache":  # right shape now; filled from the packed buffers once they are loaded
             self.dense_weight = torch.zeros(out_features, in_features, dtype=dtype, **kw)
 
@@ -347,21 +360,33 @@ class SparseLinear(nn.Module):
         "cslt", "dense", "unpack" or "grad" (see the module docstring)."""
         if requires_grad:
             return "grad"
-        if device.type == "cuda" and self.cslt_weight is not None:
+        if device.type == "cpu":
+            if rows <= self._cpu_sparse_max_rows.get(dtype, 0):
+                return "sparse"
+        elif device.type == "cuda" and self.cslt_weight is not None:
             return "cslt"
-        if device.type == "cpu" and self._cpu_sparse_wins(rows, dtype):
-            return "sparse"
-        return "dense" if self.dense_weight is not None else "unpack"
+        return "unpack" if self.dense_weight is None else "dense"
 
-    def _cpu_sparse_wins(self, rows: int, dtype: torch.dtype) -> bool:
-        key = "2:4" if (self.kind, self.n, self.m) == ("nm", 2, 4) else self.kind
-        limit = CPU_SPARSE_MAX_ROWS.get((key, dtype), 0)
-        if limit == 0 or rows > limit or not self._cpu_kernels_fast:
-            return False
+    def _cpu_sparse_limits(self) -> dict[torch.dtype, int]:
+        """{dtype: largest M for the packed CPU kernel} for this layer (empty: never), from CPU_SPARSE_MAX_ROWS."""
+        if not cpu_sparse_kernels_fast()[0]:
+            return {}
         if self.kind == "bitmap":
             numel = self.in_features * self.out_features
-            return numel - self.nnz >= int(BITMAP_MIN_SPARSITY * numel)
-        return True
+            if numel - self.nnz < int(BITMAP_MIN_SPARSITY * numel) or torch.get_num_threads() < BITMAP_MIN_THREADS:
+                return {}
+            key = "bitmap"
+        elif (self.n, self.m) == (2, 4):
+            key = "2:4"
+        else:
+            return {}
+        return {dt: rows for (fmt, dt), rows in CPU_SPARSE_MAX_ROWS.items() if fmt == key}
+
+    def refresh_dispatch(self) -> "SparseLinear":
+        """Re-decide the CPU kernel limits (after ``torch.set_num_threads``; they are fixed when the layer is
+        built so that forward stays a constant for torch.compile)."""
+        self._cpu_sparse_max_rows = self._cpu_sparse_limits()
+        return self
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
@@ -393,9 +418,11 @@ class SparseLinear(nn.Module):
         return y.contiguous().reshape(*lead, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        rows = x.numel() // self.in_features
-        path = self.path(rows, x.device, x.dtype, requires_grad=x.requires_grad and torch.is_grad_enabled())
+        values = self.values
+        if x.ndim == 0 or x.shape[-1] != self.in_features or x.dtype != values.dtype or x.device != values.device:
+            self._check_input(x)  # raises, naming the problem
+        path = self.path(x.numel() // self.in_features, x.device, x.dtype,
+                         requires_grad=x.requires_grad and torch.is_grad_enabled())
         if path == "sparse" or path == "unpack":
             return self._packed_op(x)
         if path == "dense":
