@@ -15,8 +15,8 @@ from sparsekit import ops
 from sparsekit.nn import SparseLinear
 from sparsekit.nn.sparse_linear import (
     BITMAP_MIN_SPARSITY,
-    BITMAP_MIN_THREADS,
     CPU_SPARSE_MAX_ROWS,
+    CPU_SPARSE_MAX_ROWS_ONE_THREAD,
     auto_format,
     cpu_sparse_kernels_fast,
     parse_format,
@@ -58,9 +58,9 @@ def count_packed_calls(layer):
 
 
 def expected_path(fmt, dtype, rows, fallback, sparsity=0.5):
-    key = "2:4" if fmt == "2:4" else ("bitmap" if fmt == "bitmap" else fmt)
-    wins = FAST and rows <= CPU_SPARSE_MAX_ROWS.get((key, dtype), 0)
-    if fmt == "bitmap" and (sparsity < BITMAP_MIN_SPARSITY or torch.get_num_threads() < BITMAP_MIN_THREADS):
+    table = CPU_SPARSE_MAX_ROWS if torch.get_num_threads() >= 2 else CPU_SPARSE_MAX_ROWS_ONE_THREAD
+    wins = FAST and rows <= table.get((fmt, dtype), 0)
+    if fmt == "bitmap" and sparsity < BITMAP_MIN_SPARSITY:
         wins = False
     if wins:
         return "sparse"
@@ -74,7 +74,8 @@ def test_dispatch_policy_is_the_measured_one():
         ("2:4", torch.float32): 8, ("2:4", torch.bfloat16): 2,
         ("bitmap", torch.float32): 8, ("bitmap", torch.bfloat16): 2,
     }
-    assert BITMAP_MIN_SPARSITY == 0.5 and BITMAP_MIN_THREADS == 2
+    assert CPU_SPARSE_MAX_ROWS_ONE_THREAD == {("2:4", torch.float32): 4, ("2:4", torch.bfloat16): 1}
+    assert BITMAP_MIN_SPARSITY == 0.5
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,8 +118,13 @@ def test_paths_cover_sparse_dense_and_unpack():
     """The policy is not vacuous: with the fast kernels, one layer takes all three paths across M."""
     if not FAST:
         pytest.skip(cpu_sparse_kernels_fast()[1])
-    cached = SparseLinear.from_linear(pruned_linear(64, 16, "2:4"), dense_fallback="cache")
-    packed = SparseLinear.from_linear(pruned_linear(64, 16, "2:4"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the limits below are the two-thread table's
+        cached = SparseLinear.from_linear(pruned_linear(64, 16, "2:4"), dense_fallback="cache")
+        packed = SparseLinear.from_linear(pruned_linear(64, 16, "2:4"))
+    finally:
+        torch.set_num_threads(threads)
     cpu = torch.device("cpu")
     assert [cached.path(m, cpu, torch.float32) for m in (1, 8, 9)] == ["sparse", "sparse", "dense"]
     assert [cached.path(m, cpu, torch.bfloat16) for m in (1, 2, 3)] == ["sparse", "sparse", "dense"]
@@ -143,19 +149,22 @@ def test_bitmap_below_half_sparse_uses_the_fallback():
     assert torch.equal(layer(x), lin(x))
 
 
-def test_bitmap_kernel_needs_two_threads():
+def test_one_thread_limits():
     if not FAST:
         pytest.skip(cpu_sparse_kernels_fast()[1])
     threads = torch.get_num_threads()
-    cpu = torch.device("cpu")
+    cpu, f32, bf16 = torch.device("cpu"), torch.float32, torch.bfloat16
     try:
         torch.set_num_threads(1)
-        one = SparseLinear.from_linear(pruned_linear(128, 16, "bitmap"), "bitmap", dense_fallback="cache")
+        bitmap = SparseLinear.from_linear(pruned_linear(128, 16, "bitmap"), "bitmap", dense_fallback="cache")
         two_four = SparseLinear.from_linear(pruned_linear(128, 16, "2:4"), "2:4", dense_fallback="cache")
-        assert one.path(1, cpu, torch.float32) == "dense" and two_four.path(1, cpu, torch.float32) == "sparse"
+        assert bitmap.path(1, cpu, f32) == "dense"  # the bitmap kernel needs two threads
+        assert [two_four.path(m, cpu, f32) for m in (4, 5)] == ["sparse", "dense"]
+        assert [two_four.path(m, cpu, bf16) for m in (1, 2)] == ["sparse", "dense"]
         torch.set_num_threads(2)
-        assert one.path(1, cpu, torch.float32) == "dense"  # decided when built
-        assert one.refresh_dispatch().path(1, cpu, torch.float32) == "sparse"
+        assert bitmap.path(1, cpu, f32) == "dense"  # decided when built
+        assert bitmap.refresh_dispatch().path(8, cpu, f32) == "sparse"
+        assert two_four.refresh_dispatch().path(8, cpu, f32) == "sparse"
     finally:
         torch.set_num_threads(threads)
 

@@ -14,8 +14,9 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 
 * ``"sparse"``: ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` where the packed kernel was measured to beat
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu.md``:
-  cold weights, 2 threads, idle machine): 2:4 and bitmap (>= 50% sparse, >= 2 torch threads) in float32
-  for M <= 8, in bfloat16 for M <= 2. Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M
+  cold weights, 2 threads, idle machine): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 8, in
+  bfloat16 for M <= 2. With one torch thread (``CPU_SPARSE_MAX_ROWS_ONE_THREAD``): 2:4 only, float32
+  M <= 4, bfloat16 M = 1. Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M
   than 2:4, float16, CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed.
 * ``"cslt"``: CUDA only, 2:4 in float16/bfloat16 where torch exposes cuSPARSELt
   (``torch._cslt_sparse_mm``, ``torch.backends.cusparselt.is_available()``) and the shape fits its limits
@@ -41,12 +42,13 @@ The dense fallback's storage, a trade-off to choose per model (figures from
   shows on the smallest layers), but memory is packed + dense (1.53x dense for 2:4 fp32), more than the
   dense model.
 
-The measured region depends on threads and load: with one thread (on a busy machine) the bitmap kernel lost
-to dense at M = 1 on every shape (0.4-0.9x) while 2:4 still won 1.1-4x, hence ``BITMAP_MIN_THREADS``.
-The limits are decided when a layer is built; ``refresh_dispatch()`` re-decides them.
+The measured region depends on threads: with one thread the bitmap kernel lost to dense at M = 1 on every
+shape (0.4-0.9x) while 2:4 still won 1.1-4x. The limits are decided from ``torch.get_num_threads()`` when a
+layer is built; ``refresh_dispatch()`` re-decides them.
 
-On CUDA the table is empty until sparsekit's own GPU kernels for these ops are measured: calls go to the op
-(``unpack``: whatever backend the op has there) or to the dense cache, except the cuSPARSELt path above.
+On CUDA, ``CUDA_SPARSE_MAX_ROWS`` is empty until sparsekit's own GPU kernels for these ops are measured:
+calls take the cuSPARSELt path where it applies, else the op (``unpack``: whatever backend the op has there)
+or the dense cache.
 
 Not done: training (the packed weight has no gradient), a measured CUDA dispatch table, quantized values.
 """
@@ -81,8 +83,9 @@ __all__ = [
     "parse_format",
     "auto_format",
     "CPU_SPARSE_MAX_ROWS",
+    "CUDA_SPARSE_MAX_ROWS",
     "BITMAP_MIN_SPARSITY",
-    "BITMAP_MIN_THREADS",
+    "CPU_SPARSE_MAX_ROWS_ONE_THREAD",
     "cpu_sparse_kernels_fast",
     "DENSE_FALLBACKS",
 ]
@@ -99,12 +102,20 @@ CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("bitmap", torch.float32): 8,
     ("bitmap", torch.bfloat16): 2,
 }
-# The bitmap table above was measured at 50%, 70% and 80% sparsity; below 50% the kernel is not used.
+# The same for sparsekit's CUDA / Triton kernels of nm_linear and bitmap_linear: empty until they are measured
+# on a device (benchmarks/bench_sparse_linear.py --device cuda); fill it from that run.
+CUDA_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {}
+# With one torch thread the kernels have half the compute; multi-row calls and the bitmap kernel (compute-bound
+# per core, where 2:4 and dense GEMV are memory-bound) lose sooner. From benchmarks/results/
+# sparse_linear_cpu_dispatch.md (1 thread, busy machine): 2:4 float32 won 1.1-5.3x up to M = 4 and
+# 0.72-3.2x at M = 8; bfloat16 1.0-4.0x at M = 1, 0.79-2.8x at M = 2; bitmap 50% lost at M = 1 on every
+# shape (0.4-0.9x; SmolLM2 decode 0.92x of dense). Used when torch.get_num_threads() < 2.
+CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
+    ("2:4", torch.float32): 4,
+    ("2:4", torch.bfloat16): 1,
+}
+# The bitmap tables were measured at 50%, 70% and 80% sparsity; below 50% the kernel is not used.
 BITMAP_MIN_SPARSITY = 0.5
-# The bitmap kernel is compute-bound per core (2:4 and dense GEMV are memory-bound): with one torch thread it
-# lost to dense at M = 1 (4096x4096 fp32: 3.9 ms against 2.8 ms; SmolLM2 decode 0.92x) while two threads won
-# 1.8-4.8x. Below this many threads (torch.get_num_threads() when the layer is built) it is not used.
-BITMAP_MIN_THREADS = 2
 
 # cuSPARSELt shape limits for float16/bfloat16, as torch.sparse's cuSPARSELt backend states them: the sparse
 # operand's rows and columns multiples of 16, the dense operand's of 8 (x's rows are padded to that).
@@ -232,6 +243,7 @@ class SparseLinear(nn.Module):
         self.register_load_state_dict_post_hook(_refresh_after_load)
         # decided once, outside forward (torch.compile sees a constant): {dtype: largest M for the CPU kernel}
         self._cpu_sparse_max_rows = self._cpu_sparse_limits()
+        self._cuda_sparse_max_rows = self._cuda_sparse_limits()
         if dense_fallback == "cache":  # right shape now; filled from the packed buffers once they are loaded
             self.dense_weight = torch.zeros(out_features, in_features, dtype=dtype, **kw)
 
@@ -363,8 +375,11 @@ class SparseLinear(nn.Module):
         if device.type == "cpu":
             if rows <= self._cpu_sparse_max_rows.get(dtype, 0):
                 return "sparse"
-        elif device.type == "cuda" and self.cslt_weight is not None:
-            return "cslt"
+        elif device.type == "cuda":
+            if rows <= self._cuda_sparse_max_rows.get(dtype, 0):
+                return "sparse"
+            if self.cslt_weight is not None:
+                return "cslt"
         return "unpack" if self.dense_weight is None else "dense"
 
     def _cpu_sparse_limits(self) -> dict[torch.dtype, int]:
@@ -373,19 +388,25 @@ class SparseLinear(nn.Module):
             return {}
         if self.kind == "bitmap":
             numel = self.in_features * self.out_features
-            if numel - self.nnz < int(BITMAP_MIN_SPARSITY * numel) or torch.get_num_threads() < BITMAP_MIN_THREADS:
+            if numel - self.nnz < int(BITMAP_MIN_SPARSITY * numel):
                 return {}
             key = "bitmap"
         elif (self.n, self.m) == (2, 4):
             key = "2:4"
         else:
             return {}
-        return {dt: rows for (fmt, dt), rows in CPU_SPARSE_MAX_ROWS.items() if fmt == key}
+        table = CPU_SPARSE_MAX_ROWS if torch.get_num_threads() >= 2 else CPU_SPARSE_MAX_ROWS_ONE_THREAD
+        return {dt: rows for (fmt, dt), rows in table.items() if fmt == key}
+
+    def _cuda_sparse_limits(self) -> dict[torch.dtype, int]:
+        key = "bitmap" if self.kind == "bitmap" else f"{self.n}:{self.m}"
+        return {dt: rows for (fmt, dt), rows in CUDA_SPARSE_MAX_ROWS.items() if fmt == key}
 
     def refresh_dispatch(self) -> "SparseLinear":
-        """Re-decide the CPU kernel limits (after ``torch.set_num_threads``; they are fixed when the layer is
+        """Re-decide the kernel limits (after ``torch.set_num_threads``; they are fixed when the layer is
         built so that forward stays a constant for torch.compile)."""
         self._cpu_sparse_max_rows = self._cpu_sparse_limits()
+        self._cuda_sparse_max_rows = self._cuda_sparse_limits()
         return self
 
     def _check_input(self, x: torch.Tensor) -> None:
