@@ -1,4 +1,5 @@
-"""Export a pruned model as a compressed-tensors checkpoint (the sparse formats vLLM and llm-compressor read).
+"""Export a pruned model as a compressed-tensors checkpoint (llm-compressor's sparse formats; serving it with
+vLLM is not tested here).
 
     export_compressed_tensors(model, "out/ct")        # model pruned in place, or swapped by sparsify_
 
@@ -19,10 +20,11 @@ compressed layer ``L`` whose stored weight (as in the architecture's state dict)
 
 compressed-tensors holds one sparsity compressor per checkpoint, so the format is chosen for the whole
 model: ``"auto"`` picks sparse-24-bitmask when every compressed layer is 2:4, else sparse-bitmask for all.
-Readers: compressed-tensors up to 0.14 (``ModelCompressor.from_pretrained(dir).decompress(dir, model)``);
-its later releases and transformers >= 5 dropped the sparse compressors, so ``from_pretrained`` of plain
-transformers does not load these folders. The layout follows the compressed-tensors source as
-documentation; no code of it is used here.
+Readers: compressed-tensors 0.13.0-0.14.x (``ModelCompressor.from_pretrained(dir)``, then
+``.decompress(dir, model)`` or ``.sparsity_compressor.decompress(dir)``; 0.13.0 is the newest that installs
+beside transformers 5, as 0.14 pins transformers < 5). compressed-tensors 0.15+ dropped the sparse
+compressors, and transformers 5's own loader asks for compressed-tensors >= 0.15, so
+``AutoModelForCausalLM.from_pretrained(dir)`` raises an ImportError on these folders. The layout follows the compressed-tensors source as documentation; none of its code is used.
 """
 
 from __future__ import annotations
