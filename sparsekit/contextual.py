@@ -308,8 +308,8 @@ class ContextualPlan:
             "mlp_channels": {"before": sum(widths), "after": sum(int(k.numel()) for k in self.mlp_keep),
                              "per_layer_after": [int(k.numel()) for k in self.mlp_keep]},
             "heads": {"before": sum(h or 0 for h in heads),
-                      "after": sum(int(k.numel()) for k in self.head_keep if k is not None),
-                      "per_layer_after": [None if k is None else int(k.numel()) for k in self.head_keep]},
+                      "after": sum(int(k.numel()) if k is not None else (h or 0) for k, h in zip(self.head_keep, heads)),
+                      "per_layer_after": [h if k is None else int(k.numel()) for k, h in zip(self.head_keep, heads)]},
             "vocab": {"before": vocab, "after": int(self.vocab_keep.numel()) if self.vocab_keep is not None else vocab},
         }
 

@@ -435,3 +435,14 @@ def test_cli_domain_too_short(bpe_folder, tmp_path, capsys):
                "--output", str(tmp_path / "o"), "--no-progress"])
     assert rc == 2
     assert "too short to calibrate" in capsys.readouterr().err
+
+
+def test_plan_summary_counts_untouched_heads():
+    m = tiny_model("llama")
+    st = _stats(m)
+    widths, heads = [128, 128], [4, 4]
+    s = C.plan_removal(m, st, target_params=0.9).summary(widths, heads, 256)
+    assert s["heads"] == {"before": 8, "after": 8, "per_layer_after": [4, 4]}
+    s = C.plan_removal(m, st, target_params=0.9, heads=0.5).summary(widths, heads, 256)
+    assert s["heads"]["after"] == 4
+    assert s["mlp_channels"]["before"] == 256 and s["vocab"] == {"before": 256, "after": 256}
