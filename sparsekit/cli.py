@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--no-progress", action="store_true")
 
-    from . import cli_bench, cli_contextual
+    from . import cli_bench, cli_contextual, cli_laser
 
     cli_contextual.add_parser(sub)
+    cli_laser.add_parser(sub)
     cli_bench.add_parser(sub)
     sub.add_parser("info", help="versions and which kernel backends are live (same as python -m sparsekit.info)")
     return p
@@ -294,10 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelNotFoundError
 
-    from . import cli_bench, cli_contextual
+    from . import cli_bench, cli_contextual, cli_laser
     from .contextual import ContextualError
 
-    runners = {"eval": run_eval, "prune": run_prune, "contextual": cli_contextual.run, "bench": cli_bench.run}
+    runners = {"eval": run_eval, "prune": run_prune, "contextual": cli_contextual.run, "bench": cli_bench.run,
+               "laser": cli_laser.run}
     try:
         return runners[args.command](args)
     except (ValueError, DataError, ContextualError, ModelNotFoundError, OutputExistsError, PermissionError, FileNotFoundError) as e:

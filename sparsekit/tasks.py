@@ -143,7 +143,8 @@ def _choice_logliks(model, tokenizer, ex: MCExample, max_len: int, fast: bool = 
         k_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in ex.continuations]
         if c_ids and all(len(k) == 1 for k in k_ids):
             ids = torch.tensor([c_ids[-(max_len - 1):]], device=device)
-            logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+            kw = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}  # LM head on the last position only
+            logits = model(input_ids=ids, use_cache=False, **kw).logits[0, -1].float()
             logp = F.log_softmax(logits, dim=-1)
             return [float(logp[k[0]]) for k in k_ids]
     seqs, spans = [], []
@@ -160,14 +161,23 @@ def _choice_logliks(model, tokenizer, ex: MCExample, max_len: int, fast: bool = 
     for i, s in enumerate(seqs):  # right padding: positions of real tokens are unchanged
         batch[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    logits = model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-    logp = F.log_softmax(logits, dim=-1)
+    logits = model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False).logits
     out = []
     for i, (s, k) in enumerate(zip(seqs, spans)):
         n = len(s)
         targets = torch.tensor(s[n - k:], device=device)
-        out.append(float(logp[i, n - k - 1: n - 1].gather(-1, targets[:, None]).sum()))
+        logp = F.log_softmax(logits[i, n - k - 1: n - 1].float(), dim=-1)  # only the continuation's positions
+        out.append(float(logp.gather(-1, targets[:, None]).sum()))
     return out
+
+
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def score_multiple_choice(model, tokenizer, examples: list[MCExample], max_len: int = 1024,
