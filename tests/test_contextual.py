@@ -446,3 +446,25 @@ def test_plan_summary_counts_untouched_heads():
     s = C.plan_removal(m, st, target_params=0.9, heads=0.5).summary(widths, heads, 256)
     assert s["heads"]["after"] == 4
     assert s["mlp_channels"]["before"] == 256 and s["vocab"] == {"before": 256, "after": 256}
+
+
+def test_cli_keep_text_keeps_those_tokens_whole(bpe_folder, domain_file, tmp_path, capsys, bpe):
+    from transformers import AutoTokenizer
+
+    from sparsekit.cli import main
+
+    seen = set(bpe(open(domain_file).read(), add_special_tokens=False)["input_ids"])
+    unseen = [i for t, i in bpe.get_vocab().items() if i not in seen and len(t) > 2 and t.startswith("Ġ")]
+    words = next(w for w in (bpe.decode([i]) for i in unseen)
+                 if len(bpe(w, add_special_tokens=False)["input_ids"]) == 1)  # one token the domain never uses
+    before = bpe(words, add_special_tokens=False)["input_ids"]
+    outs = {}
+    for name, extra in (("plain", []), ("kept", ["--keep-text", words])):
+        out = tmp_path / name
+        rc = main(["contextual", "--model", bpe_folder, "--domain", domain_file, "--target-params", "0.9",
+                   "--nsamples", "2", "--seqlen", "32", "--eval-tokens", "64", "--output", str(out), "--no-progress",
+                   *extra])
+        assert rc == 0, capsys.readouterr().err
+        outs[name] = AutoTokenizer.from_pretrained(str(out))
+    assert len(outs["kept"](words, add_special_tokens=False)["input_ids"]) == len(before)
+    assert len(outs["plain"](words, add_special_tokens=False)["input_ids"]) > len(before)
