@@ -453,8 +453,9 @@ def test_cli_keep_text_keeps_those_tokens_whole(bpe_folder, domain_file, tmp_pat
 
     from sparsekit.cli import main
 
-    seen = set(bpe(open(domain_file).read(), add_special_tokens=False)["input_ids"])
-    unseen = [i for t, i in bpe.get_vocab().items() if i not in seen and len(t) > 2 and t.startswith("Ġ")]
+    ids = torch.tensor(bpe(open(domain_file).read(), add_special_tokens=False)["input_ids"])
+    kept = set(C.vocabulary_keep_set(bpe, torch.bincount(ids, minlength=len(bpe))).tolist())  # whole file: a superset
+    unseen = sorted(i for t, i in bpe.get_vocab().items() if i not in kept and len(t) > 2 and t.startswith("Ġ"))
     words = next(w for w in (bpe.decode([i]) for i in unseen)
                  if len(bpe(w, add_special_tokens=False)["input_ids"]) == 1)  # one token the domain never uses
     before = bpe(words, add_special_tokens=False)["input_ids"]
