@@ -92,7 +92,7 @@ at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_nm_linear_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     if (gemv::nm_mma_supported<T>(m, kept, rows, in_features, x2.const_data_ptr(), vals.const_data_ptr(),
-                                  codes.const_data_ptr(), gemv::compute_capability_major(x2.get_device()))) {
+                                  codes.const_data_ptr(), cuda::compute_capability_major(x2.get_device()))) {
       const gemv::NMPlan plan = gemv::plan_nm_linear(rows, out_features, in_features, num_sms);
       y = at::empty({rows, out_features}, x2.options());
       at::Tensor workspace;

@@ -118,23 +118,34 @@ inline bool is_aligned(const void* p, int bytes) { return reinterpret_cast<uintp
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Multiprocessor count of a device, queried once per device (an attribute, not cudaGetDeviceProperties,
-// which is slow). Launchers size their grid-stride grids from it. 1 if the query fails.
-inline int multiprocessor_count(int device) {
+// An integer attribute of a device, queried once per device and cached (an attribute, not
+// cudaGetDeviceProperties, which is slow). `fallback` (not cached) if the query fails or gives less than 1.
+template <cudaDeviceAttr Attr>
+inline int cached_device_attribute(int device, int fallback) {
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
+  static std::atomic<int> cache[kMaxDevices] = {};  // one cache per attribute (per instantiation)
   const bool cached = device >= 0 && device < kMaxDevices;
   if (cached) {
     const int known = cache[device].load(std::memory_order_relaxed);
     if (known > 0) return known;
   }
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) {
+  int value = 0;
+  if (cudaDeviceGetAttribute(&value, Attr, device) != cudaSuccess || value < 1) {
     (void)cudaGetLastError();  // leave no error behind for the caller's launch check
-    return 1;
+    return fallback;
   }
-  if (cached) cache[device].store(count, std::memory_order_relaxed);
-  return count;
+  if (cached) cache[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+// Multiprocessor count of a device. Launchers size their grid-stride grids from it. 1 if the query fails.
+inline int multiprocessor_count(int device) {
+  return cached_device_attribute<cudaDevAttrMultiProcessorCount>(device, 1);
+}
+
+// Compute capability major version of a device; 0 if the query fails.
+inline int compute_capability_major(int device) {
+  return cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(device, 0);
 }
 
 }  // namespace cuda

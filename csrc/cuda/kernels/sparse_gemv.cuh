@@ -439,24 +439,6 @@ inline bool nm_mma_pattern(int64_t m, int64_t kept) {
   return false;
 }
 
-// Compute capability major version of a device, queried once per device; 0 if the query fails.
-inline int compute_capability_major(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  const bool cached = device >= 0 && device < kMaxDevices;
-  if (cached) {
-    const int known = cache[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    (void)cudaGetLastError();  // leave no error behind for the caller's launch check
-    return 0;
-  }
-  if (cached) cache[device].store(major, std::memory_order_relaxed);
-  return major;
-}
-
 // Whether nm_mma_kernel takes this call (else decode + dense matmul): a 16-bit type, a built pattern, 1..64
 // rows, whole 64-column steps, 16-byte aligned tensors, and a device with mma.m16n8k16 (sm_80 or later).
 template <typename T>
