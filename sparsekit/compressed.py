@@ -110,21 +110,25 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
-def _reference_shapes(config) -> dict[str, tuple[str, dict]]:
-    """Class and spec of every Linear/Embedding the config builds (on the meta device: no memory)."""
+_ATTR_NAMES = ("num_heads", "num_key_value_heads", "num_key_value_groups", "head_dim", "num_attention_heads")
+
+
+def _reference(config) -> tuple[dict[str, tuple[str, dict]], dict[str, dict]]:
+    """What the config builds, from one model on the meta device (no memory): the class and spec of every
+    Linear/Embedding, and the integer head-count attributes of every module that has them."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         ref = AutoModelForCausalLM.from_config(config)
-    out = {}
+    shapes, attrs = {}, {}
     for name, m in ref.named_modules():
         s = _spec_of(m)
         if s is not None:
-            out[name] = s
-    return out
-
-
-_ATTR_NAMES = ("num_heads", "num_key_value_heads", "num_key_value_groups", "head_dim", "num_attention_heads")
+            shapes[name] = s
+        found = {k: getattr(m, k) for k in _ATTR_NAMES if isinstance(getattr(m, k, None), int)}
+        if found:
+            attrs[name] = found
+    return shapes, attrs
 
 
 def _module_attributes(model: nn.Module, ref_model_attrs: dict[str, dict]) -> dict[str, dict]:
@@ -137,19 +141,6 @@ def _module_attributes(model: nn.Module, ref_model_attrs: dict[str, dict]) -> di
         diff = {k: getattr(m, k) for k in want if getattr(m, k, None) != want[k]}
         if diff:
             out[name] = diff
-    return out
-
-
-def _reference_attrs(config) -> dict[str, dict]:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        ref = AutoModelForCausalLM.from_config(config)
-    out = {}
-    for name, m in ref.named_modules():
-        found = {k: getattr(m, k) for k in _ATTR_NAMES if isinstance(getattr(m, k, None), int)}
-        if found:
-            out[name] = found
     return out
 
 
@@ -180,7 +171,7 @@ def save_compressed(model: nn.Module, path: str, tokenizer=None, report: dict | 
     if config is None:
         raise TypeError(f"{type(model).__name__} has no transformers config; save_compressed needs a "
                         "transformers model")
-    ref = _reference_shapes(config)
+    ref, ref_attrs = _reference(config)
     modules = {}
     for name, m in model.named_modules():
         s = _spec_of(m)
@@ -188,7 +179,7 @@ def save_compressed(model: nn.Module, path: str, tokenizer=None, report: dict | 
             continue
         if s != ref.get(name):
             modules[name] = {"class": s[0], "spec": s[1]}
-    attributes = _module_attributes(model, _reference_attrs(config))
+    attributes = _module_attributes(model, ref_attrs)
     tensors, tied = _dedup_state_dict(model)
     dtype = next(model.parameters()).dtype
     manifest = {"format_version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""),

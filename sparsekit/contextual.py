@@ -485,8 +485,6 @@ def remove_heads_(parts: AttentionParts, keep: torch.Tensor) -> None:
                         ("num_key_value_heads", new_kv), ("num_key_value_groups", n_keep // new_kv)):
         if isinstance(getattr(mod, attr, None), int):
             setattr(mod, attr, value)
-    if hasattr(mod, "embed_dim") and isinstance(mod.embed_dim, int) and hasattr(mod, "num_heads"):
-        pass  # embed_dim is the residual width, unchanged
 
 
 # --------------------------------------------------------------------------------------------------
@@ -691,13 +689,10 @@ def apply_plan(model: nn.Module, tokenizer, plan: ContextualPlan):
             attn0 = find_attention(layers[0], hidden)
             cfg.head_dim = attn0.head_dim
             n = counts.pop()
-            gqa = getattr(cfg, "num_key_value_heads", None)
-            if gqa is not None and gqa != cfg.num_attention_heads:
-                cfg.num_attention_heads = n
-            else:
-                cfg.num_attention_heads = n
-                if gqa is not None:
-                    cfg.num_key_value_heads = n
+            kv = getattr(cfg, "num_key_value_heads", None)
+            if kv is not None and kv == cfg.num_attention_heads:  # no GQA: the k/v heads went with the q heads
+                cfg.num_key_value_heads = n
+            cfg.num_attention_heads = n
     if plan.vocab_keep is not None:
         tokenizer = prune_vocabulary_(model, tokenizer, plan.vocab_keep)
     return tokenizer
