@@ -119,13 +119,20 @@ def _layer_output(out) -> torch.Tensor:
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor | None = None,
               before_each: Callable[[], None] | None = None) -> torch.Tensor:
-    """Run ``layer`` on every recorded input; write outputs to ``out`` (allocated if None) and return it."""
+    """Run ``layer`` on every recorded input; write outputs to ``out`` (allocated if None) and return it.
+
+    Each window is moved to the layer's device if ``inputs.hidden`` lives elsewhere (host memory)."""
     if out is None:
         out = torch.empty_like(inputs.hidden)
+    param = next(layer.parameters(), None)
+    device = param.device if param is not None else inputs.hidden.device
     for i in range(len(inputs)):
         if before_each is not None:
             before_each()
-        y = layer(inputs.hidden[i: i + 1], *inputs.args[i], **inputs.kwargs[i])
+        h = inputs.hidden[i: i + 1]
+        if h.device != device:  # activations kept in host memory while the layer runs on the GPU (offload)
+            h = h.to(device, non_blocking=True)
+        y = layer(h, *inputs.args[i], **inputs.kwargs[i])
         out[i] = _layer_output(y)[0]
     return out
 

@@ -24,6 +24,13 @@ examples:
   # quick smoke run (small calibration and evaluation budget):
   sparsekit prune --method wanda --sparsity 0.5 --nsamples 4 --seqlen 128 --eval-tokens 2048 --output /tmp/x
 
+  # a model larger than memory: one decoder layer at a time from disk (safetensors), written back pruned:
+  sparsekit prune --model ./big-hf-model --method sparsegpt --sparsity 0.5 --offload --output out/big-sg50
+
+  # pack the pruned linears (2:4 -> values + 2-bit indices) for faster decode with SparseLinear:
+  sparsekit prune --method wanda --pattern 2:4 --save-compressed --output out/wanda24c
+  sparsekit bench --model out/wanda24c
+
   # distributed calibration: the ranks split the windows and all-reduce their statistics (gloo on CPU,
   # NCCL on GPU); the masks equal the single-process run up to float rounding; rank 0 writes OUTPUT:
   torchrun --nproc-per-node 2 --no-python sparsekit prune --method sparsegpt --sparsity 0.5 --output out/sg50
@@ -92,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype to load and prune the model in (default %(default)s)")
     pr.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default %(default)s)")
     pr.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    pr.add_argument("--offload", action="store_true",
+                    help="bounded memory: read one decoder layer at a time from the model folder's safetensors, "
+                         "prune it, write it to OUTPUT and drop it (peak memory ~ one layer + the calibration "
+                         "activations; perplexity is computed layer by layer too). Needs a local safetensors "
+                         "folder; OUTPUT is a sharded checkpoint")
+    pr.add_argument("--activations-on-cpu", action="store_true",
+                    help="with --offload and a GPU --device: keep the calibration activations in host memory "
+                         "while each layer runs on the GPU")
+    pr.add_argument("--save-compressed", action="store_true",
+                    help="save OUTPUT with sparsekit.save_compressed: pruned linears become SparseLinear layers "
+                         "in packed formats (2:4/N:M or bitmap, chosen per layer); reload with "
+                         "sparsekit.load_compressed, or run `sparsekit bench --model OUTPUT`")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ev = sub.add_parser(
@@ -166,6 +185,7 @@ def run_prune(args) -> int:
     from . import data, distributed, evaluate
     from .checkpoint import check_output_dir, save_pruned_model
     from .models import load_model, resolve_model
+    from .offload import peak_rss_bytes
     from .prune import PruneSpec, parse_pattern, prune_model
 
     # Validate everything cheap before the long work starts.
@@ -181,6 +201,10 @@ def run_prune(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = _progress(args)
+    if args.activations_on_cpu and not args.offload:
+        raise ValueError("--activations-on-cpu goes with --offload")
+    if args.offload:
+        return _run_prune_offload(args, spec, calib_text, eval_text, progress)
 
     rank, world = distributed.init_from_env(args.device)  # torchrun: split calibration over the ranks
     progress = progress and rank == 0
@@ -219,6 +243,7 @@ def run_prune(args) -> int:
         "pruned_ppl": pruned_ppl,
         "prune_seconds": report.seconds,
         "world_size": world,
+        "peak_rss_bytes": peak_rss_bytes(),
         "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "eval": args.eval, "eval_tokens": int(windows.numel()), "eval_windows": int(windows.shape[0]),
         "dtype": args.dtype, "device": args.device,
@@ -233,7 +258,14 @@ def run_prune(args) -> int:
     if rank != 0:  # rank 0 writes; the others wait so that the command ends when the folder exists
         distributed.barrier()
         return 0
-    save_pruned_model(model, tokenizer, args.output, out, overwrite=args.overwrite)
+    if args.save_compressed:
+        from .compressed import save_compressed
+        from .sparsify import sparsify_
+
+        sparsify_(model)
+        save_compressed(model, args.output, tokenizer=tokenizer, report=out, overwrite=args.overwrite)
+    else:
+        save_pruned_model(model, tokenizer, args.output, out, overwrite=args.overwrite)
     distributed.barrier()
 
     print(_table([
@@ -244,6 +276,85 @@ def run_prune(args) -> int:
     ]))
     print(f"eval: {windows.shape[0]} windows x {args.seqlen} tokens of {args.eval}; "
           f"total {t_end - t_start:.1f} s; saved to {args.output}/ (report.json)")
+    return 0
+
+
+def _run_prune_offload(args, spec, calib_text: str, eval_text: str, progress: bool) -> int:
+    """``sparsekit prune --offload``: the same pipeline, one decoder layer in memory at a time."""
+    import math
+
+    import torch
+
+    from . import data, distributed
+    from .checkpoint import atomic_output_dir
+    from .models import _DTYPES, resolve_model
+    from .offload import OffloadedModel, OffloadWriter, peak_rss_bytes
+    from .prune import prune_model
+
+    src = resolve_model(args.model)
+    if src.gguf_file:
+        raise ValueError(f"--offload reads a safetensors checkpoint folder; {args.model} is a GGUF file. Save it "
+                         "with `sparsekit prune ... --sparsity 0 --output DIR` (or save_pretrained) first")
+    if distributed.world_size() > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ValueError("--offload runs in one process; do not combine it with torchrun")
+    if args.save_compressed:
+        raise ValueError("--offload writes a sharded dense checkpoint; --save-compressed needs the whole model in "
+                         "memory (load the output with sparsekit.sparsify_ afterwards)")
+    from transformers import AutoTokenizer
+
+    t_start = time.perf_counter()
+    print(f"offloading {args.model} ({args.dtype}, {args.device}): one decoder layer in memory at a time",
+          file=sys.stderr)
+    om = OffloadedModel(src.folder, _DTYPES[args.dtype], args.device,
+                        activations_device="cpu" if args.activations_on_cpu else None)
+    tokenizer = AutoTokenizer.from_pretrained(src.folder)
+    calib = data.calibration_windows(data.tokenize(tokenizer, calib_text), args.nsamples, args.seqlen, args.seed,
+                                     source=args.calib)
+    windows = data.eval_windows(data.tokenize(tokenizer, eval_text), args.seqlen, args.eval_tokens, source=args.eval)
+    t_loaded = time.perf_counter()
+    with atomic_output_dir(args.output, args.overwrite) as tmp:
+        nll, count = om.window_nll(windows, progress=progress, desc="dense ppl")
+        dense_ppl = math.exp(nll / count)
+        t_dense = time.perf_counter()
+        writer = OffloadWriter(om, tmp)
+        report = prune_model(om.model, spec, calib, progress=progress, layer_io=writer)
+        written = writer.finish()
+        t_pruned = time.perf_counter()
+        nll, count = om.window_nll(windows, reader=written, progress=progress, desc="pruned ppl")
+        pruned_ppl = math.exp(nll / count)
+        t_end = time.perf_counter()
+        writer.write_config()
+        tokenizer.save_pretrained(tmp)
+        out = {
+            "model": args.model, "method": spec.method, "pattern": spec.pattern_str,
+            "sparsity_profile": spec.profile, "target_sparsity": float(spec.sparsity), "sparsity": report.sparsity,
+            "dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "prune_seconds": report.seconds, "world_size": 1,
+            "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+            "eval": args.eval, "eval_tokens": int(windows.numel()), "eval_windows": int(windows.shape[0]),
+            "dtype": args.dtype, "device": args.device, "offload": True,
+            "activations_on_cpu": bool(args.activations_on_cpu),
+            "model_bytes": om.parameter_bytes, "checkpoint_bytes": om.reader.nbytes(),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "seconds": {"setup": t_loaded - t_start, "dense_eval": t_dense - t_loaded,
+                        "prune": t_pruned - t_dense, "pruned_eval": t_end - t_pruned, "total": t_end - t_start},
+            "versions": _versions(),
+            "block_sparsities": report.block_sparsities,
+            "outlier_ratios": report.outlier_ratios,
+            "layers": report.to_dict()["layers"],
+        }
+        if torch.cuda.is_available() and om.device.type == "cuda":
+            out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(om.device)
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(out, f, indent=2)
+            f.write("\n")
+    print(_table([
+        ("", "dense", f"{spec.method} {spec.pattern_str}"),
+        ("perplexity", f"{dense_ppl:.4f}", f"{pruned_ppl:.4f}"),
+        ("sparsity (pruned linears)", "-", f"{report.sparsity:.4f}"),
+        ("prune time (s)", "", f"{report.seconds:.1f}"),
+    ]))
+    print(f"offload: model {om.parameter_bytes / 2**30:.2f} GiB in {args.dtype}, peak RSS "
+          f"{out['peak_rss_bytes'] / 2**30:.2f} GiB; total {t_end - t_start:.1f} s; saved to {args.output}/")
     return 0
 
 

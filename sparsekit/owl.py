@@ -27,12 +27,17 @@ __all__ = ["outlier_ratios", "owl_sparsities"]
 
 @torch.no_grad()
 def outlier_ratios(model: nn.Module, layers: nn.ModuleList, calib_windows: torch.Tensor, m: float = 5.0,
-                   progress: bool = False) -> list[float]:
-    """Per block, the fraction of Wanda scores above ``m`` times the block's mean score (dense model)."""
-    inputs = capture_layer_inputs(model, layers, calib_windows)
+                   progress: bool = False, layer_io=None) -> list[float]:
+    """Per block, the fraction of Wanda scores above ``m`` times the block's mean score (dense model).
+
+    layer_io: as in ``sparsekit.prune.prune_model``, for blocks that live on disk (``sparsekit.offload``)."""
+    inputs = layer_io.capture(calib_windows) if layer_io is not None else capture_layer_inputs(model, layers,
+                                                                                                 calib_windows)
     scratch = torch.empty_like(inputs.hidden)
     ratios = []
-    for layer in tqdm(layers, desc="owl ratios", unit="layer", disable=not progress):
+    for i, layer in enumerate(tqdm(layers, desc="owl ratios", unit="layer", disable=not progress)):
+        if layer_io is not None:
+            layer_io.load(i)
         linears = find_linears(layer)
         stats = collect_input_stats(layer, linears, inputs, scratch)
         scores = [ops.wanda_score(linear_weight(lin), stats[name].sq_norm).flatten()
@@ -43,6 +48,8 @@ def outlier_ratios(model: nn.Module, layers: nn.ModuleList, calib_windows: torch
         ratios.append(count / total)
         run_layer(layer, inputs, scratch)
         inputs.hidden, scratch = scratch, inputs.hidden
+        if layer_io is not None:
+            layer_io.done(i)
     return ratios
 
 

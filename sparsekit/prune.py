@@ -218,12 +218,16 @@ def _apply(layer_idx: int, linears: dict[str, nn.Module], stats: dict[str, Linea
 
 def prune_model(model: nn.Module, spec: PruneSpec, calib_windows: torch.Tensor | None = None,
                 progress: bool = True,
-                on_layer: Callable[[int, dict[str, LinearStats]], None] | None = None) -> PruneReport:
+                on_layer: Callable[[int, dict[str, LinearStats]], None] | None = None,
+                layer_io=None) -> PruneReport:
     """Prune every linear layer inside ``model``'s decoder blocks in place, sequentially.
 
     calib_windows: (nsamples, seqlen) int64 token windows, needed by methods that calibrate (wanda).
     For those, each block's statistics are collected on the outputs of the already-pruned blocks before it.
     on_layer(i, stats) is called with each block's statistics (name -> LinearStats) before it is pruned.
+    layer_io: for models whose layers live on disk (``sparsekit.offload``): ``capture(windows)`` returns the
+    first block's inputs, ``load(i)`` materializes block i before it is used and ``done(i)`` is called when
+    block i is pruned and has produced its outputs (the offload writer saves and drops it there).
     """
     method = METHODS[spec.method]
     layers = find_decoder_layers(model)
@@ -236,24 +240,40 @@ def prune_model(model: nn.Module, spec: PruneSpec, calib_windows: torch.Tensor |
     if spec.profile == "owl":
         from .owl import outlier_ratios, owl_sparsities
 
-        report.outlier_ratios = outlier_ratios(model, layers, calib_windows, spec.owl_m, progress)
+        owl_io = None
+        if layer_io is not None:  # the OWL pass reads every block once more and writes nothing
+            from .offload import LayerReader
+
+            owl_io = LayerReader(layer_io.om)
+        report.outlier_ratios = outlier_ratios(model, layers, calib_windows, spec.owl_m, progress, layer_io=owl_io)
         report.block_sparsities = owl_sparsities(report.outlier_ratios, spec.sparsity, spec.owl_lambda)
     else:
         report.block_sparsities = [float(spec.sparsity)] * len(layers)
     block_specs = [replace(spec, sparsity=s) for s in report.block_sparsities]
     if not method.needs_calibration:
         for i, linears in enumerate(tqdm(per_layer, desc=f"{spec.method}", unit="layer", disable=not progress)):
+            if layer_io is not None:
+                layer_io.load(i)
             _apply(i, linears, None, method, block_specs[i], report)
+            if layer_io is not None:
+                layer_io.done(i)
     else:
-        inputs = capture_layer_inputs(model, layers, calib_windows)
+        if layer_io is not None:
+            inputs = layer_io.capture(calib_windows)
+        else:
+            inputs = capture_layer_inputs(model, layers, calib_windows)
         scratch = torch.empty_like(inputs.hidden)
         bar = tqdm(list(enumerate(layers)), desc=f"{spec.method}", unit="layer", disable=not progress)
         for i, layer in bar:
+            if layer_io is not None:
+                layer_io.load(i)
             stats = collect_input_stats(layer, per_layer[i], inputs, scratch, hessian=method.needs_hessian)
             if on_layer is not None:
                 on_layer(i, stats)
             _apply(i, per_layer[i], stats, method, block_specs[i], report)
             run_layer(layer, inputs, scratch)  # outputs of the pruned block feed the next block
             inputs.hidden, scratch = scratch, inputs.hidden
+            if layer_io is not None:
+                layer_io.done(i)
     report.seconds = time.perf_counter() - t0
     return report
