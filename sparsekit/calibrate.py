@@ -75,9 +75,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor) -> LayerInputs:
-    """Run ``model`` on each window (n, L) up to ``layers[0]`` and record that layer's inputs."""
-    device = _model_device(model)
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor,
+                         device: torch.device | None = None) -> LayerInputs:
+    """Run ``model`` on each window (n, L) up to ``layers[0]`` and record that layer's inputs.
+
+    device: where the token ids go (default: the device of the model's first parameter)."""
+    device = device if device is not None else _model_device(model)
     n = windows.shape[0]
     hidden = None
     args_list: list[tuple] = []

@@ -17,10 +17,12 @@ __all__ = ["perplexity", "window_nll"]
 
 
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False, desc: str = "eval"
-               ) -> tuple[float, int]:
-    """Sum of NLL (float64) and number of predicted tokens over ``windows`` (n, L) int64."""
-    device = next(model.parameters()).device
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False, desc: str = "eval",
+               device: torch.device | None = None) -> tuple[float, int]:
+    """Sum of NLL (float64) and number of predicted tokens over ``windows`` (n, L) int64.
+
+    device: where the token ids go (default: the device of the model's first parameter)."""
+    device = device if device is not None else next(model.parameters()).device
     total, count = 0.0, 0
     bar = tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="win", disable=not progress,
                leave=False)

@@ -205,3 +205,46 @@ def test_save_compressed_from_prune(folders, calib_file, tmp_path):
             assert torch.equal(m.to_dense(), dense[name + ".weight"]), name
     report = json.loads((tmp_path / "packed" / "report.json").read_text())
     assert report["pattern"] == "2:4"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "phi"])
+def test_outer_parameters_read_on_call(folders, arch):
+    """The embedding is dropped before the LM head is read; both paths give the same perplexity."""
+    from sparsekit import evaluate
+    from tiny_models import random_windows
+
+    om = OffloadedModel(folders[arch])
+    windows = random_windows(3, 16)
+    seen = {}
+
+    def at_head(module, args):
+        seen["embedding_on_meta"] = om.model.get_input_embeddings().weight.device.type == "meta"
+
+    handle = om.model.get_output_embeddings().register_forward_pre_hook(at_head)
+    lazy = om.window_nll(windows)
+    handle.remove()
+    assert seen == {"embedding_on_meta": True}
+    assert om._lazy_outer  # no fallback was needed
+    om._lazy_outer = False
+    eager = om.window_nll(windows)
+    assert lazy == eager
+    assert all(p.device.type == "meta" for p in om.model.parameters())
+    from transformers import AutoModelForCausalLM
+
+    ref = evaluate.window_nll(AutoModelForCausalLM.from_pretrained(folders[arch]).eval(), windows)
+    assert lazy[1] == ref[1] and lazy[0] == pytest.approx(ref[0], rel=1e-6)
+
+
+def test_outer_parameter_used_outside_its_module_falls_back(folders):
+    """A model that reads an outer weight without calling its module: all outer parameters are loaded."""
+    from tiny_models import random_windows
+
+    windows = random_windows(2, 16)
+    ref = OffloadedModel(folders["llama"]).window_nll(windows)
+    om = OffloadedModel(folders["llama"])
+    head, emb = om.model.lm_head, om.model.get_input_embeddings()
+    plain = head.forward
+    head.forward = lambda x: plain(x) + 0 * emb.weight[0, 0]  # touches the embedding inside the LM head
+    assert om.window_nll(windows) == ref
+    assert not om._lazy_outer
+    assert all(p.device.type == "meta" for p in om.model.parameters())
