@@ -73,13 +73,19 @@ def cases(models: list[str], tokens: int):
                        lambda acc=acc, x=x: R.channel_sqnorm_accumulate_reference_(acc, x),
                        lambda acc=acc, x=x: torch.ops.sparsekit.channel_sqnorm_accumulate_(acc, x),
                        x.numel() * x.element_size())
+                sq, ab = torch.zeros(in_f), torch.zeros(in_f)
+                yield ("channel_stats", f"{model}.{layer}.input", f"{tokens}x{in_f}", dtype,
+                       lambda sq=sq, ab=ab, x=x: R.channel_stats_accumulate_reference_(sq, ab, x),
+                       lambda sq=sq, ab=ab, x=x: torch.ops.sparsekit.channel_stats_accumulate_(sq, ab, x),
+                       x.numel() * x.element_size())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m"], choices=sorted(MODEL_SHAPES),
                         help="model shape sets to time (default: smollm2-135m)")
-    parser.add_argument("--tokens", type=int, default=16384, help="calibration tokens for channel_sqnorm")
+    parser.add_argument("--tokens", type=int, default=16384,
+                        help="calibration tokens for channel_sqnorm / channel_stats")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per measurement")
     args = parser.parse_args()

@@ -24,7 +24,8 @@ _LOADED = False
 
 # Ops that the Triton backend implements (sparsekit/kernels/triton). Registered on the CUDA key only when
 # the CUDA C++ extension did not load: CUDA C++ wins where both exist.
-TRITON_OPS = ("nm_mask", "wanda_score", "channel_sqnorm_accumulate_", "nm_linear", "bitmap_linear")
+TRITON_OPS = ("nm_mask", "wanda_score", "channel_sqnorm_accumulate_", "channel_stats_accumulate_", "nm_linear",
+              "bitmap_linear")
 
 
 def _try_import(modname: str) -> tuple[bool, str]:

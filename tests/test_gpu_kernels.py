@@ -8,8 +8,9 @@ Then ``torch.library.opcheck`` on CUDA tensors and a CUDA-graph capture.
 
 Tolerances follow tests/test_triton_kernels.py: masks exact; wanda_score bit-exact against a correctly
 rounded oracle, and within 2**-21 relative of the reference (whose float32 sqrt may be off by one ulp);
-channel_sqnorm_accumulate_ within (T + 2) * 2**-24 relative of a float64 sum (the worst case of any float32
-summation order of nonnegative terms). Every test carries the ``gpu`` marker: skipped without CUDA.
+channel_sqnorm_accumulate_ and both sums of channel_stats_accumulate_ within (T + 2) * 2**-24 relative of a
+float64 sum (the worst case of any float32 summation order of nonnegative terms). Every test carries the
+``gpu`` marker: skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ CALIB_CHUNK = (16384, 4096)  # 16384 tokens of Llama-2-7B hidden states
 
 
 def _impls():
-    """(name, nm_mask, wanda_score, channel_sqnorm_accumulate_) for each implementation live on CUDA."""
+    """(nm_mask, wanda_score, channel_sqnorm_accumulate_, channel_stats_accumulate_) for each implementation
+    live on CUDA."""
     status = sparsekit.backend_status()
     dispatched = "CUDA C++" if status["cuda"].live else "Triton (dispatched)"
     impls = [
         pytest.param(
             (torch.ops.sparsekit.nm_mask, torch.ops.sparsekit.wanda_score,
-             torch.ops.sparsekit.channel_sqnorm_accumulate_),
+             torch.ops.sparsekit.channel_sqnorm_accumulate_, torch.ops.sparsekit.channel_stats_accumulate_),
             id=dispatched,
         )
     ]
@@ -44,8 +46,8 @@ def _impls():
         from sparsekit.kernels.triton import dispatch
     except ImportError:  # triton missing: only the dispatched path
         return impls
-    impls.append(pytest.param((dispatch.nm_mask, dispatch.wanda_score, dispatch.channel_sqnorm_accumulate_),
-                              id="Triton"))
+    impls.append(pytest.param((dispatch.nm_mask, dispatch.wanda_score, dispatch.channel_sqnorm_accumulate_,
+                               dispatch.channel_stats_accumulate_), id="Triton"))
     return impls
 
 
@@ -171,6 +173,72 @@ def test_channel_sqnorm_accumulate_misaligned(impl):
 
 
 # ----------------------------------------------------------------------------------------------------
+# channel_stats_accumulate_: sum x^2 and sum |x| from one read of x
+# ----------------------------------------------------------------------------------------------------
+def _stats_exact(sq_acc, abs_acc, x):
+    x2 = (x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)).double()
+    return sq_acc.double() + x2.pow(2).sum(0), abs_acc.double() + x2.abs().sum(0)
+
+
+def _assert_stats(sq, ab, exact_sq, exact_ab, tokens):
+    bound = (tokens + 2) * U
+    assert ((sq.double() - exact_sq).abs() <= bound * exact_sq).all()
+    assert ((ab.double() - exact_ab).abs() <= bound * exact_ab).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,shape", [
+    (torch.bfloat16, CALIB_CHUNK),
+    (torch.float16, CALIB_CHUNK),
+    (torch.float32, (4, 2048, 4096)),
+    (torch.bfloat16, (8, 512, 11008)),
+    (torch.float16, (1000, 4095)),  # odd width: scalar path
+    (torch.bfloat16, (33, 7)),
+    (torch.float32, (3, 5)),
+    (torch.bfloat16, (1,)),
+])
+def test_channel_stats_accumulate(impl, dtype, shape):
+    accumulate = impl[3]
+    x = torch.randn(*shape, device="cuda", dtype=dtype) * 2
+    sq, ab = torch.rand(shape[-1], device="cuda"), torch.rand(shape[-1], device="cuda")
+    tokens = x.numel() // shape[-1]
+    exact_sq, exact_ab = _stats_exact(sq, ab, x)
+    expect_sq, expect_ab = sq.clone(), ab.clone()
+    reference.channel_stats_accumulate_reference_(expect_sq, expect_ab, x)
+    accumulate(sq, ab, x)
+    _assert_stats(sq, ab, exact_sq, exact_ab, tokens)
+    bound = (tokens + 2) * U
+    torch.testing.assert_close(sq, expect_sq, rtol=2 * bound, atol=0)
+    torch.testing.assert_close(ab, expect_ab, rtol=2 * bound, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_channel_stats_accumulate_misaligned_strided_empty(impl):
+    accumulate = impl[3]
+    base = torch.randn(64 * 4096 + 1, device="cuda", dtype=torch.bfloat16)
+    x = base[1:].reshape(64, 4096)  # 2-byte offset: no 16-byte vectors
+    buf = torch.zeros(2, 4096, device="cuda")  # two disjoint halves of one buffer
+    accumulate(buf[0], buf[1], x)
+    _assert_stats(buf[0], buf[1], *_stats_exact(torch.zeros_like(buf[0]), torch.zeros_like(buf[1]), x), 64)
+    x = torch.randn(2048, 96, device="cuda", dtype=torch.float16).t()  # (96, 2048), channels strided
+    sq, ab = torch.rand(2048, device="cuda"), torch.rand(2048, device="cuda")
+    exact = _stats_exact(sq, ab, x)
+    accumulate(sq, ab, x)
+    _assert_stats(sq, ab, *exact, 96)
+    before = sq.clone(), ab.clone()
+    accumulate(sq, ab, torch.randn(0, 2048, device="cuda", dtype=torch.bfloat16))
+    assert torch.equal(sq, before[0]) and torch.equal(ab, before[1])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_channel_stats_accumulate_rejects_overlap(impl):
+    accumulate = impl[3]
+    acc = torch.zeros(64, device="cuda")
+    with pytest.raises((ValueError, RuntimeError), match="overlap"):
+        accumulate(acc, acc, torch.randn(3, 64, device="cuda"))
+
+
+# ----------------------------------------------------------------------------------------------------
 # The dispatcher contract: opcheck, CUDA graphs
 # ----------------------------------------------------------------------------------------------------
 def test_opcheck_cuda():
@@ -182,23 +250,36 @@ def test_opcheck_cuda():
     acc = torch.rand(128, device="cuda")
     x = torch.randn(3, 17, 128, device="cuda", dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.sparsekit.channel_sqnorm_accumulate_.default, (acc, x))
+    abs_acc = torch.rand(128, device="cuda")
+    torch.library.opcheck(torch.ops.sparsekit.channel_stats_accumulate_.default, (acc, abs_acc, x))
+    odd = torch.randn(5, 33, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.sparsekit.channel_stats_accumulate_.default,
+                          (torch.rand(33, device="cuda"), torch.rand(33, device="cuda"), odd))
 
 
 def test_cuda_graph_capture():
     """The ops launch without host syncs, so a calibration step can be captured and replayed."""
     x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
     acc = torch.zeros(4096, device="cuda")
+    sq, ab = torch.zeros(4096, device="cuda"), torch.zeros(4096, device="cuda")
     sparsekit.ops.channel_sqnorm_accumulate_(acc, x)  # warm up (Triton compiles here, not under capture)
+    sparsekit.ops.channel_stats_accumulate_(sq, ab, x)
     keep = sparsekit.ops.nm_mask(sparsekit.ops.wanda_score(x, acc), 2, 4)
     torch.cuda.synchronize()
     acc.zero_()
+    sq.zero_()
+    ab.zero_()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         sparsekit.ops.channel_sqnorm_accumulate_(acc, x)
+        sparsekit.ops.channel_stats_accumulate_(sq, ab, x)
         keep = sparsekit.ops.nm_mask(sparsekit.ops.wanda_score(x, acc), 2, 4)
     graph.replay()
     graph.replay()
     torch.cuda.synchronize()
     exact = 2 * x.double().pow(2).sum(0)
     assert ((acc.double() - exact).abs() <= 4100 * U * exact).all()
+    assert ((sq.double() - exact).abs() <= 4100 * U * exact).all()
+    exact_abs = 2 * x.double().abs().sum(0)
+    assert ((ab.double() - exact_abs).abs() <= 4100 * U * exact_abs).all()
     assert torch.equal(keep, reference.nm_mask_reference(reference.wanda_score_reference(x, acc), 2, 4))

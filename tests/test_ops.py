@@ -393,6 +393,121 @@ def test_channel_sqnorm_hand_worked_and_non_contiguous():
 
 
 # ----------------------------------------------------------------------------------------------------
+# channel_stats_accumulate_: sum x^2 and sum |x| from one read of x
+# ----------------------------------------------------------------------------------------------------
+def stats_float64(sq_acc, abs_acc, x):
+    x2 = (x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)).double()
+    return sq_acc.double() + x2.square().sum(0), abs_acc.double() + x2.abs().sum(0)
+
+
+# Every term of both sums is nonnegative, so the float32 reference's error bound is the one of the sum of
+# squares above (SQNORM_RTOL); the C++ kernel sums both in float64 and rounds twice (SQNORM_CPP_RTOL).
+STATS_SHAPES = [(7,), (1, 1), (5, 7), (3, 11, 33), (2048, 576), (2, 4095), (4, 2, 3, 1000), (0, 8), (2, 0, 5),
+                (3, 0)]
+
+
+def _fresh_accumulators(channels):
+    return torch.rand(channels) + 0.5, torch.rand(channels) + 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("shape", STATS_SHAPES, ids=str)
+def test_channel_stats_matches_reference(shape, dtype):
+    x = torch.randn(shape).to(dtype)
+    sq0, ab0 = _fresh_accumulators(shape[-1])
+    sq, ab = sq0.clone(), ab0.clone()
+    torch.ops.sparsekit.channel_stats_accumulate_(sq, ab, x)
+    sq_ref, ab_ref = sq0.clone(), ab0.clone()
+    R.channel_stats_accumulate_reference_(sq_ref, ab_ref, x)
+    want_sq, want_ab = stats_float64(sq0, ab0, x)
+    for got, ref, want in ((sq, sq_ref, want_sq), (ab, ab_ref, want_ab)):
+        torch.testing.assert_close(got.double(), want, rtol=SQNORM_RTOL, atol=0)
+        torch.testing.assert_close(ref.double(), want, rtol=SQNORM_RTOL, atol=0)  # the tolerance fits the oracle
+    # Accumulates rather than overwrites (a calibration loop calls it once per batch).
+    assert ops.channel_stats_accumulate_(sq, ab, x) is None
+    want_sq, want_ab = stats_float64(sq0, ab0, torch.cat([x, x]) if x.dim() > 1 else torch.stack([x, x]))
+    torch.testing.assert_close(sq.double(), want_sq, rtol=SQNORM_RTOL, atol=0)
+    torch.testing.assert_close(ab.double(), want_ab, rtol=SQNORM_RTOL, atol=0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_dtype_id)
+def test_channel_stats_cpp_accuracy_and_same_sq_as_sqnorm(dtype):
+    x = torch.randn(8192, 97).to(dtype)
+    sq0, ab0 = _fresh_accumulators(97)
+    sq, ab = sq0.clone(), ab0.clone()
+    torch.ops.sparsekit.channel_stats_accumulate_(sq, ab, x)
+    want_sq, want_ab = stats_float64(sq0, ab0, x)
+    torch.testing.assert_close(sq.double(), want_sq, rtol=SQNORM_CPP_RTOL, atol=0)
+    torch.testing.assert_close(ab.double(), want_ab, rtol=SQNORM_CPP_RTOL, atol=0)
+    # The same float64 sums as channel_sqnorm_accumulate_: one statistic, one answer, to the bit.
+    acc = sq0.clone()
+    torch.ops.sparsekit.channel_sqnorm_accumulate_(acc, x)
+    assert torch.equal(acc, sq)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_dtype_id)
+def test_channel_stats_cpp_avx512_and_portable_paths_agree(dtype, monkeypatch):
+    """The AVX-512 build of the loop (where the CPU has it) and the portable one (SPARSEKIT_CPU_ISA=scalar)
+    add the same exact float64 terms in the same order per channel: equal to the bit."""
+    x = torch.randn(3000, 203).to(dtype)  # 203: vector remainder lanes too
+    sums = {}
+    for isa in ("default", "scalar"):
+        if isa == "scalar":
+            monkeypatch.setenv("SPARSEKIT_CPU_ISA", "scalar")
+        sq, ab, acc = torch.zeros(203), torch.zeros(203), torch.zeros(203)
+        torch.ops.sparsekit.channel_stats_accumulate_(sq, ab, x)
+        torch.ops.sparsekit.channel_sqnorm_accumulate_(acc, x)
+        sums[isa] = (sq, ab, acc)
+    for got, want in zip(sums["default"], sums["scalar"]):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
+def test_channel_stats_every_16bit_value(dtype):
+    x = all_16bit_values(dtype).t()  # column j: the 256 values whose high byte is j (inf and NaN included)
+    sq0, ab0 = _fresh_accumulators(256)
+    sq, ab = sq0.clone(), ab0.clone()
+    torch.ops.sparsekit.channel_stats_accumulate_(sq, ab, x)
+    want_sq, want_ab = stats_float64(sq0, ab0, x)
+    torch.testing.assert_close(sq, want_sq.float(), rtol=SQNORM_RTOL, atol=0, equal_nan=True)
+    torch.testing.assert_close(ab, want_ab.float(), rtol=SQNORM_RTOL, atol=0, equal_nan=True)
+    assert ab.isnan().any() and ab.isfinite().any()  # the +-inf columns hold NaNs too: their sums are NaN
+
+
+def test_channel_stats_hand_worked_non_contiguous_and_disjoint_views():
+    sq, ab = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.0])
+    torch.ops.sparsekit.channel_stats_accumulate_(sq, ab, torch.tensor([[1.0, -2.0], [-3.0, 1.0]]))
+    assert torch.equal(sq, torch.tensor([11.0, 7.0]))  # [1 + 1 + 9, 2 + 4 + 1]
+    assert torch.equal(ab, torch.tensor([4.5, 3.0]))  # [0.5 + 1 + 3, 0 + 2 + 1]
+
+    x = torch.randn(96, 300).t()  # (300, 96): channels strided
+    assert not x.is_contiguous()
+    sq, ab = _fresh_accumulators(96)
+    want_sq, want_ab = stats_float64(sq, ab, x)
+    ops.channel_stats_accumulate_(sq, ab, x)
+    torch.testing.assert_close(sq.double(), want_sq, rtol=SQNORM_RTOL, atol=0)
+    torch.testing.assert_close(ab.double(), want_ab, rtol=SQNORM_RTOL, atol=0)
+
+    # Two disjoint halves of one buffer are two separate accumulators.
+    buf = torch.zeros(2, 24)
+    x = torch.randn(5, 24)
+    ops.channel_stats_accumulate_(buf[0], buf[1], x)
+    want_sq, want_ab = stats_float64(torch.zeros(24), torch.zeros(24), x)
+    torch.testing.assert_close(buf[0].double(), want_sq, rtol=SQNORM_RTOL, atol=0)
+    torch.testing.assert_close(buf[1].double(), want_ab, rtol=SQNORM_RTOL, atol=0)
+
+
+def test_channel_stats_wrapper_checks_devices():
+    meta = torch.zeros(8, device="meta")
+    with pytest.raises(ValueError, match="abs_acc is on meta"):
+        ops.channel_stats_accumulate_(torch.zeros(8), meta, torch.randn(3, 8))
+    with pytest.raises(ValueError, match="but x is on meta"):
+        ops.channel_stats_accumulate_(torch.zeros(8), torch.zeros(8), torch.randn(3, 8, device="meta"))
+
+
+# ----------------------------------------------------------------------------------------------------
 # opcheck: schema, fake tensors, autograd registration, AOT dispatch
 # ----------------------------------------------------------------------------------------------------
 OPCHECK_CASES = [
@@ -406,6 +521,12 @@ OPCHECK_CASES = [
     pytest.param(
         "channel_sqnorm_accumulate_", lambda: (torch.rand(16), torch.randn(2, 3, 16).half()), id="sqnorm-f16-3d"
     ),
+    pytest.param("channel_stats_accumulate_", lambda: (torch.rand(24), torch.rand(24), torch.randn(5, 24)),
+                 id="stats-f32"),
+    pytest.param("channel_stats_accumulate_",
+                 lambda: (torch.rand(33), torch.rand(33), torch.randn(2, 3, 33).bfloat16()), id="stats-bf16-3d-odd"),
+    pytest.param("channel_stats_accumulate_", lambda: (torch.rand(7), torch.rand(7), torch.randn(7).half()),
+                 id="stats-f16-1d"),
 ]
 
 
@@ -462,9 +583,31 @@ def _bad_sqnorm():
     ]
 
 
+def _bad_stats():
+    x = torch.randn(3, 8)
+    acc = torch.zeros(8)
+    buf = torch.zeros(16)
+    return [
+        ("channel_stats_accumulate_", (torch.zeros(8).half(), acc, x), "sq_acc must be a 1-D float32"),
+        ("channel_stats_accumulate_", (acc, torch.zeros(8).double(), x), "abs_acc must be a 1-D float32"),
+        ("channel_stats_accumulate_", (torch.zeros(2, 8), acc, x), "sq_acc must be a 1-D float32"),
+        ("channel_stats_accumulate_", (acc, torch.zeros(1, 8), x), "abs_acc must be a 1-D float32"),
+        ("channel_stats_accumulate_", (buf[::2], acc, x), "sq_acc must be contiguous"),
+        ("channel_stats_accumulate_", (acc, buf[::2], x), "abs_acc must be contiguous"),
+        ("channel_stats_accumulate_", (acc, torch.zeros(9), x), "same shape"),
+        ("channel_stats_accumulate_", (acc, acc, x), "overlap"),
+        ("channel_stats_accumulate_", (buf[:8], buf[4:12], x), "overlap"),
+        ("channel_stats_accumulate_", (buf[4:12], buf[:8], x), "overlap"),
+        ("channel_stats_accumulate_", (acc, torch.zeros(8), torch.randn(3, 7)), "channels"),
+        ("channel_stats_accumulate_", (acc, torch.zeros(8), torch.randn(())), "channels"),
+        ("channel_stats_accumulate_", (acc, torch.zeros(8), x.double()), "float32, float16 or bfloat16"),
+        ("channel_stats_accumulate_", (acc, torch.zeros(8), torch.ones(3, 8, dtype=torch.int32)), "float32, float16"),
+    ]
+
+
 BAD_CALLS = [
     pytest.param(name, args, match, id=f"{name}-{i}")
-    for group in (_bad_nm, _bad_rowwise, _bad_wanda, _bad_sqnorm)
+    for group in (_bad_nm, _bad_rowwise, _bad_wanda, _bad_sqnorm, _bad_stats)
     for i, (name, args, match) in enumerate(group())
 ]
 
@@ -488,6 +631,10 @@ def test_cpp_op_leaves_acc_alone_on_error():
     with pytest.raises(RuntimeError):
         torch.ops.sparsekit.channel_sqnorm_accumulate_(acc, torch.randn(3, 7))
     assert torch.equal(acc, torch.ones(8))
+    sq, ab = torch.ones(8), torch.ones(8)
+    with pytest.raises(RuntimeError):
+        torch.ops.sparsekit.channel_stats_accumulate_(sq, ab, torch.randn(3, 8).double())
+    assert torch.equal(sq, torch.ones(8)) and torch.equal(ab, torch.ones(8))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -499,8 +646,9 @@ def _compile_available():
 
 @pytest.mark.skipif(not _compile_available(), reason="torch.compile is not supported here")
 def test_torch_compile_fullgraph():
-    def prune_step(weight, acc, x):
+    def prune_step(weight, acc, sq, ab, x):
         torch.ops.sparsekit.channel_sqnorm_accumulate_(acc, x)
+        torch.ops.sparsekit.channel_stats_accumulate_(sq, ab, x)  # two mutated arguments
         score = torch.ops.sparsekit.wanda_score(weight, acc)
         keep = torch.ops.sparsekit.nm_mask(score, 2, 4)
         return weight * keep, keep
@@ -509,9 +657,11 @@ def test_torch_compile_fullgraph():
     acc0 = torch.rand(64) + 0.5
     torch._dynamo.reset()
     compiled = torch.compile(prune_step, fullgraph=True)
-    acc_eager, acc_compiled = acc0.clone(), acc0.clone()
-    w_eager, keep_eager = prune_step(weight, acc_eager, x)
-    w_compiled, keep_compiled = compiled(weight, acc_compiled, x)
-    assert torch.equal(acc_compiled, acc_eager)  # the in-place update survives functionalization
+    eager_accs = [acc0.clone() for _ in range(3)]
+    compiled_accs = [acc0.clone() for _ in range(3)]
+    w_eager, keep_eager = prune_step(weight, *eager_accs, x)
+    w_compiled, keep_compiled = compiled(weight, *compiled_accs, x)
+    for got, want in zip(compiled_accs, eager_accs):
+        assert torch.equal(got, want)  # the in-place updates survive functionalization
     assert torch.equal(keep_compiled, keep_eager)
     assert torch.equal(w_compiled, w_eager)

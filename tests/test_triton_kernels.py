@@ -16,6 +16,7 @@ Tolerances, from the ops:
   any float32 summation order of the T tokens plus the old acc is within (T + 1) * 2**-24 relative of the
   exact sum (one more 2**-24 for float32 inputs, whose squares round). Both kernel and reference obey it;
   they are checked against a float64 sum with that bound, and against each other with twice it.
+* channel_stats_accumulate_: the same bound for both sums (|x| is exact in float32 for every input dtype).
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def _with_specials(score: torch.Tensor) -> torch.Tensor:
     where = torch.randint(0, out.numel(), (out.numel() // 2,))
     out[where] = specials[torch.randint(0, len(specials), where.shape)]
     return out.reshape(score.shape)
+
+
+def test_every_registered_triton_op_has_an_entry_point():
+    """sparsekit._backends registers dispatch.<name> on the CUDA key for each name of TRITON_OPS."""
+    from sparsekit._backends import TRITON_OPS
+    from sparsekit.ops import OP_NAMES
+
+    for name in TRITON_OPS:
+        assert name in OP_NAMES and callable(getattr(dispatch, name)), name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,3 +242,65 @@ def test_channel_sqnorm_accumulate_empty_and_checks():
         dispatch.channel_sqnorm_accumulate_(acc, torch.randn(3, 9))
     with pytest.raises(ValueError, match="float32"):
         dispatch.channel_sqnorm_accumulate_(acc.double(), torch.randn(3, 8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# channel_stats_accumulate_: sum x^2 and sum |x| from one read of x
+# ----------------------------------------------------------------------------------------------------
+def _stats_exact(sq_acc, abs_acc, x):
+    x2 = (x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)).double()
+    return sq_acc.double() + x2.pow(2).sum(0), abs_acc.double() + x2.abs().sum(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (1, 1), (37, 33), (3, 45, 70), (300, 24), (2, 2, 64, 257)])
+def test_channel_stats_accumulate(shape, dtype):
+    x = torch.randn(*shape, dtype=dtype) * 3
+    sq, ab = torch.rand(shape[-1]), torch.rand(shape[-1])  # running accumulators, not zeros
+    tokens = x.numel() // shape[-1]
+    exact_sq, exact_ab = _stats_exact(sq, ab, x)
+    expect_sq, expect_ab = sq.clone(), ab.clone()
+    reference.channel_stats_accumulate_reference_(expect_sq, expect_ab, x)
+
+    assert dispatch.channel_stats_accumulate_(sq, ab, x) is None
+    bound = _sqnorm_bound(tokens, dtype)
+    for got, exact, expect in ((sq, exact_sq, expect_sq), (ab, exact_ab, expect_ab)):
+        assert ((got.double() - exact).abs() <= bound * exact).all()
+        torch.testing.assert_close(got, expect, rtol=2 * bound, atol=0)
+
+
+def test_channel_stats_accumulate_strided_repeated_and_disjoint_views():
+    """A channel-strided x (copied), two calls adding up, accumulators that are two halves of one buffer."""
+    x = torch.randn(50, 96)[:, ::2]  # (50, 48), stride (96, 2)
+    buf = torch.zeros(2, 48)
+    dispatch.channel_stats_accumulate_(buf[0], buf[1], x)
+    dispatch.channel_stats_accumulate_(buf[0], buf[1], x)
+    exact_sq, exact_ab = _stats_exact(torch.zeros(48), torch.zeros(48), torch.cat([x, x]))
+    bound = _sqnorm_bound(100, torch.float32)
+    assert ((buf[0].double() - exact_sq).abs() <= bound * exact_sq).all()
+    assert ((buf[1].double() - exact_ab).abs() <= bound * exact_ab).all()
+
+
+def test_channel_stats_accumulate_matches_sqnorm_kernel():
+    """The sum of squares is the same kernel code as channel_sqnorm_accumulate_'s: equal to the bit here
+    (the interpreter runs the programs one after another, so their atomics land in the same order)."""
+    x = torch.randn(64, 40, dtype=torch.bfloat16)
+    sq, ab, acc = torch.zeros(40), torch.zeros(40), torch.zeros(40)
+    dispatch.channel_stats_accumulate_(sq, ab, x)
+    dispatch.channel_sqnorm_accumulate_(acc, x)
+    assert torch.equal(sq, acc)
+
+
+def test_channel_stats_accumulate_empty_and_checks():
+    sq, ab = torch.rand(8), torch.rand(8)
+    before = sq.clone(), ab.clone()
+    dispatch.channel_stats_accumulate_(sq, ab, torch.randn(0, 8))
+    assert torch.equal(sq, before[0]) and torch.equal(ab, before[1])
+    with pytest.raises(ValueError, match="channels"):
+        dispatch.channel_stats_accumulate_(sq, ab, torch.randn(3, 9))
+    with pytest.raises(ValueError, match="abs_acc must be a 1-D float32"):
+        dispatch.channel_stats_accumulate_(sq, ab.double(), torch.randn(3, 8))
+    with pytest.raises(ValueError, match="overlap"):
+        dispatch.channel_stats_accumulate_(sq, sq, torch.randn(3, 8))
+    with pytest.raises(ValueError, match="same shape"):
+        dispatch.channel_stats_accumulate_(sq, torch.rand(9), torch.randn(3, 8))

@@ -8,6 +8,6 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
-      "sparsekit CUDA kernels (nm_mask, wanda_score, channel_sqnorm_accumulate_, nm_linear, bitmap_linear), "
-      "registered on the CUDA key";
+      "sparsekit CUDA kernels (nm_mask, wanda_score, channel_sqnorm_accumulate_, channel_stats_accumulate_, "
+      "nm_linear, bitmap_linear), registered on the CUDA key";
 }

@@ -20,6 +20,7 @@ import torch
 from . import reference
 from .reference import (
     channel_sqnorm_accumulate_reference_,
+    channel_stats_accumulate_reference_,
     nm_mask_reference,
     rowwise_prune_mask_reference,
     wanda_score_reference,
@@ -31,6 +32,7 @@ __all__ = [
     "matrix_prune_mask",
     "wanda_score",
     "channel_sqnorm_accumulate_",
+    "channel_stats_accumulate_",
     "OP_NAMES",
     "reference",
 ]
@@ -42,6 +44,7 @@ _SCHEMAS = {
     "rowwise_prune_mask": "rowwise_prune_mask(Tensor score, int num_pruned) -> Tensor",
     "wanda_score": "wanda_score(Tensor weight, Tensor sq_norm) -> Tensor",
     "channel_sqnorm_accumulate_": "channel_sqnorm_accumulate_(Tensor(a!) acc, Tensor x) -> ()",
+    "channel_stats_accumulate_": "channel_stats_accumulate_(Tensor(a!) sq_acc, Tensor(b!) abs_acc, Tensor x) -> ()",
 }
 OP_NAMES = tuple(_SCHEMAS)
 
@@ -50,6 +53,7 @@ _DEFAULTS = {
     "rowwise_prune_mask": rowwise_prune_mask_reference,
     "wanda_score": wanda_score_reference,
     "channel_sqnorm_accumulate_": channel_sqnorm_accumulate_reference_,
+    "channel_stats_accumulate_": channel_stats_accumulate_reference_,
 }
 
 for _name, _schema in _SCHEMAS.items():
@@ -115,6 +119,34 @@ def _check_sqnorm(acc: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"acc is on {acc.device} but x is on {x.device}")
 
 
+def _check_channel_stats(sq_acc: torch.Tensor, abs_acc: torch.Tensor, x: torch.Tensor) -> None:
+    for what, acc in (("sq_acc", sq_acc), ("abs_acc", abs_acc)):
+        if acc.dim() != 1 or acc.dtype != torch.float32:
+            raise ValueError(
+                f"{what} must be a 1-D float32 accumulator, got shape {tuple(acc.shape)} dtype {acc.dtype}"
+            )
+        if not acc.is_contiguous():
+            raise ValueError(f"{what} must be contiguous")
+    if abs_acc.shape != sq_acc.shape:
+        raise ValueError(f"sq_acc and abs_acc must have the same shape, got {tuple(sq_acc.shape)} and "
+                         f"{tuple(abs_acc.shape)}")
+    if abs_acc.device != sq_acc.device:
+        raise ValueError(f"sq_acc is on {sq_acc.device} but abs_acc is on {abs_acc.device}")
+    # Both are contiguous 1-D: they overlap iff they share a storage and their element ranges intersect.
+    # (Disjoint views of one buffer are fine.) Storage identity works on fake tensors too.
+    n = sq_acc.numel()
+    if n and torch._C._is_alias_of(sq_acc, abs_acc):
+        a, b = sq_acc.storage_offset(), abs_acc.storage_offset()
+        if a < b + n and b < a + n:
+            raise ValueError("sq_acc and abs_acc overlap in memory: they must be two separate accumulators")
+    if x.dim() < 1 or x.shape[-1] != sq_acc.shape[0]:
+        raise ValueError(f"x must have {sq_acc.shape[0]} channels in its last dim, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.device != sq_acc.device:
+        raise ValueError(f"sq_acc is on {sq_acc.device} but x is on {x.device}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fake implementations: shapes and dtypes only.
 # ----------------------------------------------------------------------------------------------------
@@ -139,6 +171,12 @@ def _wanda_score_fake(weight, sq_norm):
 @torch.library.register_fake("sparsekit::channel_sqnorm_accumulate_")
 def _channel_sqnorm_accumulate_fake(acc, x):
     _check_sqnorm(acc, x)
+    return None
+
+
+@torch.library.register_fake("sparsekit::channel_stats_accumulate_")
+def _channel_stats_accumulate_fake(sq_acc, abs_acc, x):
+    _check_channel_stats(sq_acc, abs_acc, x)
     return None
 
 
@@ -181,6 +219,18 @@ def channel_sqnorm_accumulate_(acc: torch.Tensor, x: torch.Tensor) -> torch.Tens
     _check_sqnorm(acc, x)
     torch.ops.sparsekit.channel_sqnorm_accumulate_(acc, x)
     return acc
+
+
+def channel_stats_accumulate_(sq_acc: torch.Tensor, abs_acc: torch.Tensor, x: torch.Tensor) -> None:
+    """sq_acc += sum over tokens of x**2 and abs_acc += sum over tokens of |x|, per channel, in float32,
+    reading x once (the Wanda norm and the contextual-pruning mean |activation| in one pass).
+
+    sq_acc, abs_acc: (C,) float32, contiguous, not overlapping; x: (..., C) float32/float16/bfloat16, any
+    strides. Returns None. Sums are not ordered like the reference's: the last bits may differ (see the
+    kernels' notes); on CUDA they may also differ from run to run (atomics).
+    """
+    _check_channel_stats(sq_acc, abs_acc, x)
+    torch.ops.sparsekit.channel_stats_accumulate_(sq_acc, abs_acc, x)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ __all__ = [
     "rowwise_prune_mask_reference",
     "wanda_score_reference",
     "channel_sqnorm_accumulate_reference_",
+    "channel_stats_accumulate_reference_",
 ]
 
 
@@ -69,12 +70,28 @@ def wanda_score_reference(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.
     return weight.abs().float() * norm.unsqueeze(0)
 
 
+def _tokens_by_channels(x: torch.Tensor) -> torch.Tensor:
+    """x: (..., C) as (tokens, C); a 1-D x is one token. (reshape(-1, C) is ambiguous when C = 0.)"""
+    return x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+
+
 def channel_sqnorm_accumulate_reference_(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += sum over all leading dims of x.float()**2, per channel (last dim).
 
     acc: (C,) float32, updated in place. x: (..., C) float32/float16/bfloat16.
     """
-    acc.add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0))
+    acc.add_(_tokens_by_channels(x).float().pow(2).sum(dim=0))
+
+
+def channel_stats_accumulate_reference_(sq_acc: torch.Tensor, abs_acc: torch.Tensor, x: torch.Tensor) -> None:
+    """sq_acc += sum of x.float()**2 and abs_acc += sum of |x.float()| over all leading dims, per channel.
+
+    sq_acc, abs_acc: (C,) float32, updated in place. x: (..., C) float32/float16/bfloat16. This oracle reads x
+    twice (and makes a float32 copy); the kernels read it once.
+    """
+    xf = _tokens_by_channels(x).float()
+    sq_acc.add_(xf.pow(2).sum(dim=0))
+    abs_acc.add_(xf.abs().sum(dim=0))
 
 
 # ----------------------------------------------------------------------------------------------------

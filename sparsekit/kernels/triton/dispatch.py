@@ -16,21 +16,36 @@ import functools
 import torch
 import triton
 
-from ...ops import _check_bitmap_linear, _check_nm, _check_nm_linear, _check_sqnorm, _check_wanda
+from ...ops import (
+    _check_bitmap_linear,
+    _check_channel_stats,
+    _check_nm,
+    _check_nm_linear,
+    _check_sqnorm,
+    _check_wanda,
+)
 from ...ops.reference import bitmap_linear_reference, nm_linear_reference, nm_mask_reference
-from .channel_stats import channel_sqnorm_kernel
+from .channel_stats import channel_stats_kernel
 from .masks import nm_mask_kernel
 from .sparse_gemv import MAX_ROWS as SPARSE_GEMV_MAX_ROWS
 from .sparse_gemv import launch_bitmap_linear, launch_nm_linear
 from .wanda import wanda_score_kernel
 
-__all__ = ["nm_mask", "wanda_score", "channel_sqnorm_accumulate_", "nm_linear", "bitmap_linear", "NM_MAX_M"]
+__all__ = [
+    "nm_mask",
+    "wanda_score",
+    "channel_sqnorm_accumulate_",
+    "channel_stats_accumulate_",
+    "nm_linear",
+    "bitmap_linear",
+    "NM_MAX_M",
+]
 
 # Groups wider than this go to the plain-PyTorch reference: the kernel unrolls a loop over the group, and
 # every N:M pattern with hardware or paper support (2:4, 4:8, 8:16) is far below it.
 NM_MAX_M = 32
 
-# channel_sqnorm: programs launched per SM. More than the resident count, so that the last wave is short.
+# channel statistics: programs launched per SM. More than the resident count, so that the last wave is short.
 _PROGRAMS_PER_SM = 8
 
 
@@ -98,17 +113,12 @@ def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def channel_sqnorm_accumulate_(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """acc += sum over all leading dims of x.float()**2, per channel (in place).
-
-    acc: (C,) float32 contiguous; x: (..., C) float32/float16/bfloat16. Reads x once. The float32 sums are
-    added to acc with atomics, so the last bits may differ from run to run.
-    """
-    _check_sqnorm(acc, x)
+def _launch_channel_stats(sq_acc: torch.Tensor, abs_acc: torch.Tensor | None, x: torch.Tensor) -> None:
+    """sq_acc += sum_t x^2 and, unless abs_acc is None, abs_acc += sum_t |x|, from one read of x."""
     channels = x.shape[-1]
     x2d = x.reshape(-1, channels)
     if x2d.numel() == 0:
-        return None
+        return
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     tokens = x2d.shape[0]
@@ -124,10 +134,32 @@ def channel_sqnorm_accumulate_(acc: torch.Tensor, x: torch.Tensor) -> None:
     slabs = max(1, min(slabs, triton.cdiv(tokens, block_t)))
     iters = triton.cdiv(triton.cdiv(tokens, slabs), block_t)  # row blocks per program
     grid = (channel_blocks, triton.cdiv(tokens, iters * block_t))
-    channel_sqnorm_kernel[grid](
-        x2d, acc, tokens, channels, x2d.stride(0), iters,
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+    with_abs = abs_acc is not None
+    channel_stats_kernel[grid](
+        x2d, sq_acc, abs_acc if with_abs else sq_acc, tokens, channels, x2d.stride(0), iters,
+        WITH_ABS=with_abs, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )
+
+
+def channel_sqnorm_accumulate_(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += sum over all leading dims of x.float()**2, per channel (in place).
+
+    acc: (C,) float32 contiguous; x: (..., C) float32/float16/bfloat16. Reads x once. The float32 sums are
+    added to acc with atomics, so the last bits may differ from run to run.
+    """
+    _check_sqnorm(acc, x)
+    _launch_channel_stats(acc, None, x)
+    return None
+
+
+def channel_stats_accumulate_(sq_acc: torch.Tensor, abs_acc: torch.Tensor, x: torch.Tensor) -> None:
+    """sq_acc += sum of x.float()**2 and abs_acc += sum of |x.float()| over all leading dims, per channel.
+
+    sq_acc, abs_acc: (C,) float32 contiguous, not overlapping; x: (..., C) float32/float16/bfloat16. Reads x
+    once. The float32 sums are added with atomics, so the last bits may differ from run to run.
+    """
+    _check_channel_stats(sq_acc, abs_acc, x)
+    _launch_channel_stats(sq_acc, abs_acc, x)
     return None
 
 
