@@ -248,3 +248,14 @@ def test_outer_parameter_used_outside_its_module_falls_back(folders):
     assert om.window_nll(windows) == ref
     assert not om._lazy_outer
     assert all(p.device.type == "meta" for p in om.model.parameters())
+
+
+@pytest.mark.gpu
+def test_offload_on_gpu_with_activations_on_cpu(folders, calib_file, tmp_path):
+    """Layers on the GPU, calibration activations in host memory: the same weights as the in-memory GPU run."""
+    extra = ["--method", "sparsegpt", "--sparsity", "0.5", "--device", "cuda"]
+    assert prune(folders["llama"], tmp_path / "mem", calib_file, *extra) == 0
+    assert prune(folders["llama"], tmp_path / "off", calib_file, *extra, "--offload", "--activations-on-cpu") == 0
+    assert_same_result(str(tmp_path / "mem"), str(tmp_path / "off"))
+    report = json.loads((tmp_path / "off" / "report.json").read_text())
+    assert report["activations_on_cpu"] is True and report["peak_cuda_bytes"] > 0
