@@ -103,7 +103,8 @@ def run_prune(model: str, out: str, method: str, offload: bool, args) -> dict:
     return {"method": method, "offload": offload, "peak_rss_bytes": usage.ru_maxrss * 1024,
             "peak_rss_at_report_bytes": report["peak_rss_bytes"], "wall_s": wall,
             "prune_s": report["prune_seconds"], "dense_ppl": report["dense_ppl"], "pruned_ppl": report["pruned_ppl"],
-            "sparsity": report["sparsity"]}
+            "sparsity": report["sparsity"], "date": time.strftime("%Y-%m-%d %H:%M"),
+            "load_average": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--methods", default="wanda", help="comma-separated (default %(default)s)")
     ap.add_argument("--skip-in-memory", action="store_true", help="only the --offload runs")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the rows of an earlier results file for the runs not repeated now (same checkpoint)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "offload_cpu"), help="results prefix")
     args = ap.parse_args()
 
@@ -142,6 +145,12 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(ckpt, ignore_errors=True)
+    if args.update and os.path.exists(args.out + ".json"):  # keep the earlier rows of the runs not repeated
+        old = json.load(open(args.out + ".json"))
+        if old.get("checkpoint_bytes") == ckpt_bytes:
+            ran = {(r["method"], r["offload"]) for r in rows}
+            rows = [r for r in old["rows"] if (r["method"], r["offload"]) not in ran] + rows
+            rows.sort(key=lambda r: (r["method"] != "wanda", r["method"], not r["offload"]))
 
     import transformers
 
@@ -170,6 +179,7 @@ def main() -> None:
                      f"{r['prune_s']:.0f} | {r['sparsity']:.4f} |")
     per_layer = ckpt_bytes / args.layers  # upper bound on one layer's bytes (outer tensors included)
     act = 2 * args.nsamples * args.seqlen * args.hidden * 4
+    lines += ["", "Each row comes from its own run of the command; a row's date is in the JSON (`date`)."] if args.update else []
     lines += ["", f"One decoder layer is {(ckpt_bytes - 2 * 49152 * args.hidden * 4) / args.layers / gb:.3f} GB; "
               f"the embedding and the LM head are {49152 * args.hidden * 4 / gb:.3f} GB each; the two calibration "
               f"activation buffers are {act / gb:.3f} GB."]
