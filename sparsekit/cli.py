@@ -185,7 +185,6 @@ def run_prune(args) -> int:
     from . import data, distributed, evaluate
     from .checkpoint import check_output_dir, save_pruned_model
     from .models import load_model, resolve_model
-    from .offload import peak_rss_bytes
     from .prune import PruneSpec, parse_pattern, prune_model
 
     # Validate everything cheap before the long work starts.
@@ -232,29 +231,9 @@ def run_prune(args) -> int:
     pruned_ppl = ppl("pruned ppl")
     t_end = time.perf_counter()
 
-    out = {
-        "model": args.model,
-        "method": spec.method,
-        "pattern": spec.pattern_str,
-        "sparsity_profile": spec.profile,
-        "target_sparsity": float(spec.sparsity),
-        "sparsity": report.sparsity,
-        "dense_ppl": dense_ppl,
-        "pruned_ppl": pruned_ppl,
-        "prune_seconds": report.seconds,
-        "world_size": world,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-        "eval": args.eval, "eval_tokens": int(windows.numel()), "eval_windows": int(windows.shape[0]),
-        "dtype": args.dtype, "device": args.device,
-        "seconds": {"load": t_loaded - t_start, "dense_eval": t_dense - t_loaded,
-                    "prune": report.seconds, "pruned_eval": t_end - t_dense - report.seconds,
-                    "total": t_end - t_start},
-        "versions": _versions(),
-        "block_sparsities": report.block_sparsities,
-        "outlier_ratios": report.outlier_ratios,
-        "layers": report.to_dict()["layers"],
-    }
+    out = _prune_report(args, spec, report, dense_ppl, pruned_ppl, windows, world_size=world, seconds={
+        "load": t_loaded - t_start, "dense_eval": t_dense - t_loaded, "prune": report.seconds,
+        "pruned_eval": t_end - t_dense - report.seconds, "total": t_end - t_start})
     if rank != 0:  # rank 0 writes; the others wait so that the command ends when the folder exists
         distributed.barrier()
         return 0
@@ -268,15 +247,37 @@ def run_prune(args) -> int:
         save_pruned_model(model, tokenizer, args.output, out, overwrite=args.overwrite)
     distributed.barrier()
 
+    _print_prune_table(spec, report, dense_ppl, pruned_ppl)
+    print(f"eval: {windows.shape[0]} windows x {args.seqlen} tokens of {args.eval}; "
+          f"total {t_end - t_start:.1f} s; saved to {args.output}/ (report.json)")
+    return 0
+
+
+def _prune_report(args, spec, report, dense_ppl: float, pruned_ppl: float, windows, world_size: int,
+                  seconds: dict) -> dict:
+    """report.json of `sparsekit prune` (in memory and --offload)."""
+    from .offload import peak_rss_bytes
+
+    return {
+        "model": args.model, "method": spec.method, "pattern": spec.pattern_str, "sparsity_profile": spec.profile,
+        "target_sparsity": float(spec.sparsity), "sparsity": report.sparsity,
+        "dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "prune_seconds": report.seconds,
+        "world_size": world_size, "peak_rss_bytes": peak_rss_bytes(),
+        "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+        "eval": args.eval, "eval_tokens": int(windows.numel()), "eval_windows": int(windows.shape[0]),
+        "dtype": args.dtype, "device": args.device, "seconds": seconds, "versions": _versions(),
+        "block_sparsities": report.block_sparsities, "outlier_ratios": report.outlier_ratios,
+        "layers": report.to_dict()["layers"],
+    }
+
+
+def _print_prune_table(spec, report, dense_ppl: float, pruned_ppl: float) -> None:
     print(_table([
         ("", "dense", f"{spec.method} {spec.pattern_str}"),
         ("perplexity", f"{dense_ppl:.4f}", f"{pruned_ppl:.4f}"),
         ("sparsity (pruned linears)", "-", f"{report.sparsity:.4f}"),
         ("prune time (s)", "", f"{report.seconds:.1f}"),
     ]))
-    print(f"eval: {windows.shape[0]} windows x {args.seqlen} tokens of {args.eval}; "
-          f"total {t_end - t_start:.1f} s; saved to {args.output}/ (report.json)")
-    return 0
 
 
 def _run_prune_offload(args, spec, calib_text: str, eval_text: str, progress: bool) -> int:
@@ -288,7 +289,7 @@ def _run_prune_offload(args, spec, calib_text: str, eval_text: str, progress: bo
     from . import data, distributed
     from .checkpoint import atomic_output_dir
     from .models import _DTYPES, resolve_model
-    from .offload import OffloadedModel, OffloadWriter, peak_rss_bytes
+    from .offload import OffloadedModel, OffloadWriter
     from .prune import prune_model
 
     src = resolve_model(args.model)
@@ -325,34 +326,17 @@ def _run_prune_offload(args, spec, calib_text: str, eval_text: str, progress: bo
         t_end = time.perf_counter()
         writer.write_config()
         tokenizer.save_pretrained(tmp)
-        out = {
-            "model": args.model, "method": spec.method, "pattern": spec.pattern_str,
-            "sparsity_profile": spec.profile, "target_sparsity": float(spec.sparsity), "sparsity": report.sparsity,
-            "dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "prune_seconds": report.seconds, "world_size": 1,
-            "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-            "eval": args.eval, "eval_tokens": int(windows.numel()), "eval_windows": int(windows.shape[0]),
-            "dtype": args.dtype, "device": args.device, "offload": True,
-            "activations_on_cpu": bool(args.activations_on_cpu),
-            "model_bytes": om.parameter_bytes, "checkpoint_bytes": om.reader.nbytes(),
-            "peak_rss_bytes": peak_rss_bytes(),
-            "seconds": {"setup": t_loaded - t_start, "dense_eval": t_dense - t_loaded,
-                        "prune": t_pruned - t_dense, "pruned_eval": t_end - t_pruned, "total": t_end - t_start},
-            "versions": _versions(),
-            "block_sparsities": report.block_sparsities,
-            "outlier_ratios": report.outlier_ratios,
-            "layers": report.to_dict()["layers"],
-        }
+        out = _prune_report(args, spec, report, dense_ppl, pruned_ppl, windows, world_size=1, seconds={
+            "setup": t_loaded - t_start, "dense_eval": t_dense - t_loaded, "prune": t_pruned - t_dense,
+            "pruned_eval": t_end - t_pruned, "total": t_end - t_start})
+        out.update({"offload": True, "activations_on_cpu": bool(args.activations_on_cpu),
+                    "model_bytes": om.parameter_bytes, "checkpoint_bytes": om.reader.nbytes()})
         if torch.cuda.is_available() and om.device.type == "cuda":
             out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(om.device)
         with open(os.path.join(tmp, "report.json"), "w") as f:
             json.dump(out, f, indent=2)
             f.write("\n")
-    print(_table([
-        ("", "dense", f"{spec.method} {spec.pattern_str}"),
-        ("perplexity", f"{dense_ppl:.4f}", f"{pruned_ppl:.4f}"),
-        ("sparsity (pruned linears)", "-", f"{report.sparsity:.4f}"),
-        ("prune time (s)", "", f"{report.seconds:.1f}"),
-    ]))
+    _print_prune_table(spec, report, dense_ppl, pruned_ppl)
     print(f"offload: model {om.parameter_bytes / 2**30:.2f} GiB in {args.dtype}, peak RSS "
           f"{out['peak_rss_bytes'] / 2**30:.2f} GiB; total {t_end - t_start:.1f} s; saved to {args.output}/")
     return 0
