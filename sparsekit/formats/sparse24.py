@@ -19,7 +19,8 @@ codes[r, (j * b) // 8] at bit (j * b) % 8; the last byte of a row is zero-padded
 0.25 byte per kept value (16 indices in one little-endian uint32, index j at bits 2j..2j+1), so a bf16
 2:4 weight moves 1.125 bytes per dense weight instead of 2, and an fp32 one 2.125 instead of 4.
 
-Not done here: conversion to torch's semi-structured (``to_sparse_semi_structured``) or cuSPARSELt layouts.
+torch's semi-structured (CUTLASS) layout for 2:4 float16/bfloat16: ``sparsekit.formats.semi_structured``.
+Not done: cuSPARSELt's compressed layout (``SparseLinear`` builds that with ``torch._cslt_compress`` on CUDA).
 """
 
 from __future__ import annotations

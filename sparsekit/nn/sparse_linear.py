@@ -37,7 +37,7 @@ The dense fallback's storage, a trade-off to choose per model:
   on Llama-3-8B and SmolLM2 shapes with one thread, cold weights, on a shared machine
   (``benchmarks/results/unpack_linear_cpu_1t.md``):
   2:4 float32 0.94-1.67x (1.05-1.67x for M <= 32: the packed weight is 0.53x the bytes), 2:4 bfloat16
-  0.90-1.06x (0.90-0.95x at M = 8-64 on the Llama MLP shapes, where the decode costs about as much as
+  0.90-1.06x (0.90-0.97x at M = 8-64 on the Llama MLP shapes, where the decode costs about as much as
   oneDNN's bf16 GEMM), bitmap 50% 0.66-1.16x float32 and 0.45-0.98x bfloat16 (worst at small M), over
   M = 8..512; repeated dense timings differ by up to ~5%. So with ``"unpack"`` only 2:4 float32 is within
   noise of dense (or faster) at every M measured; in bfloat16 at small and middle M, and for bitmap, neither
