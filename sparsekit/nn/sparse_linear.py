@@ -33,7 +33,8 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 The dense fallback's storage, a trade-off to choose per model:
 
 * ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32
-  0.53x dense, bitmap 50% fp32 0.53x) plus the scratch blocks. Its cost against dense ``F.linear``, measured
+  0.53x dense, bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept
+  for the life of the thread, shared by all layers). Its cost against dense ``F.linear``, measured
   on Llama-3-8B and SmolLM2 shapes with one thread, cold weights, on a shared machine
   (``benchmarks/results/unpack_linear_cpu_1t.md``):
   2:4 float32 0.94-1.67x (1.05-1.67x for M <= 32: the packed weight is 0.53x the bytes), 2:4 bfloat16
