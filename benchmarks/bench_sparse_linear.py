@@ -250,7 +250,7 @@ def main() -> None:
         "called directly; SL = SparseLinear (checks and dispatch included) with dense_fallback unpack or cache; "
         "weights: 2:4 by |W| per group, bitmap 50% by |W| per row; no bias",
         "- SL path: the path SparseLinear (cache) takes for that M: sparse = packed kernel, dense = cached F.linear "
-        "(with unpack the same calls run the packed op)",
+        "(with unpack those calls run the decode + BLAS op, nm_unpack_linear / bitmap_unpack_linear)",
     ] + ([f"- note: {args.note}"] if args.note else []) + [""]
     md = render_markdown(rows_out, header) + "\n".join(summary_lines(rows_out)) + "\n"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -159,3 +159,128 @@ def test_bitmap_linear_cpp_rejects_offsets_not_ending_at_nnz():
     bitmask, values, offsets = packed_args(8, 100, 0.5, torch.float32)
     with pytest.raises(RuntimeError, match="row_offsets must run from 0 to nnz"):
         torch.ops.sparsekit.bitmap_linear(torch.randn(2, 100), bitmask, values[:-1], offsets, 100, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bitmap_unpack (packed -> dense) and bitmap_unpack_linear (decode + BLAS), against the reference
+# ----------------------------------------------------------------------------------------------------
+ISAS = ["auto", "avx512", "scalar"]  # as in test_sparse24.py: AVX-512 (+VBMI2 where present), without, portable
+
+
+def set_isa(isa, monkeypatch):
+    if isa != "auto":
+        if not CPP_LIVE:
+            pytest.skip("the ISA switch only changes the C++ kernel")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+
+
+def exact(t):
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.9, 1.0])
+# widths: under one 16/32-column chunk, a partial last tile, exact tiles, many tiles
+@pytest.mark.parametrize("shape", [(1, 1), (7, 130), (33, 64), (5, 200), (16, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bitmap_unpack_matches_reference_exactly(shape, sparsity, dtype, isa, monkeypatch):
+    set_isa(isa, monkeypatch)
+    w = sparse_weight(*shape, sparsity, dtype)
+    w[shape[0] // 2] = 0  # an empty row in the middle
+    p = pack_bitmap(w)
+    got = ops.bitmap_unpack(p.bitmask, p.values, p.row_offsets, shape[1])
+    assert got.dtype == dtype and got.shape == w.shape
+    assert torch.equal(exact(got), exact(R.bitmap_unpack_reference(p.bitmask, p.values, p.row_offsets, shape[1])))
+    assert torch.equal(got, w)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bitmap_unpack_ignores_bits_past_in_features(isa, monkeypatch):
+    set_isa(isa, monkeypatch)
+    w = sparse_weight(3, 70, 0.5)
+    p = pack_bitmap(w)
+    bitmask = p.bitmask.clone()
+    bitmask[:, 1] |= 1 << 40  # column 104 of a 70-column weight
+    got = ops.bitmap_unpack(bitmask, p.values, p.row_offsets, 70)
+    assert torch.equal(got, w)
+    assert torch.equal(got, R.bitmap_unpack_reference(bitmask, p.values, p.row_offsets, 70))
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+def test_bitmap_unpack_cpp_checks_every_row_against_its_popcount():
+    p = pack_bitmap(sparse_weight(4, 100, 0.5))
+    offsets = p.row_offsets.clone()
+    offsets[2] += 1  # row 1 claims one value more than its bits, row 2 one fewer; the total still matches
+    with pytest.raises(RuntimeError, match="row 1 has 50 bits set but row_offsets gives it values"):
+        torch.ops.sparsekit.bitmap_unpack(p.bitmask, p.values, offsets, 100)
+    with pytest.raises(RuntimeError, match="row_offsets must run from 0 to nnz"):
+        torch.ops.sparsekit.bitmap_unpack(p.bitmask, p.values[:-1], p.row_offsets, 100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
+def test_bitmap_unpack_opcheck(dtype):
+    bitmask, values, offsets = packed_args(12, 100, 0.7, dtype)
+    torch.library.opcheck(torch.ops.sparsekit.bitmap_unpack.default, (bitmask, values, offsets, 100))
+
+
+def _bad_bitmap_unpack():
+    bitmask, values, offsets = packed_args(8, 100, 0.5, torch.float32)
+    return [
+        ((bitmask, values.double(), offsets, 100), "float32, bfloat16 or float16"),
+        ((bitmask[:, :1], values, offsets, 100), r"bitmask must be int64 \(out"),
+        ((bitmask.int(), values, offsets, 100), "bitmask must be int64"),
+        ((bitmask, values, offsets[:-1], 100), "row_offsets must be int64"),
+        ((bitmask, values.reshape(1, -1), offsets, 100), "values must be 1-D"),
+    ]
+
+
+@pytest.mark.parametrize("args,match", _bad_bitmap_unpack())
+def test_bitmap_unpack_wrapper_raises_value_error(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.bitmap_unpack(*args)
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("args,match", _bad_bitmap_unpack())
+def test_bitmap_unpack_cpp_raises_runtime_error(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sparsekit.bitmap_unpack(*args)
+
+
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+# (out, in): one GEMM block; and above 4 MiB of dense weight (several blocks, the last one shorter)
+@pytest.mark.parametrize("shape", [(33, 100), (1100, 2000)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_bitmap_unpack_linear_matches_reference(rows, shape, sparsity, dtype, bias, isa, monkeypatch):
+    set_isa(isa, monkeypatch)
+    out_f, in_f = shape
+    bitmask, values, offsets = packed_args(out_f, in_f, sparsity, dtype)
+    x = torch.randn(rows, in_f).to(dtype)
+    b = torch.randn(out_f).to(dtype) if bias else None
+    got = ops.bitmap_unpack_linear(x, bitmask, values, offsets, in_f, b)
+    assert_linear_close(got, x, unpack_bitmap(BitmapPacked(bitmask, values, offsets, shape)), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+def test_bitmap_unpack_linear_opcheck(dtype):
+    bitmask, values, offsets = packed_args(12, 100, 0.7, dtype)
+    op = torch.ops.sparsekit.bitmap_unpack_linear.default
+    torch.library.opcheck(op, (torch.randn(3, 100).to(dtype), bitmask, values, offsets, 100, None))
+    torch.library.opcheck(op, (torch.randn(2, 1, 100).to(dtype), bitmask, values, offsets, 100,
+                               torch.randn(12).to(dtype)))
+
+
+@pytest.mark.parametrize("args,match", _bad_bitmap_linear())
+def test_bitmap_unpack_linear_wrapper_raises_value_error(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.bitmap_unpack_linear(*args)
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("args,match", _bad_bitmap_linear())
+def test_bitmap_unpack_linear_cpp_raises_runtime_error(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sparsekit.bitmap_unpack_linear(*args)

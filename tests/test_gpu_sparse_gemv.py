@@ -216,6 +216,34 @@ def test_opcheck_cuda():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)], ids=str)
+def test_nm_unpack_and_unpack_linear(n, m, dtype):
+    """nm_unpack equals the weight exactly; nm_unpack_linear is F.linear on it (the same cuBLAS call)."""
+    w = _nm_weight(200, 1024, n, m, dtype, "cuda")
+    p = pack_nm(w, n, m)
+    codes = nm_index_codes(p.indices, m)
+    assert torch.equal(sparsekit.ops.nm_unpack(p.values, codes, n, m, 1024), w)
+    x, b = torch.randn(33, 1024, device="cuda").to(dtype), torch.randn(200, device="cuda").to(dtype)
+    assert torch.equal(sparsekit.ops.nm_unpack_linear(x, p.values, codes, n, m, 1024, b), F.linear(x, w, b))
+    torch.library.opcheck(torch.ops.sparsekit.nm_unpack.default, (p.values, codes, n, m, 1024))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("in_f", [1024, 300])
+def test_bitmap_unpack_and_unpack_linear(in_f, dtype):
+    w = _bitmap_weight(200, in_f, 0.7, dtype, "cuda")
+    w[7] = 0
+    pb = pack_bitmap(w)
+    assert torch.equal(sparsekit.ops.bitmap_unpack(pb.bitmask, pb.values, pb.row_offsets, in_f), w)
+    x = torch.randn(5, in_f, device="cuda").to(dtype)
+    got = sparsekit.ops.bitmap_unpack_linear(x, pb.bitmask, pb.values, pb.row_offsets, in_f, None)
+    assert torch.equal(got, F.linear(x, w))
+    torch.library.opcheck(torch.ops.sparsekit.bitmap_unpack.default, (pb.bitmask, pb.values, pb.row_offsets, in_f))
+
+
+@pytest.mark.gpu
 def test_cuda_graph_capture():
     """No host syncs: a decode step (16 rows: the N:M kernel splits in_features, with workspace and rounding
     pass) is captured and replayed, with x updated in place between replays."""

@@ -17,7 +17,7 @@ import torch
 
 import sparsekit
 from sparsekit import ops
-from sparsekit.formats import NMPacked, nm_index_codes, nm_indices_from_codes, pack_nm, unpack_nm
+from sparsekit.formats import NMPacked, nm_index_bits, nm_index_codes, nm_indices_from_codes, pack_nm, unpack_nm
 from sparsekit.ops import reference as R
 from linear_check import assert_linear_close
 
@@ -202,3 +202,184 @@ def test_nm_linear_cpp_raises_runtime_error(args, match):
 def test_nm_packed_is_plain_data():
     p = pack_nm(nm_weight(2, 8, 2, 4), 2, 4)
     assert isinstance(p, NMPacked) and p.shape == (2, 8) and p.kept_per_group == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# nm_unpack (packed -> dense) and nm_unpack_linear (decode + BLAS), against the reference
+# ----------------------------------------------------------------------------------------------------
+# "auto": the fastest path here (AVX-512 with VBMI2 where the CPU has it); "avx512": AVX-512 without VBMI2;
+# "scalar": the portable path. 2:4 has its own vector path; other patterns share the bitmask + expand one.
+ISAS = ["auto", "avx512", "scalar"]
+UNPACK_PATTERNS = [(2, 4), (4, 8), (1, 4), (3, 4), (0, 4), (1, 2), (2, 3), (6, 8), (5, 16), (0, 1)]
+
+
+def set_isa(isa, monkeypatch):
+    if isa != "auto":
+        if not CPP_LIVE:
+            pytest.skip("the ISA switch only changes the C++ kernel")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+
+
+def exact(t):
+    """The bits of t, so that torch.equal also tells -0.0 from 0.0 and compares NaN payloads."""
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", PACK_DTYPES, ids=_id)
+@pytest.mark.parametrize("n,m", UNPACK_PATTERNS, ids=str)
+# widths: one 32-column step, a tail of 1..7 groups after full steps, several 64-column words, odd row counts
+@pytest.mark.parametrize("rows,groups", [(1, 8), (7, 3), (33, 25), (5, 200), (16, 129)], ids=str)
+def test_nm_unpack_matches_reference_exactly(rows, groups, n, m, dtype, isa, monkeypatch):
+    set_isa(isa, monkeypatch)
+    w = nm_weight(rows, groups * m, n, m, dtype)
+    w[0, :m] = 0  # a group with fewer non-zeros than kept slots
+    w[-1] = 0  # an empty row
+    p = pack_nm(w, n, m)
+    codes = nm_index_codes(p.indices, m)
+    got = ops.nm_unpack(p.values, codes, n, m, groups * m)
+    assert got.dtype == dtype and got.shape == w.shape
+    assert torch.equal(exact(got), exact(R.nm_unpack_reference(p.values, codes, n, m, groups * m)))
+    assert torch.equal(got, w)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", PACK_DTYPES, ids=_id)
+def test_nm_unpack_moves_bits_unchanged(dtype, isa, monkeypatch):
+    """Kept values are copied bit for bit: NaN, inf, -0.0 and subnormals included."""
+    set_isa(isa, monkeypatch)
+    w = nm_weight(9, 64, 2, 4, torch.float32)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, -3.5])
+    kept = (w != 0).nonzero()
+    for i, (r, c) in enumerate(kept[: len(specials)].tolist()):
+        w[r, c] = specials[i]
+    w = w.to(dtype)
+    p = pack_nm(w, 2, 4)
+    got = ops.nm_unpack(p.values, nm_index_codes(p.indices, 4), 2, 4, 64)
+    assert torch.equal(exact(got), exact(R.nm_unpack_reference(p.values, nm_index_codes(p.indices, 4), 2, 4, 64)))
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)], ids=str)
+def test_nm_unpack_repeated_position_last_value_wins(n, m, isa, monkeypatch):
+    """Codes pack_nm never makes (all zero: every kept value at position 0, as in a freshly constructed
+    SparseLinear) are written value by value, the last one winning."""
+    set_isa(isa, monkeypatch)
+    rows, groups, kept = 3, 9, m - n
+    values = torch.randn(rows, groups * kept)
+    codes = torch.zeros(rows, -(-groups * kept * nm_index_bits(m) // 8), dtype=torch.uint8)
+    want = torch.zeros(rows, groups, m)
+    want[:, :, 0] = values.reshape(rows, groups, kept)[:, :, -1]
+    assert torch.equal(ops.nm_unpack(values, codes, n, m, groups * m), want.reshape(rows, -1))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_nm_unpack_rejects_a_position_outside_the_group(isa, monkeypatch):
+    set_isa(isa, monkeypatch)
+    values = torch.randn(2, 4)  # 1:3, in_features 6: two groups of 3 keep 2 each
+    codes = nm_index_codes(torch.tensor([[0, 1, 0, 2], [0, 1, 1, 3]], dtype=torch.uint8), 3)
+    with pytest.raises(RuntimeError):  # C++: "index code 3 >= M=3 at row 1"; reference: scatter out of bounds
+        ops.nm_unpack(values, codes, 1, 3, 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)], ids=str)
+def test_nm_unpack_opcheck(n, m, dtype):
+    values, codes = packed_args(12, 96, n, m, dtype)
+    torch.library.opcheck(torch.ops.sparsekit.nm_unpack.default, (values, codes, n, m, 96))
+
+
+def test_nm_unpack_empty_shapes():
+    values, codes = packed_args(0, 16, 2, 4, torch.float32)
+    assert ops.nm_unpack(values, codes, 2, 4, 16).shape == (0, 16)
+    empty = torch.zeros(3, 0)
+    assert ops.nm_unpack(empty, torch.zeros(3, 0, dtype=torch.uint8), 2, 4, 0).shape == (3, 0)
+
+
+def _bad_nm_unpack():
+    values, codes = packed_args(8, 32, 2, 4, torch.float32)
+    return [
+        ((values.double(), codes, 2, 4, 32), "float32, bfloat16 or float16"),
+        ((values[:, :-1], codes, 2, 4, 32), r"values must be \(out"),
+        ((values, codes.int(), 2, 4, 32), "index_codes must be uint8"),
+        ((values, codes[:, :-1], 2, 4, 32), "index_codes must be uint8"),
+        ((values, codes, 2, 4, 30), "does not divide"),
+        ((values, codes, 4, 4, 32), "N < M"),
+    ]
+
+
+@pytest.mark.parametrize("args,match", _bad_nm_unpack())
+def test_nm_unpack_wrapper_raises_value_error(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.nm_unpack(*args)
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("args,match", _bad_nm_unpack())
+def test_nm_unpack_cpp_raises_runtime_error(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sparsekit.nm_unpack(*args)
+
+
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", PACK_DTYPES, ids=_id)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)], ids=str)
+# (out, in): one GEMM block; and above 4 MiB of dense weight (several blocks, the last one shorter)
+@pytest.mark.parametrize("shape", [(33, 96), (1100, 2048)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_nm_unpack_linear_matches_reference(rows, shape, n, m, dtype, bias, isa, monkeypatch):
+    set_isa(isa, monkeypatch)
+    out_f, in_f = shape
+    values, codes = packed_args(out_f, in_f, n, m, dtype)
+    x = torch.randn(rows, in_f).to(dtype)
+    b = torch.randn(out_f).to(dtype) if bias else None
+    got = ops.nm_unpack_linear(x, values, codes, n, m, in_f, b)
+    assert_linear_close(got, x, weight_of(values, codes, n, m, in_f), b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nm_unpack_linear_threads_and_inference_mode(threads):
+    """Blocks run on worker threads: their GEMMs must see the caller's inference mode (an inference tensor
+    written outside it raises), and the result must not depend on the thread count."""
+    values, codes = packed_args(600, 2048, 2, 4, torch.float32)
+    x, b = torch.randn(2, 3, 2048), torch.randn(600)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            got = ops.nm_unpack_linear(x, values, codes, 2, 4, 2048, b)
+    finally:
+        torch.set_num_threads(previous)
+    assert got.shape == (2, 3, 600)
+    assert_linear_close(got.reshape(6, 600), x.reshape(6, 2048), weight_of(values, codes, 2, 4, 2048), b)
+
+
+def test_nm_unpack_linear_empty_and_zero_width():
+    values, codes = packed_args(8, 16, 2, 4, torch.float32)
+    assert ops.nm_unpack_linear(torch.randn(0, 16), values, codes, 2, 4, 16).shape == (0, 8)
+    b = torch.randn(3)
+    got = ops.nm_unpack_linear(torch.randn(2, 0), torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.uint8), 2, 4, 0, b)
+    assert torch.equal(got, b.expand(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+def test_nm_unpack_linear_opcheck(dtype):
+    values, codes = packed_args(12, 64, 2, 4, dtype)
+    op = torch.ops.sparsekit.nm_unpack_linear.default
+    torch.library.opcheck(op, (torch.randn(3, 64).to(dtype), values, codes, 2, 4, 64, None))
+    torch.library.opcheck(op, (torch.randn(2, 1, 64).to(dtype), values, codes, 2, 4, 64, torch.randn(12).to(dtype)))
+
+
+@pytest.mark.parametrize("args,match", _bad_nm_linear())
+def test_nm_unpack_linear_wrapper_raises_value_error(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.nm_unpack_linear(*args)
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("args,match", _bad_nm_linear())
+def test_nm_unpack_linear_cpp_raises_runtime_error(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sparsekit.nm_unpack_linear(*args)

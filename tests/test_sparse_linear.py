@@ -3,7 +3,7 @@
 Each output is compared with the exact product on the same (low-precision) inputs, with the dtype's tolerance
 (``linear_check.assert_linear_close``); the dense-cache path must equal ``F.linear`` on the pruned weight bit
 for bit. Which path a call takes is checked twice: ``layer.path()`` against the measured policy pinned below,
-and by counting the calls that reach the packed op.
+and by counting the calls that reach the packed streaming op and the decode + BLAS op.
 """
 
 import pytest
@@ -45,15 +45,17 @@ def pruned_linear(in_f, out_f, fmt, bias=True, dtype=torch.float32, sparsity=0.5
     return lin.to(dtype)
 
 
-def count_packed_calls(layer):
+def count_calls(layer, method="_packed_op"):
+    """Record the x shapes reaching ``layer.<method>`` (``_packed_op``: the streaming kernel; ``_unpack_op``:
+    the decode + BLAS kernel)."""
     calls = []
-    original = layer._packed_op
+    original = getattr(layer, method)
 
     def counted(x):
         calls.append(x.shape)
         return original(x)
 
-    layer._packed_op = counted
+    setattr(layer, method, counted)
     return calls
 
 
@@ -96,18 +98,19 @@ CASES = [(in_f, out_f, fmt) for in_f, out_f in SHAPES for fmt in ("2:4", "4:8", 
 def test_forward_matches_dense_on_every_path(in_f, out_f, fmt, bias, dtype, fallback):
     lin = pruned_linear(in_f, out_f, fmt, bias, dtype)
     layer = SparseLinear.from_linear(lin, fmt, dense_fallback=fallback)
-    calls = count_packed_calls(layer)
+    calls, unpack_calls = count_calls(layer), count_calls(layer, "_unpack_op")
     w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
     for lead in LEADING:
         x = torch.randn(*lead, in_f).to(dtype)
         rows = x.numel() // in_f
         want = expected_path(fmt, dtype, rows, fallback)
         assert layer.path(rows, x.device, dtype) == want
-        before = len(calls)
+        before, unpack_before = len(calls), len(unpack_calls)
         with torch.no_grad():
             y = layer(x)
         assert y.shape == (*lead, out_f) and y.dtype == dtype
-        assert len(calls) - before == (0 if want == "dense" else 1), want
+        assert len(calls) - before == (1 if want == "sparse" else 0), want
+        assert len(unpack_calls) - unpack_before == (1 if want == "unpack" else 0), want
         if want == "dense":
             assert torch.equal(y, F.linear(x, w, b))
         else:
@@ -188,10 +191,11 @@ def test_gradient_reaches_x():
     assert all(not p.requires_grad for p in layer.parameters())
 
 
-def test_compile_fullgraph_matches_eager():
-    layer = SparseLinear.from_linear(pruned_linear(64, 24, "2:4"), dense_fallback="cache")
+@pytest.mark.parametrize("fallback", ["cache", "unpack"])
+def test_compile_fullgraph_matches_eager(fallback):
+    layer = SparseLinear.from_linear(pruned_linear(64, 24, "2:4"), dense_fallback=fallback)
     compiled = torch.compile(layer, fullgraph=True)
-    for rows in (1, 16):  # the sparse kernel, then the dense fallback
+    for rows in (1, 16):  # the sparse kernel, then the fallback (dense cache, or decode + BLAS)
         x = torch.randn(rows, 64)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)

@@ -12,7 +12,8 @@
 //   per row of x against 16 contiguous inputs. The lanes of pruned weights multiply x by 0.
 // * Otherwise (float16, no AVX-512, SPARSEKIT_CPU_ISA=scalar): walk the set bits with ctz; pruned weights are
 //   skipped, so an inf/NaN of x at a pruned position does not reach y there.
-// * More than kMaxRowsStreamed rows of x: the weight is decoded to dense once and at::linear (BLAS) runs.
+// * More than kMaxRowsStreamed rows of x: the weight is decoded to dense block by block and
+//   BLAS runs on each block (bitmap_unpack_linear_cpu, bitmap_unpack.cpp).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -21,6 +22,7 @@
 
 #include "cpu/cpu_isa.h"
 #include "cpu/to_float.h"
+#include "cpu/unpack.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -125,23 +127,6 @@ SPARSEKIT_AVX512 void bitmap_rows_avx512(const BitmapProblem& p, const scalar_t*
 #endif
 
 template <typename scalar_t>
-void decode_dense(const BitmapProblem& p, const scalar_t* values, scalar_t* dense) {
-  at::parallel_for(0, p.out_features, std::max<int64_t>(1, kWeightsPerTask / std::max<int64_t>(1, p.in_features)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r) {
-                       scalar_t* d = dense + r * p.in_features;
-                       std::fill(d, d + p.in_features, scalar_t(0));
-                       const scalar_t* v = values + p.row_offsets[r];
-                       for (int64_t t = 0; t < p.tiles; ++t) {
-                         for (uint64_t bits = p.bitmask[r * p.tiles + t]; bits; bits &= bits - 1) {
-                           d[t * kTile + __builtin_ctzll(bits)] = *v++;
-                         }
-                       }
-                     }
-                   });
-}
-
-template <typename scalar_t>
 void run_streamed(const BitmapProblem& p, const scalar_t* values, bool fast) {
   const int64_t grain = std::max<int64_t>(1, kWeightsPerTask / std::max<int64_t>(1, p.in_features));
 #if SPARSEKIT_HAVE_X86
@@ -207,13 +192,7 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   p.bitmask = reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>());
   p.row_offsets = off;
 
-  if (rows > kMaxRowsStreamed) {
-    at::Tensor dense = at::empty({out_features, in_features}, vals.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sparsekit_bitmap_linear_decode", [&] {
-      decode_dense(p, vals.const_data_ptr<scalar_t>(), dense.data_ptr<scalar_t>());
-    });
-    return at::linear(x, dense, bias);
-  }
+  if (rows > kMaxRowsStreamed) return bitmap_unpack_linear_cpu(x, mask, vals, offsets, in_features, bias);
 
   const bool fast = use_avx512() && dt != at::kHalf;
   at::Tensor xf = at::zeros({rows, p.in_padded}, xs.options().dtype(at::kFloat));

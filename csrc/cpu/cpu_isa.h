@@ -10,6 +10,9 @@
 #include <immintrin.h>
 #define SPARSEKIT_HAVE_X86 1
 #define SPARSEKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,bmi,popcnt")))
+// AVX-512 plus VBMI2 (vpexpandw: 32 16-bit lanes per expand), for the unpack kernels' 16-bit path.
+#define SPARSEKIT_AVX512_VBMI2 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,bmi,popcnt")))
 #else
 #define SPARSEKIT_HAVE_X86 0
 #endif
@@ -24,6 +27,18 @@ inline bool use_avx512() {
                               __builtin_cpu_supports("avx512vl");
   const char* isa = std::getenv("SPARSEKIT_CPU_ISA");
   return cpu_has && !(isa && std::strcmp(isa, "scalar") == 0);
+#else
+  return false;
+#endif
+}
+
+// True when use_avx512() and the CPU also has AVX512-VBMI2, unless SPARSEKIT_CPU_ISA is "avx512" (the tests
+// force the plain AVX-512 path of the unpack kernels that way).
+inline bool use_avx512_vbmi2() {
+#if SPARSEKIT_HAVE_X86
+  static const bool cpu_has = __builtin_cpu_supports("avx512vbmi2");
+  const char* isa = std::getenv("SPARSEKIT_CPU_ISA");
+  return cpu_has && use_avx512() && !(isa && std::strcmp(isa, "avx512") == 0);
 #else
   return false;
 #endif

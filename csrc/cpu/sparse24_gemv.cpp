@@ -11,7 +11,8 @@
 //   (4 bytes of codes -> 16 two-bit fields -> + group base 0,0,4,4,...,28,28) select the matching inputs
 //   from two 16-float registers with one vpermt2ps, then one FMA per row of x. No gathers.
 // * Every other case (other N:M, float16, no AVX-512, SPARSEKIT_CPU_ISA=scalar): portable scalar loop.
-// * More than kMaxRowsStreamed rows of x: the weight is decoded to dense once and at::linear (BLAS) runs.
+// * More than kMaxRowsStreamed rows of x: the weight is decoded to dense block by block and
+//   BLAS runs on each block (nm_unpack_linear_cpu, sparse24_unpack.cpp).
 //
 // Products with pruned weights are skipped, so an inf/NaN of x at a pruned position does not reach y
 // (dense F.linear would give NaN there).
@@ -23,6 +24,7 @@
 
 #include "cpu/cpu_isa.h"
 #include "cpu/to_float.h"
+#include "cpu/unpack.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -138,23 +140,6 @@ SPARSEKIT_AVX512 void sparse24_rows_avx512(const NMProblem& p, const scalar_t* v
 }
 #endif
 
-// Dense (out, in) weight in values' dtype, for the many-rows path.
-template <typename scalar_t>
-void decode_dense(const NMProblem& p, const scalar_t* values, scalar_t* dense) {
-  at::parallel_for(0, p.out_features, std::max<int64_t>(1, kWeightsPerTask / std::max<int64_t>(1, p.in_features)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r) {
-                       scalar_t* d = dense + r * p.in_features;
-                       std::fill(d, d + p.in_features, scalar_t(0));
-                       const scalar_t* v = values + r * p.kept_per_row;
-                       const uint8_t* c = p.codes + r * p.code_width;
-                       for (int64_t j = 0; j < p.kept_per_row; ++j) {
-                         d[(j / p.kept_per_group) * p.m + code_at(c, j, p.bits)] = v[j];
-                       }
-                     }
-                   });
-}
-
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& index_codes, int64_t n,
                          int64_t m, int64_t in_features, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && index_codes.device().is_cpu(),
@@ -208,13 +193,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   p.codes = codes.const_data_ptr<uint8_t>();
   p.rows = rows;
 
-  if (rows > kMaxRowsStreamed) {
-    at::Tensor dense = at::empty({out_features, in_features}, vals.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sparsekit_nm_linear_decode", [&] {
-      decode_dense(p, vals.const_data_ptr<scalar_t>(), dense.data_ptr<scalar_t>());
-    });
-    return at::linear(x, dense, bias);
-  }
+  if (rows > kMaxRowsStreamed) return nm_unpack_linear_cpu(x, vals, codes, n, m, in_features, bias);
 
   const bool fast24 = n == 2 && m == 4 && dt != at::kHalf && use_avx512();
   at::Tensor xf = at::zeros({rows, p.in_padded}, xs.options().dtype(at::kFloat));

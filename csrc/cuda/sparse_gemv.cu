@@ -6,6 +6,7 @@
 //   pass when it splits in_features over CTAs). Anything else (float32, other patterns, more rows): decode W
 //   to dense, then at::linear (cuBLAS).
 // * bitmap_linear: 1..64 rows of x, bf16/fp16/fp32: the CUDA-core kernel; more rows: decode + at::linear.
+// * nm_unpack / bitmap_unpack: the decode kernels alone; *_unpack_linear: decode, then at::linear.
 // Neither syncs with the host, so both can be captured in a CUDA graph. row_offsets is trusted to match the
 // bitmask's popcounts (checking its last entry against nnz, as the CPU kernel does, would need a host sync).
 #include <ATen/Dispatch.h>
@@ -195,10 +196,117 @@ at::Tensor bitmap_linear_cuda(const at::Tensor& x, const at::Tensor& bitmask, co
   return y.reshape(shape);
 }
 
+// sparsekit::nm_unpack: nm_decode_kernel into a zeroed dense weight. The codes are trusted as on nm_linear's
+// decode path (checking them would need a host sync): a repeated position leaves one of its values, which one
+// unspecified, and a position >= M (possible for M = 3, 5..15) writes into the next group.
+at::Tensor nm_unpack_cuda(const at::Tensor& values, const at::Tensor& index_codes, int64_t n, int64_t m,
+                          int64_t in_features) {
+  constexpr const char* op = "sparsekit::nm_unpack";
+  TORCH_CHECK(1 <= m && m <= 16 && 0 <= n && n < m, op, ": N:M needs 0 <= N < M <= 16, got ", n, ":", m);
+  TORCH_CHECK(in_features >= 0 && in_features % m == 0, op, ": M=", m, " does not divide in_features=",
+              in_features);
+  const auto dt = values.scalar_type();
+  TORCH_CHECK(values.is_cuda() && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf), op,
+              ": values must be float32, bfloat16 or float16 on a CUDA device, got ", dt, " on ", values.device());
+  const int64_t kept = m - n;
+  const int64_t kept_per_row = in_features / m * kept;
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == kept_per_row, op, ": values must be (out, ", kept_per_row,
+              "), got ", values.sizes());
+  const int64_t out_features = values.size(0);
+  const int64_t code_width = (kept_per_row * (m <= 4 ? 2 : 4) + 7) / 8;
+  TORCH_CHECK(index_codes.scalar_type() == at::kByte && index_codes.dim() == 2 &&
+                  index_codes.size(0) == out_features && index_codes.size(1) == code_width,
+              op, ": index_codes must be uint8 (", out_features, ", ", code_width, "), got ",
+              index_codes.scalar_type(), " ", index_codes.sizes());
+  TORCH_CHECK(index_codes.device() == values.device(), op, ": values are on ", values.device(),
+              " but index_codes on ", index_codes.device());
+
+  const c10::cuda::CUDAGuard guard(values.device());
+  at::Tensor dense = at::zeros({out_features, in_features}, values.options());
+  if (out_features == 0 || kept_per_row == 0) return dense;
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor codes = index_codes.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(values.get_device()).stream();
+  const int num_sms = cuda::multiprocessor_count(values.get_device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sparsekit_nm_unpack_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    gemv::launch_nm_decode<T>(reinterpret_cast<const T*>(vals.const_data_ptr()), codes.const_data_ptr<uint8_t>(),
+                              reinterpret_cast<T*>(dense.mutable_data_ptr()), out_features, in_features, m, kept,
+                              num_sms, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dense;
+}
+
+// sparsekit::bitmap_unpack: bitmap_decode_kernel into a zeroed dense weight. row_offsets is trusted (as on
+// bitmap_linear); bits past in_features are cleared first, as the CPU kernel and the reference ignore them.
+at::Tensor bitmap_unpack_cuda(const at::Tensor& bitmask, const at::Tensor& values, const at::Tensor& row_offsets,
+                              int64_t in_features) {
+  constexpr const char* op = "sparsekit::bitmap_unpack";
+  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  const int64_t tiles = cuda::ceil_div(in_features, gemv::kTile);
+  TORCH_CHECK(bitmask.scalar_type() == at::kLong && bitmask.dim() == 2 && bitmask.size(1) == tiles, op,
+              ": bitmask must be int64 (out, ", tiles, "), got ", bitmask.scalar_type(), " ", bitmask.sizes());
+  const int64_t out_features = bitmask.size(0);
+  TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 &&
+                  row_offsets.size(0) == out_features + 1,
+              op, ": row_offsets must be int64 (", out_features + 1, ",), got ", row_offsets.scalar_type(), " ",
+              row_offsets.sizes());
+  const auto dt = values.scalar_type();
+  TORCH_CHECK(values.dim() == 1 && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf), op,
+              ": values must be 1-D float32, bfloat16 or float16, got ", dt, " ", values.sizes());
+  TORCH_CHECK(values.is_cuda() && bitmask.device() == values.device() && row_offsets.device() == values.device(),
+              op, ": bitmask (", bitmask.device(), "), values (", values.device(), ") and row_offsets (",
+              row_offsets.device(), ") must share a CUDA device");
+
+  const c10::cuda::CUDAGuard guard(values.device());
+  at::Tensor dense = at::zeros({out_features, in_features}, values.options());
+  if (out_features == 0 || tiles == 0) return dense;
+  at::Tensor mask = bitmask.contiguous();
+  if (in_features % gemv::kTile) {
+    mask = mask.clone();
+    mask.select(1, tiles - 1).bitwise_and_((int64_t(1) << (in_features % gemv::kTile)) - 1);
+  }
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor offsets = row_offsets.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(values.get_device()).stream();
+  const int num_sms = cuda::multiprocessor_count(values.get_device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sparsekit_bitmap_unpack_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    gemv::launch_bitmap_decode<T>(reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>()),
+                                  reinterpret_cast<const T*>(vals.const_data_ptr()),
+                                  offsets.const_data_ptr<int64_t>(), reinterpret_cast<T*>(dense.mutable_data_ptr()),
+                                  out_features, in_features, num_sms, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dense;
+}
+
+// sparsekit::nm_unpack_linear / bitmap_unpack_linear: the whole dense weight, then cuBLAS. (The CPU kernels
+// decode block by block to avoid a fresh host allocation per call; CUDA's caching allocator has no such cost.)
+at::Tensor nm_unpack_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& index_codes,
+                                 int64_t n, int64_t m, int64_t in_features, const std::optional<at::Tensor>& bias) {
+  check_x_and_bias("sparsekit::nm_unpack_linear", x, in_features, values.dim() == 2 ? values.size(0) : 0, values,
+                   bias);
+  return at::linear(x, nm_unpack_cuda(values, index_codes, n, m, in_features), bias);
+}
+
+at::Tensor bitmap_unpack_linear_cuda(const at::Tensor& x, const at::Tensor& bitmask, const at::Tensor& values,
+                                     const at::Tensor& row_offsets, int64_t in_features,
+                                     const std::optional<at::Tensor>& bias) {
+  check_x_and_bias("sparsekit::bitmap_unpack_linear", x, in_features, bitmask.dim() == 2 ? bitmask.size(0) : 0,
+                   values, bias);
+  return at::linear(x, bitmap_unpack_cuda(bitmask, values, row_offsets, in_features), bias);
+}
+
 }  // namespace
 }  // namespace sparsekit
 
 TORCH_LIBRARY_IMPL(sparsekit, CUDA, m) {
   m.impl("nm_linear", TORCH_FN(sparsekit::nm_linear_cuda));
   m.impl("bitmap_linear", TORCH_FN(sparsekit::bitmap_linear_cuda));
+  m.impl("nm_unpack", TORCH_FN(sparsekit::nm_unpack_cuda));
+  m.impl("bitmap_unpack", TORCH_FN(sparsekit::bitmap_unpack_cuda));
+  m.impl("nm_unpack_linear", TORCH_FN(sparsekit::nm_unpack_linear_cuda));
+  m.impl("bitmap_unpack_linear", TORCH_FN(sparsekit::bitmap_unpack_linear_cuda));
 }

@@ -5,11 +5,16 @@
   and the compact 2- or 4-bit index codes the kernels read (``nm_index_codes``).
 * ``bitmap``   unstructured sparsity: a 64-bit mask per 64-column tile of a row, the non-zeros packed in
   row-major order, and per-row offsets into them (``pack_bitmap`` / ``unpack_bitmap``).
+* ``semi_structured`` conversion of 2:4 float16/bfloat16 weights to and from torch's semi-structured
+  (CUTLASS) layout (``to_torch_semi_structured`` / ``from_torch_semi_structured``).
 
-The formats hold tensors and nothing else; ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` compute with them.
+The formats hold tensors and nothing else; ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` compute with them,
+and ``sparsekit.ops.nm_unpack`` / ``bitmap_unpack`` are the C++ (CPU) versions of ``unpack_nm`` /
+``unpack_bitmap`` on the kernels' form (index codes instead of indices).
 """
 
 from .bitmap import BITMAP_TILE, BitmapPacked, pack_bitmap, unpack_bitmap
+from .semi_structured import from_torch_semi_structured, to_sparse_semi_structured_tensor, to_torch_semi_structured
 from .sparse24 import NMPacked, nm_index_bits, nm_index_codes, nm_indices_from_codes, pack_nm, unpack_nm
 
 __all__ = [
@@ -23,4 +28,7 @@ __all__ = [
     "BitmapPacked",
     "pack_bitmap",
     "unpack_bitmap",
+    "to_torch_semi_structured",
+    "from_torch_semi_structured",
+    "to_sparse_semi_structured_tensor",
 ]

@@ -19,7 +19,8 @@ codes[r, (j * b) // 8] at bit (j * b) % 8; the last byte of a row is zero-padded
 0.25 byte per kept value (16 indices in one little-endian uint32, index j at bits 2j..2j+1), so a bf16
 2:4 weight moves 1.125 bytes per dense weight instead of 2, and an fp32 one 2.125 instead of 4.
 
-Not done here: conversion to torch's semi-structured (``to_sparse_semi_structured``) or cuSPARSELt layouts.
+torch's semi-structured (CUTLASS) layout for 2:4 float16/bfloat16: ``sparsekit.formats.semi_structured``.
+Not done: cuSPARSELt's compressed layout (``SparseLinear`` builds that with ``torch._cslt_compress`` on CUDA).
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ def pack_nm(weight: torch.Tensor, n: int, m: int) -> NMPacked:
     pos = torch.arange(m, device=weight.device)
     rank_key = (~nonzero).to(torch.int64) * m + pos
     chosen = torch.sort(torch.argsort(rank_key, dim=-1)[..., :kept], dim=-1).values
-    values = torch.gather(groups, -1, chosen).reshape(rows, -1)
-    return NMPacked(values.contiguous(), chosen.to(torch.uint8).reshape(rows, -1).contiguous(), (rows, cols), n, m)
+    values = torch.gather(groups, -1, chosen).reshape(rows, cols // m * kept)
+    indices = chosen.to(torch.uint8).reshape(rows, cols // m * kept)
+    return NMPacked(values.contiguous(), indices.contiguous(), (rows, cols), n, m)
 
 
 def unpack_nm(packed: NMPacked) -> torch.Tensor:
@@ -98,7 +100,9 @@ def unpack_nm(packed: NMPacked) -> torch.Tensor:
     rows, cols = packed.shape
     m, kept = packed.m, packed.kept_per_group
     dense = packed.values.new_zeros(rows, cols // m, m)
-    dense.scatter_(-1, packed.indices.to(torch.int64).reshape(rows, -1, kept), packed.values.reshape(rows, -1, kept))
+    groups = cols // m
+    dense.scatter_(-1, packed.indices.to(torch.int64).reshape(rows, groups, kept),
+                   packed.values.reshape(rows, groups, kept))
     return dense.reshape(rows, cols)
 
 
@@ -127,4 +131,4 @@ def nm_indices_from_codes(codes: torch.Tensor, m: int, count: int) -> torch.Tens
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
     unpacked = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return unpacked.reshape(codes.shape[0], -1)[:, :count].to(torch.uint8)
+    return unpacked.reshape(codes.shape[0], codes.shape[1] * per_byte)[:, :count].to(torch.uint8)

@@ -17,38 +17,46 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
   cold weights, 2 threads, idle machine): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 8, in
   bfloat16 for M <= 2. With one torch thread (``CPU_SPARSE_MAX_ROWS_ONE_THREAD``): 2:4 only, float32
   M <= 4, bfloat16 M = 1. Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M
-  than 2:4, float16, CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed.
+  than 2:4, float16, CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed: those
+  layers take the fallback at every M.
 * ``"cslt"``: CUDA only, 2:4 in float16/bfloat16 where torch exposes cuSPARSELt
   (``torch._cslt_sparse_mm``, ``torch.backends.cusparselt.is_available()``) and the shape fits its limits
   (out % 16 == 0, in % 16 == 0). Untested on a device so far.
 * ``"dense"``: ``F.linear`` on a cached dense copy of the weight, when ``dense_fallback="cache"``.
-* ``"unpack"``: everywhere else with ``dense_fallback="unpack"`` (the default): the packed op anyway, which
-  streams the packed weight up to 64 rows of x and decodes it to dense + BLAS above that.
-* ``"grad"``: when x requires grad: ``F.linear`` on the unpacked weight, so gradients reach x (the ops have
-  no autograd formula). The packed weight itself is frozen.
+* ``"unpack"``: everywhere else with ``dense_fallback="unpack"`` (the default): ``sparsekit.ops.nm_unpack_linear``
+  / ``bitmap_unpack_linear``, i.e. ``F.linear`` on the unpacked weight without keeping it: the CPU kernel
+  decodes blocks of 4-32 MiB of dense weight into a per-thread scratch buffer (reused from call to call) and
+  runs one BLAS GEMM per block (``csrc/cpu/unpack_linear.h``). On other devices: decode, then ``F.linear``.
+* ``"grad"``: when x requires grad: ``F.linear`` on the unpacked weight (``sparsekit.ops.nm_unpack``), so
+  gradients reach x (the ops have no autograd formula). The packed weight itself is frozen.
 
-The dense fallback's storage, a trade-off to choose per model (figures from
-``benchmarks/results/sparse_linear_cpu_dispatch.md``):
+The dense fallback's storage, a trade-off to choose per model:
 
 * ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32
-  0.53x dense, bitmap 50% fp32 0.53x). Calls outside the measured region run the packed op and are slower
-  than dense ``F.linear``: down to 0.2x at M = 32-64 in float32 and 0.06-0.3x at M = 4-64 in bfloat16 (a
-  prefill of a few dozen tokens), and every call of a layer without a fast kernel (4:8, float16) is 10-50x
-  slower. Decoding the weight in Python on each call is slower still (a bitmap 1536x576 takes ~4 ms to
-  unpack against ~0.05 ms for the dense GEMV), so it is not offered.
+  0.53x dense, bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept
+  for the life of the thread, shared by all layers). Its cost against dense ``F.linear``, measured
+  on Llama-3-8B and SmolLM2 shapes with one thread, cold weights, on a shared machine
+  (``benchmarks/results/unpack_linear_cpu_1t.md``):
+  2:4 float32 0.94-1.67x (1.05-1.67x for M <= 32: the packed weight is 0.53x the bytes), 2:4 bfloat16
+  0.90-1.06x (0.90-0.97x at M = 8-64 on the Llama MLP shapes, where the decode costs about as much as
+  oneDNN's bf16 GEMM), bitmap 50% 0.66-1.16x float32 and 0.45-0.98x bfloat16 (worst at small M), over
+  M = 8..512; repeated dense timings differ by up to ~5%. So with ``"unpack"`` only 2:4 float32 is within
+  noise of dense (or faster) at every M measured; in bfloat16 at small and middle M, and for bitmap, neither
+  the packed kernel nor decode + BLAS reaches dense. Layers of other N:M patterns or float16 take this path at
+  every M; they were not measured.
+  Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
+  tens of MiB is page-faulted on every call (0.12-0.88x dense on the Llama shapes in the same run).
 * ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer: never
   saved, rebuilt on load): calls outside the measured region cost a dense ``F.linear`` plus ~6 us of Python
-  dispatch, so the layer is never slower than ``nn.Linear`` beyond noise (0.9-1.0x measured; the dispatch
-  shows on the smallest layers), but memory is packed + dense (1.53x dense for 2:4 fp32), more than the
-  dense model.
+  dispatch (0.9-1.0x measured; the dispatch shows on the smallest layers), but memory is packed + dense
+  (1.53x dense for 2:4 fp32), more than the dense model.
 
 The measured region depends on threads: with one thread the bitmap kernel lost to dense at M = 1 on every
 shape (0.4-0.9x) while 2:4 still won 1.1-4x. The limits are decided from ``torch.get_num_threads()`` when a
 layer is built; ``refresh_dispatch()`` re-decides them.
 
 On CUDA, ``CUDA_SPARSE_MAX_ROWS`` is empty until sparsekit's own GPU kernels for these ops are measured:
-calls take the cuSPARSELt path where it applies, else the op (``unpack``: whatever backend the op has there)
-or the dense cache.
+calls take the cuSPARSELt path where it applies, else ``unpack`` (decode, then cuBLAS) or the dense cache.
 
 Not done: training (the packed weight has no gradient), a measured CUDA dispatch table, quantized values.
 """
@@ -64,18 +72,7 @@ from torch import nn
 
 from .. import ops
 from ..compressed import register_compressed_module
-from ..formats import (
-    BITMAP_TILE,
-    BitmapPacked,
-    NMPacked,
-    nm_index_bits,
-    nm_index_codes,
-    nm_indices_from_codes,
-    pack_bitmap,
-    pack_nm,
-    unpack_bitmap,
-    unpack_nm,
-)
+from ..formats import BITMAP_TILE, nm_index_bits, nm_index_codes, pack_bitmap, pack_nm
 from ..models import is_linear, linear_weight
 
 __all__ = [
@@ -312,13 +309,11 @@ class SparseLinear(nn.Module):
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
-        """The (out_features, in_features) weight, in the values' dtype and device."""
+        """The (out_features, in_features) weight, in the values' dtype and device (``sparsekit.ops.nm_unpack`` /
+        ``bitmap_unpack``: the C++ kernel on CPU, the plain-PyTorch reference elsewhere)."""
         if self.kind == "nm":
-            kept = self.values.shape[1]
-            indices = nm_indices_from_codes(self.index_codes, self.m, kept)
-            return unpack_nm(NMPacked(self.values, indices, (self.out_features, self.in_features), self.n, self.m))
-        return unpack_bitmap(BitmapPacked(self.bitmask, self.values, self.row_offsets,
-                                          (self.out_features, self.in_features)))
+            return torch.ops.sparsekit.nm_unpack(self.values, self.index_codes, self.n, self.m, self.in_features)
+        return torch.ops.sparsekit.bitmap_unpack(self.bitmask, self.values, self.row_offsets, self.in_features)
 
     def set_dense_fallback(self, mode: str) -> "SparseLinear":
         """Switch between ``"unpack"`` (packed weight only) and ``"cache"`` (plus a dense copy in memory)."""
@@ -426,6 +421,13 @@ class SparseLinear(nn.Module):
         return torch.ops.sparsekit.bitmap_linear(x, self.bitmask, self.values, self.row_offsets, self.in_features,
                                                  self.bias)
 
+    def _unpack_op(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "nm":
+            return torch.ops.sparsekit.nm_unpack_linear(x, self.values, self.index_codes, self.n, self.m,
+                                                        self.in_features, self.bias)
+        return torch.ops.sparsekit.bitmap_unpack_linear(x, self.bitmask, self.values, self.row_offsets,
+                                                        self.in_features, self.bias)
+
     def _cslt_linear(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -444,8 +446,10 @@ class SparseLinear(nn.Module):
             self._check_input(x)  # raises, naming the problem
         path = self.path(x.numel() // self.in_features, x.device, x.dtype,
                          requires_grad=x.requires_grad and torch.is_grad_enabled())
-        if path == "sparse" or path == "unpack":
+        if path == "sparse":
             return self._packed_op(x)
+        if path == "unpack":
+            return self._unpack_op(x)
         if path == "dense":
             return F.linear(x, self.dense_weight, self.bias)
         if path == "cslt":

@@ -234,25 +234,45 @@ def channel_stats_accumulate_(sq_acc: torch.Tensor, abs_acc: torch.Tensor, x: to
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sparse linear layers on packed weights (sparsekit/formats). Kernels: csrc/cpu/sparse24_gemv.cpp and
-# csrc/cpu/bitmap_gemv.cpp.
+# Sparse linear layers on packed weights (sparsekit/formats), and decoding them to dense. Kernels:
+# csrc/cpu/sparse24_gemv.cpp, bitmap_gemv.cpp, sparse24_unpack.cpp and bitmap_unpack.cpp.
 # ----------------------------------------------------------------------------------------------------
 from ..formats.bitmap import BITMAP_TILE as _BITMAP_TILE  # noqa: E402
 from ..formats.sparse24 import MAX_GROUP_SIZE as _NM_MAX_GROUP, nm_index_bits as _nm_index_bits  # noqa: E402
-from .reference import bitmap_linear_reference, nm_linear_reference  # noqa: E402
+from .reference import (  # noqa: E402
+    bitmap_linear_reference,
+    bitmap_unpack_linear_reference,
+    bitmap_unpack_reference,
+    nm_linear_reference,
+    nm_unpack_linear_reference,
+    nm_unpack_reference,
+)
 
 _LINEAR_SCHEMAS = {
     "nm_linear": "nm_linear(Tensor x, Tensor values, Tensor index_codes, int n, int m, int in_features, "
     "Tensor? bias) -> Tensor",
     "bitmap_linear": "bitmap_linear(Tensor x, Tensor bitmask, Tensor values, Tensor row_offsets, int in_features, "
     "Tensor? bias) -> Tensor",
+    "nm_unpack": "nm_unpack(Tensor values, Tensor index_codes, int n, int m, int in_features) -> Tensor",
+    "bitmap_unpack": "bitmap_unpack(Tensor bitmask, Tensor values, Tensor row_offsets, int in_features) -> Tensor",
+    "nm_unpack_linear": "nm_unpack_linear(Tensor x, Tensor values, Tensor index_codes, int n, int m, "
+    "int in_features, Tensor? bias) -> Tensor",
+    "bitmap_unpack_linear": "bitmap_unpack_linear(Tensor x, Tensor bitmask, Tensor values, Tensor row_offsets, "
+    "int in_features, Tensor? bias) -> Tensor",
 }
-_LINEAR_DEFAULTS = {"nm_linear": nm_linear_reference, "bitmap_linear": bitmap_linear_reference}
+_LINEAR_DEFAULTS = {
+    "nm_linear": nm_linear_reference,
+    "bitmap_linear": bitmap_linear_reference,
+    "nm_unpack": nm_unpack_reference,
+    "bitmap_unpack": bitmap_unpack_reference,
+    "nm_unpack_linear": nm_unpack_linear_reference,
+    "bitmap_unpack_linear": bitmap_unpack_linear_reference,
+}
 for _name, _schema in _LINEAR_SCHEMAS.items():
     _lib.define(_schema)
     _lib.impl(_name, _LINEAR_DEFAULTS[_name], "CompositeExplicitAutograd")
 OP_NAMES = OP_NAMES + tuple(_LINEAR_SCHEMAS)
-__all__ += ["nm_linear", "bitmap_linear"]
+__all__ += ["nm_linear", "bitmap_linear", "nm_unpack", "bitmap_unpack", "nm_unpack_linear", "bitmap_unpack_linear"]
 
 _LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -274,7 +294,7 @@ def _check_linear_common(x, out_features, in_features, bias, weight_dtype, devic
             )
 
 
-def _check_nm_linear(x, values, index_codes, n, m, in_features, bias) -> None:
+def _check_nm_packed(values, index_codes, n, m, in_features) -> None:
     if not (isinstance(m, int) and 1 <= m <= _NM_MAX_GROUP):
         raise ValueError(f"N:M needs 1 <= M <= {_NM_MAX_GROUP}, got M={m}")
     if not (0 <= n < m):
@@ -295,10 +315,20 @@ def _check_nm_linear(x, values, index_codes, n, m, in_features, bias) -> None:
         )
     if index_codes.device != values.device:
         raise ValueError(f"values are on {values.device} but index_codes on {index_codes.device}")
+
+
+def _check_nm_linear(x, values, index_codes, n, m, in_features, bias) -> None:
+    _check_nm_packed(values, index_codes, n, m, in_features)
     _check_linear_common(x, values.shape[0], in_features, bias, values.dtype, values.device)
 
 
-def _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias) -> None:
+def _check_nm_unpack(values, index_codes, n, m, in_features) -> None:
+    _check_nm_packed(values, index_codes, n, m, in_features)
+    if values.dtype not in _LINEAR_DTYPES:
+        raise ValueError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
+
+
+def _check_bitmap_packed(bitmask, values, row_offsets, in_features) -> None:
     if in_features < 0:
         raise ValueError(f"in_features must be >= 0, got {in_features}")
     tiles = -(-in_features // _BITMAP_TILE)
@@ -319,7 +349,17 @@ def _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias) -> 
             f"bitmask ({bitmask.device}), values ({values.device}) and row_offsets ({row_offsets.device}) must "
             "share a device"
         )
-    _check_linear_common(x, out_features, in_features, bias, values.dtype, values.device)
+
+
+def _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias) -> None:
+    _check_bitmap_packed(bitmask, values, row_offsets, in_features)
+    _check_linear_common(x, bitmask.shape[0], in_features, bias, values.dtype, values.device)
+
+
+def _check_bitmap_unpack(bitmask, values, row_offsets, in_features) -> None:
+    _check_bitmap_packed(bitmask, values, row_offsets, in_features)
+    if values.dtype not in _LINEAR_DTYPES:
+        raise ValueError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
 
 
 @torch.library.register_fake("sparsekit::nm_linear")
@@ -330,6 +370,30 @@ def _nm_linear_fake(x, values, index_codes, n, m, in_features, bias):
 
 @torch.library.register_fake("sparsekit::bitmap_linear")
 def _bitmap_linear_fake(x, bitmask, values, row_offsets, in_features, bias):
+    _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
+    return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
+
+
+@torch.library.register_fake("sparsekit::nm_unpack")
+def _nm_unpack_fake(values, index_codes, n, m, in_features):
+    _check_nm_unpack(values, index_codes, n, m, in_features)
+    return values.new_empty((values.shape[0], in_features))
+
+
+@torch.library.register_fake("sparsekit::bitmap_unpack")
+def _bitmap_unpack_fake(bitmask, values, row_offsets, in_features):
+    _check_bitmap_unpack(bitmask, values, row_offsets, in_features)
+    return values.new_empty((bitmask.shape[0], in_features))
+
+
+@torch.library.register_fake("sparsekit::nm_unpack_linear")
+def _nm_unpack_linear_fake(x, values, index_codes, n, m, in_features, bias):
+    _check_nm_linear(x, values, index_codes, n, m, in_features, bias)
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+@torch.library.register_fake("sparsekit::bitmap_unpack_linear")
+def _bitmap_unpack_linear_fake(x, bitmask, values, row_offsets, in_features, bias):
     _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
     return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
 
@@ -355,6 +419,50 @@ def bitmap_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) 
     """
     _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
     return torch.ops.sparsekit.bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
+
+
+def nm_unpack(values, index_codes, n: int, m: int, in_features: int) -> torch.Tensor:
+    """The dense (out, in_features) weight of an N:M packed one, in values' dtype (``unpack_nm`` as an op).
+
+    values: (out, in_features / m * (m - n)) float32/bfloat16/float16; index_codes: uint8
+    (out, ceil(kept * b / 8)) (``sparsekit.formats.nm_index_codes``). The positions of a group must be distinct,
+    as ``pack_nm`` makes them; the CPU kernel writes a row with a repeated position value by value (the last
+    wins) and raises on a position >= m. Exact: only bits move.
+    """
+    _check_nm_unpack(values, index_codes, n, m, in_features)
+    return torch.ops.sparsekit.nm_unpack(values, index_codes, n, m, in_features)
+
+
+def bitmap_unpack(bitmask, values, row_offsets, in_features: int) -> torch.Tensor:
+    """The dense (out, in_features) weight of a bitmap packed one, in values' dtype (``unpack_bitmap`` as an op).
+
+    bitmask: (out, ceil(in_features / 64)) int64; values: (nnz,) float32/bfloat16/float16; row_offsets:
+    (out + 1,) int64. The CPU kernel checks every row's count against its popcount (an error, not a read past
+    the values). Exact: only bits move.
+    """
+    _check_bitmap_unpack(bitmask, values, row_offsets, in_features)
+    return torch.ops.sparsekit.bitmap_unpack(bitmask, values, row_offsets, in_features)
+
+
+def nm_unpack_linear(x, values, index_codes, n: int, m: int, in_features: int, bias=None) -> torch.Tensor:
+    """``F.linear(x, nm_unpack(values, index_codes, n, m, in_features), bias)`` without the dense weight.
+
+    Arguments and result as ``nm_linear``. The CPU kernel decodes blocks of output rows into a small per-thread
+    buffer and runs a BLAS GEMM on each, so its numerics are those of ``F.linear`` in x's dtype; it is the
+    kernel for many rows of x (prefill), where ``nm_linear``'s streaming kernel loses to dense BLAS. Other
+    devices run the reference (unpack, then ``F.linear``).
+    """
+    _check_nm_linear(x, values, index_codes, n, m, in_features, bias)
+    return torch.ops.sparsekit.nm_unpack_linear(x, values, index_codes, n, m, in_features, bias)
+
+
+def bitmap_unpack_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) -> torch.Tensor:
+    """``F.linear(x, bitmap_unpack(bitmask, values, row_offsets, in_features), bias)`` without the dense weight.
+
+    Arguments and result as ``bitmap_linear``; the CPU kernel works as ``nm_unpack_linear``'s does.
+    """
+    _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
+    return torch.ops.sparsekit.bitmap_unpack_linear(x, bitmask, values, row_offsets, in_features, bias)
 
 
 # Load the compiled and Triton backends last, once every schema above is defined

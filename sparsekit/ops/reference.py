@@ -102,7 +102,27 @@ import torch.nn.functional as F  # noqa: E402
 from ..formats.bitmap import BitmapPacked, unpack_bitmap  # noqa: E402
 from ..formats.sparse24 import NMPacked, nm_indices_from_codes, unpack_nm  # noqa: E402
 
-__all__ += ["nm_linear_reference", "bitmap_linear_reference"]
+__all__ += ["nm_linear_reference", "bitmap_linear_reference", "nm_unpack_reference", "bitmap_unpack_reference",
+            "nm_unpack_linear_reference", "bitmap_unpack_linear_reference"]
+
+
+def nm_unpack_reference(values, index_codes, n, m, in_features):
+    """The dense (out, in_features) weight of an N:M packed W (``sparsekit.formats.sparse24``), values' dtype.
+
+    values: (out, in_features / m * (m - n)); index_codes: uint8 codes (``nm_index_codes``).
+    ``unpack_nm`` after ``nm_indices_from_codes``.
+    """
+    indices = nm_indices_from_codes(index_codes, m, values.shape[1])
+    return unpack_nm(NMPacked(values, indices, (values.shape[0], in_features), n, m))
+
+
+def bitmap_unpack_reference(bitmask, values, row_offsets, in_features):
+    """The dense (out, in_features) weight of a bitmap packed W (``sparsekit.formats.bitmap``), values' dtype.
+
+    bitmask: (out, ceil(in_features / 64)) int64; values: (nnz,); row_offsets: (out + 1,) int64 (not read:
+    the values follow the bitmask in row-major order). ``unpack_bitmap``.
+    """
+    return unpack_bitmap(BitmapPacked(bitmask, values, row_offsets, (bitmask.shape[0], in_features)))
 
 
 def nm_linear_reference(x, values, index_codes, n, m, in_features, bias=None):
@@ -112,9 +132,7 @@ def nm_linear_reference(x, values, index_codes, n, m, in_features, bias=None):
     (``nm_index_codes``); bias: (out,) or None. Returns (..., out) in x's dtype, computed by
     ``F.linear`` in that dtype on the unpacked weight.
     """
-    indices = nm_indices_from_codes(index_codes, m, values.shape[1])
-    weight = unpack_nm(NMPacked(values, indices, (values.shape[0], in_features), n, m))
-    return F.linear(x, weight, bias)
+    return F.linear(x, nm_unpack_reference(values, index_codes, n, m, in_features), bias)
 
 
 def bitmap_linear_reference(x, bitmask, values, row_offsets, in_features, bias=None):
@@ -123,5 +141,10 @@ def bitmap_linear_reference(x, bitmask, values, row_offsets, in_features, bias=N
     x: (..., in_features); bitmask: (out, ceil(in_features / 64)) int64; values: (nnz,) x's dtype;
     row_offsets: (out + 1,) int64; bias: (out,) or None. Returns (..., out) in x's dtype via ``F.linear``.
     """
-    weight = unpack_bitmap(BitmapPacked(bitmask, values, row_offsets, (bitmask.shape[0], in_features)))
-    return F.linear(x, weight, bias)
+    return F.linear(x, bitmap_unpack_reference(bitmask, values, row_offsets, in_features), bias)
+
+
+# nm_unpack_linear / bitmap_unpack_linear compute the same product as nm_linear / bitmap_linear; they differ in
+# how their kernels do it (a dense GEMM on decoded blocks), not in what they return.
+nm_unpack_linear_reference = nm_linear_reference
+bitmap_unpack_linear_reference = bitmap_linear_reference
