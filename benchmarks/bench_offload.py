@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--methods", default="wanda", help="comma-separated (default %(default)s)")
     ap.add_argument("--skip-in-memory", action="store_true", help="only the --offload runs")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
+    ap.add_argument("--note", default=None, help="a line added to the results (e.g. the machine was shared)")
     ap.add_argument("--update", action="store_true",
                     help="keep the rows of an earlier results file for the runs not repeated now (same checkpoint)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "offload_cpu"), help="results prefix")
@@ -167,6 +168,7 @@ def main() -> None:
         f"- run: `sparsekit prune --method M --sparsity 0.5 --nsamples {args.nsamples} --seqlen {args.seqlen} "
         f"--eval-tokens {args.eval_tokens} --threads {args.threads}` with and without `--offload`: dense "
         "perplexity, pruning, pruned perplexity, save",
+        *([f"- note: {args.note}"] if args.note else []),
         "- peak RSS: the process's maximum resident set size from the kernel (wait4 ru_maxrss), whole run including "
         "the save; it includes Python, torch and transformers themselves",
         "",
