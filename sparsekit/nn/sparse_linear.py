@@ -35,17 +35,16 @@ The dense fallback's storage, a trade-off to choose per model:
 * ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32
   0.53x dense, bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept
   for the life of the thread, shared by all layers). Its cost against dense ``F.linear``, measured
-  on Llama-3-8B and SmolLM2 shapes with one thread, cold weights, on a shared machine
-  (``benchmarks/results/unpack_linear_cpu_1t.md``):
-  2:4 float32 0.94-1.67x (1.05-1.67x for M <= 32: the packed weight is 0.53x the bytes), 2:4 bfloat16
-  0.90-1.06x (0.90-0.97x at M = 8-64 on the Llama MLP shapes, where the decode costs about as much as
-  oneDNN's bf16 GEMM), bitmap 50% 0.66-1.16x float32 and 0.45-0.98x bfloat16 (worst at small M), over
-  M = 8..512; repeated dense timings differ by up to ~5%. So with ``"unpack"`` only 2:4 float32 is within
-  noise of dense (or faster) at every M measured; in bfloat16 at small and middle M, and for bitmap, neither
-  the packed kernel nor decode + BLAS reaches dense. Layers of other N:M patterns or float16 take this path at
-  every M; they were not measured.
+  on Llama-3-8B and SmolLM2 shapes with one thread, cold weights, on a quiet machine
+  (``benchmarks/results/unpack_linear_cpu_1t.md``), over M = 8..512:
+  2:4 float32 0.96-1.66x, 2:4 bfloat16 0.90-1.11x (0.92-0.98x at M = 8-64 on the Llama MLP shapes, where
+  the decode costs about as much as oneDNN's bf16 GEMM), bitmap 50% 0.67-1.16x float32 and 0.46-0.93x
+  bfloat16 (worst at small M); repeated dense timings differ by up to ~5%. So with ``"unpack"`` only 2:4
+  float32 is within noise of dense (or faster) at every M measured; in bfloat16 on the Llama shapes, and for
+  bitmap, neither the packed kernel nor decode + BLAS reaches dense. Layers of other N:M patterns or float16
+  take this path at every M; they were not measured.
   Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
-  tens of MiB is page-faulted on every call (0.12-0.88x dense on the Llama shapes in the same run).
+  tens of MiB is page-faulted on every call (0.12-0.87x dense on the Llama shapes in the same run).
 * ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer: never
   saved, rebuilt on load): calls outside the measured region cost a dense ``F.linear`` plus ~6 us of Python
   dispatch (0.9-1.0x measured; the dispatch shows on the smallest layers), but memory is packed + dense
