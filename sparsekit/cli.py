@@ -379,6 +379,22 @@ def run_eval(args) -> int:
     return 0
 
 
+def _terminate_like_interrupt() -> None:
+    """SIGTERM (``kill``, a scheduler's timeout) unwinds like Ctrl-C, so the atomic writers remove their hidden
+    temporary folders instead of leaving them next to OUTPUT (Python's default SIGTERM exits without cleanup)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -393,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import cli_bench, cli_contextual, cli_laser
     from .contextual import ContextualError
 
+    _terminate_like_interrupt()
     runners = {"eval": run_eval, "prune": run_prune, "contextual": cli_contextual.run, "bench": cli_bench.run,
                "laser": cli_laser.run}
     try:

@@ -259,3 +259,33 @@ def test_offload_on_gpu_with_activations_on_cpu(folders, calib_file, tmp_path):
     assert_same_result(str(tmp_path / "mem"), str(tmp_path / "off"))
     report = json.loads((tmp_path / "off" / "report.json").read_text())
     assert report["activations_on_cpu"] is True and report["peak_cuda_bytes"] > 0
+
+
+def test_sigterm_leaves_no_temporary_folder(folders, calib_file, tmp_path):
+    """A `kill` mid-run unwinds like Ctrl-C: no OUTPUT and no hidden temporary folder next to it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    code = ("import os, signal, sys\n"
+            "from sparsekit.offload import OffloadWriter\n"
+            "done = OffloadWriter.done\n"
+            "def slow(self, i):\n"
+            "    done(self, i)\n"
+            "    print('layer', i, flush=True)\n"
+            "    import time; time.sleep(60)\n"
+            "OffloadWriter.done = slow\n"
+            "from sparsekit.cli import main\n"
+            f"sys.exit(main({['prune', '--model', folders['llama'], '--calib', calib_file, '--eval', calib_file, '--nsamples', '2', '--seqlen', '32', '--eval-tokens', '64', '--method', 'wanda', '--sparsity', '0.5', '--offload', '--no-progress', '--output', str(out)]!r}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("layer 0"), (line, proc.stderr.read() if proc.poll() is not None else "")
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".out")]  # the temporary folder exists now
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "interrupted; nothing was written" in err, err
+    time.sleep(0.1)
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
