@@ -82,6 +82,7 @@ __all__ = [
     "CUDA_SPARSE_MAX_ROWS",
     "BITMAP_MIN_SPARSITY",
     "CPU_SPARSE_MAX_ROWS_ONE_THREAD",
+    "CPU_SPARSE_SKIP_WHEN_CACHED",
     "cpu_sparse_kernels_fast",
     "DENSE_FALLBACKS",
 ]
@@ -110,6 +111,12 @@ CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 4,
     ("2:4", torch.bfloat16): 1,
 }
+# With dense_fallback="cache" a dense F.linear is at hand at every M. In the quiet 2-thread re-measure
+# (benchmarks/results/sparse_linear_cpu_dispatch_2t.md) the bitmap bfloat16 kernel lost to it at M = 1 on 4
+# of 5 shapes (0.64-0.82x; 1.48x on 576x576), so cached layers skip these entries of CPU_SPARSE_MAX_ROWS and
+# go dense. Without a dense copy the packed kernel stays: decode + BLAS at M = 8 was slower still there
+# (0.46-0.5x on the Llama shapes, unpack_linear_cpu_1t.md); M = 1 was not measured for it.
+CPU_SPARSE_SKIP_WHEN_CACHED: frozenset[tuple[str, torch.dtype]] = frozenset({("bitmap", torch.bfloat16)})
 # The bitmap tables were measured at 50%, 70% and 80% sparsity; below 50% the kernel is not used.
 BITMAP_MIN_SPARSITY = 0.5
 
@@ -320,7 +327,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"dense_fallback must be one of {DENSE_FALLBACKS}, got {mode!r}")
         self.dense_fallback = mode
         self._refresh_derived()
-        return self
+        return self.refresh_dispatch()  # the kernel limits depend on the fallback (CPU_SPARSE_SKIP_WHEN_CACHED)
 
     @torch.no_grad()
     def _refresh_derived(self) -> None:
@@ -390,7 +397,8 @@ class SparseLinear(nn.Module):
         else:
             return {}
         table = CPU_SPARSE_MAX_ROWS if torch.get_num_threads() >= 2 else CPU_SPARSE_MAX_ROWS_ONE_THREAD
-        return {dt: rows for (fmt, dt), rows in table.items() if fmt == key}
+        skip = CPU_SPARSE_SKIP_WHEN_CACHED if self.dense_fallback == "cache" else frozenset()
+        return {dt: rows for (fmt, dt), rows in table.items() if fmt == key and (fmt, dt) not in skip}
 
     def _cuda_sparse_limits(self) -> dict[torch.dtype, int]:
         key = "bitmap" if self.kind == "bitmap" else f"{self.n}:{self.m}"
