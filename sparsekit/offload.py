@@ -231,7 +231,7 @@ class OffloadedModel:
         self._names: dict[str, list[str]] = {}  # first name of a group -> every module path of the parameter
         missing = []
         for names in groups.values():
-            key = next((self._ckpt_key(n, base) for n in names if self._ckpt_key(n, base)), None)
+            key = next(filter(None, (self._ckpt_key(n, base) for n in names)), None)
             if key is None:
                 missing.append(names[0])
                 continue
@@ -245,7 +245,6 @@ class OffloadedModel:
         for first in self._key:
             i = _layer_index(first, prefix, len(self.layers))
             (self._outer if i is None else self._layer_params[i]).append(first)
-        self.layer_keys = [[self._key[n] for n in names] for names in self._layer_params]
         self.outer_keys = [self._key[n] for n in self._outer]
 
     def _ckpt_key(self, name: str, base: str) -> str | None:
@@ -258,20 +257,25 @@ class OffloadedModel:
         return None
 
     # -- moving parameters between disk and memory ------------------------------------------------------
+    def _slot(self, name: str) -> tuple[nn.Module, str]:
+        """(module, attribute) holding the parameter called ``name``."""
+        mod_name, _, pname = name.rpartition(".")
+        return self.model.get_submodule(mod_name), pname
+
     def _set(self, first: str, tensor: torch.Tensor | None) -> None:
+        """Give every module path of parameter group ``first`` one new Parameter: ``tensor``, or a meta
+        placeholder when ``tensor`` is None (tied parameters stay one object)."""
+        mod, pname = self._slot(first)
+        old = mod._parameters[pname]
+        if tensor is None:
+            tensor = torch.empty(old.shape, dtype=old.dtype, device="meta")
+        elif tuple(tensor.shape) != tuple(old.shape):
+            raise OffloadError(f"{self.folder}: tensor {self._key[first]} has shape {tuple(tensor.shape)}, "
+                               f"the model expects {tuple(old.shape)} for {first}")
+        new = nn.Parameter(tensor, requires_grad=False)
         for name in self._names[first]:
-            mod_name, _, pname = name.rpartition(".")
-            mod = self.model.get_submodule(mod_name)
-            old = mod._parameters[pname]
-            if tensor is None:
-                new = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False)
-            else:
-                if tuple(tensor.shape) != tuple(old.shape):
-                    raise OffloadError(f"{self.folder}: tensor {self._key[first]} has shape {tuple(tensor.shape)}, "
-                                       f"the model expects {tuple(old.shape)} for {name}")
-                new = nn.Parameter(tensor, requires_grad=False)
+            mod, pname = self._slot(name)
             mod._parameters[pname] = new
-            tensor = new.data if tensor is not None else None
 
     def _load(self, firsts: list[str], reader: SafetensorsFolder) -> None:
         for first in firsts:
@@ -299,14 +303,14 @@ class OffloadedModel:
         """Checkpoint key -> tensor of layer ``i`` (loaded), as it is written to disk."""
         out = {}
         for first in self._layer_params[i]:
-            mod_name, _, pname = first.rpartition(".")
-            out[self._key[first]] = self.model.get_submodule(mod_name)._parameters[pname].data
+            mod, pname = self._slot(first)
+            out[self._key[first]] = mod._parameters[pname].data
         return out
 
     @property
     def parameter_bytes(self) -> int:
         """Bytes of all parameters at the compute dtype (tied ones once): the size of the model in memory."""
-        size = torch.empty((), dtype=self.dtype).element_size()
+        size = self.dtype.itemsize
         return sum(int(torch.Size(self.reader.entries[k][2]).numel()) * size for k in set(self._key.values()))
 
     @contextlib.contextmanager
@@ -319,8 +323,7 @@ class OffloadedModel:
         owner: dict[nn.Module, list[str]] = {}
         for first in self._outer:
             for name in self._names[first]:
-                mod_name, _, _ = name.rpartition(".")
-                firsts = owner.setdefault(self.model.get_submodule(mod_name), [])
+                firsts = owner.setdefault(self._slot(name)[0], [])
                 if first not in firsts:
                     firsts.append(first)
         handles = []
@@ -399,6 +402,7 @@ class OffloadedModel:
         saved = list(self.layers)
         for j in range(len(saved)):
             self.layers[j] = _Replay(final if j == len(saved) - 1 else None, state, tuple_len)
+
         def score():
             state["pos"] = 0  # from the first window again if the lazy attempt is retried
             return window_nll(self.model, windows, device=self.device)
