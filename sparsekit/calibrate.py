@@ -24,6 +24,7 @@ from torch import nn
 from . import ops
 
 __all__ = [
+    "InMemoryLayers",
     "LayerInputs",
     "LinearStats",
     "capture_layer_inputs",
@@ -122,6 +123,28 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch
     finally:
         handle.remove()
     return LayerInputs(hidden, args_list, kwargs_list)
+
+
+class InMemoryLayers:
+    """Layer access for a model held in memory, the ``layer_io`` of ``prune_model`` and
+    ``owl.outlier_ratios`` by default: ``capture`` runs the model up to its first block, ``load`` / ``done``
+    have nothing to do. ``sparsekit.offload.LayerReader`` / ``OffloadWriter`` are the on-disk ones."""
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList):
+        self.model, self.layers = model, layers
+
+    def capture(self, windows: torch.Tensor) -> LayerInputs:
+        return capture_layer_inputs(self.model, self.layers, windows)
+
+    def load(self, i: int) -> None:
+        pass
+
+    def done(self, i: int) -> None:
+        pass
+
+    def reader(self) -> "InMemoryLayers":
+        """The access for a pass that only reads the layers (OWL's): this one."""
+        return self
 
 
 def _layer_output(out) -> torch.Tensor:

@@ -426,16 +426,20 @@ class LayerReader:
     model's own checkpoint) and drops each one when the caller is done with it."""
 
     def __init__(self, om: OffloadedModel, reader: SafetensorsFolder | None = None):
-        self.om, self.reader = om, reader
+        self.om, self.source = om, reader
 
     def capture(self, windows: torch.Tensor):
-        return self.om.capture_inputs(windows, self.reader)
+        return self.om.capture_inputs(windows, self.source)
 
     def load(self, i: int) -> None:
-        self.om.load_layer(i, self.reader)
+        self.om.load_layer(i, self.source)
 
     def done(self, i: int) -> None:
         self.om.release_layer(i)
+
+    def reader(self) -> "LayerReader":
+        """The access for a pass that only reads the layers (OWL's): reads from the same checkpoint."""
+        return LayerReader(self.om, self.source)
 
 
 class OffloadWriter(LayerReader):

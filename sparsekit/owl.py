@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
-from .calibrate import capture_layer_inputs, collect_input_stats, run_layer
+from .calibrate import InMemoryLayers, collect_input_stats, run_layer
 from .models import find_linears, linear_weight
 
 __all__ = ["outlier_ratios", "owl_sparsities"]
@@ -31,13 +31,12 @@ def outlier_ratios(model: nn.Module, layers: nn.ModuleList, calib_windows: torch
     """Per block, the fraction of Wanda scores above ``m`` times the block's mean score (dense model).
 
     layer_io: as in ``sparsekit.prune.prune_model``, for blocks that live on disk (``sparsekit.offload``)."""
-    inputs = layer_io.capture(calib_windows) if layer_io is not None else capture_layer_inputs(model, layers,
-                                                                                                 calib_windows)
+    io = layer_io if layer_io is not None else InMemoryLayers(model, layers)
+    inputs = io.capture(calib_windows)
     scratch = torch.empty_like(inputs.hidden)
     ratios = []
     for i, layer in enumerate(tqdm(layers, desc="owl ratios", unit="layer", disable=not progress)):
-        if layer_io is not None:
-            layer_io.load(i)
+        io.load(i)
         linears = find_linears(layer)
         stats = collect_input_stats(layer, linears, inputs, scratch)
         scores = [ops.wanda_score(linear_weight(lin), stats[name].sq_norm).flatten()
@@ -48,8 +47,7 @@ def outlier_ratios(model: nn.Module, layers: nn.ModuleList, calib_windows: torch
         ratios.append(count / total)
         run_layer(layer, inputs, scratch)
         inputs.hidden, scratch = scratch, inputs.hidden
-        if layer_io is not None:
-            layer_io.done(i)
+        io.done(i)
     return ratios
 
 

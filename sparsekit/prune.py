@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
-from .calibrate import LinearStats, capture_layer_inputs, collect_input_stats, run_layer
+from .calibrate import InMemoryLayers, LinearStats, collect_input_stats, run_layer
 from .models import find_decoder_layers, find_linears, linear_weight
 
 __all__ = [
@@ -225,13 +225,15 @@ def prune_model(model: nn.Module, spec: PruneSpec, calib_windows: torch.Tensor |
     calib_windows: (nsamples, seqlen) int64 token windows, needed by methods that calibrate (wanda).
     For those, each block's statistics are collected on the outputs of the already-pruned blocks before it.
     on_layer(i, stats) is called with each block's statistics (name -> LinearStats) before it is pruned.
-    layer_io: for models whose layers live on disk (``sparsekit.offload``): ``capture(windows)`` returns the
-    first block's inputs, ``load(i)`` materializes block i before it is used and ``done(i)`` is called when
-    block i is pruned and has produced its outputs (the offload writer saves and drops it there).
+    layer_io: how blocks are reached (default ``InMemoryLayers``; ``sparsekit.offload`` for blocks on disk):
+    ``capture(windows)`` returns the first block's inputs, ``load(i)`` materializes block i before it is used,
+    ``done(i)`` is called when block i is pruned and has produced its outputs (the offload writer saves and
+    drops it there), and ``reader()`` gives the access for a pass that reads blocks without writing (OWL).
     """
     method = METHODS[spec.method]
     layers = find_decoder_layers(model)
     per_layer = _check_prunable(layers, spec)
+    io = layer_io if layer_io is not None else InMemoryLayers(model, layers)
     report = PruneReport(spec.method, spec.pattern_str, float(spec.sparsity), 0.0, profile=spec.profile)
     needs_calibration = method.needs_calibration or spec.profile == "owl"
     if needs_calibration and (calib_windows is None or calib_windows.numel() == 0):
@@ -240,40 +242,29 @@ def prune_model(model: nn.Module, spec: PruneSpec, calib_windows: torch.Tensor |
     if spec.profile == "owl":
         from .owl import outlier_ratios, owl_sparsities
 
-        owl_io = None
-        if layer_io is not None:  # the OWL pass reads every block once more and writes nothing
-            from .offload import LayerReader
-
-            owl_io = LayerReader(layer_io.om)
-        report.outlier_ratios = outlier_ratios(model, layers, calib_windows, spec.owl_m, progress, layer_io=owl_io)
+        report.outlier_ratios = outlier_ratios(model, layers, calib_windows, spec.owl_m, progress,
+                                               layer_io=io.reader())
         report.block_sparsities = owl_sparsities(report.outlier_ratios, spec.sparsity, spec.owl_lambda)
     else:
         report.block_sparsities = [float(spec.sparsity)] * len(layers)
     block_specs = [replace(spec, sparsity=s) for s in report.block_sparsities]
     if not method.needs_calibration:
         for i, linears in enumerate(tqdm(per_layer, desc=f"{spec.method}", unit="layer", disable=not progress)):
-            if layer_io is not None:
-                layer_io.load(i)
+            io.load(i)
             _apply(i, linears, None, method, block_specs[i], report)
-            if layer_io is not None:
-                layer_io.done(i)
+            io.done(i)
     else:
-        if layer_io is not None:
-            inputs = layer_io.capture(calib_windows)
-        else:
-            inputs = capture_layer_inputs(model, layers, calib_windows)
+        inputs = io.capture(calib_windows)
         scratch = torch.empty_like(inputs.hidden)
         bar = tqdm(list(enumerate(layers)), desc=f"{spec.method}", unit="layer", disable=not progress)
         for i, layer in bar:
-            if layer_io is not None:
-                layer_io.load(i)
+            io.load(i)
             stats = collect_input_stats(layer, per_layer[i], inputs, scratch, hessian=method.needs_hessian)
             if on_layer is not None:
                 on_layer(i, stats)
             _apply(i, per_layer[i], stats, method, block_specs[i], report)
             run_layer(layer, inputs, scratch)  # outputs of the pruned block feed the next block
             inputs.hidden, scratch = scratch, inputs.hidden
-            if layer_io is not None:
-                layer_io.done(i)
+            io.done(i)
     report.seconds = time.perf_counter() - t0
     return report
