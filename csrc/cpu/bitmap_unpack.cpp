@@ -25,7 +25,6 @@ namespace sparsekit {
 namespace {
 
 constexpr int64_t kTile = 64;
-constexpr int64_t kWeightsPerTask = 1 << 15;
 
 struct BitmapUnpack {
   int64_t out_features, in_features, tiles, nnz;
@@ -100,16 +99,10 @@ at::Tensor bitmap_unpack_cpu(const at::Tensor& bitmask, const at::Tensor& values
   const at::Tensor mask = bitmask.contiguous();
   const at::Tensor offsets = row_offsets.contiguous();
   const BitmapUnpack p = check_bitmap_packed("sparsekit::bitmap_unpack", mask, values, offsets, in_features);
-  at::Tensor dense = at::empty({p.out_features, in_features}, values.options());
-  if (p.out_features == 0 || in_features == 0) return dense;
   const at::Tensor vals = values.contiguous();
   const UnpackIsa isa = unpack_isa();
-  const int64_t row_bytes = in_features * values.element_size();
-  auto* d = static_cast<unsigned char*>(dense.data_ptr());
-  at::parallel_for(0, p.out_features, std::max<int64_t>(1, kWeightsPerTask / in_features), [&](int64_t b, int64_t e) {
-    bitmap_decode(p, vals, d + b * row_bytes, b, e, isa);
-  });
-  return dense;
+  return unpack_dense(p.out_features, in_features, values.options(),
+                      [&](int64_t r0, int64_t r1, void* dst) { bitmap_decode(p, vals, dst, r0, r1, isa); });
 }
 
 at::Tensor bitmap_unpack_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, const at::Tensor& values,

@@ -32,7 +32,6 @@
 namespace sparsekit {
 namespace {
 
-constexpr int64_t kWeightsPerTask = 1 << 15;
 
 // 2:4: a code byte holds the 2-bit positions of two groups (4 codes); entry = the 8 columns' mask bits.
 constexpr std::array<uint8_t, 256> make_table24() {
@@ -222,18 +221,12 @@ void nm_decode(const NMUnpack& p, const at::Tensor& vals, void* dst, int64_t r_b
 at::Tensor nm_unpack_cpu(const at::Tensor& values, const at::Tensor& index_codes, int64_t n, int64_t m,
                          int64_t in_features) {
   NMUnpack p = check_nm_packed("sparsekit::nm_unpack", values, index_codes, n, m, in_features);
-  at::Tensor dense = at::empty({p.out_features, in_features}, values.options());
-  if (p.out_features == 0 || in_features == 0) return dense;
   const at::Tensor vals = values.contiguous();
   const at::Tensor codes = index_codes.contiguous();
   p.codes = codes.const_data_ptr<uint8_t>();
   const UnpackIsa isa = unpack_isa();
-  const int64_t row_bytes = in_features * values.element_size();
-  auto* d = static_cast<unsigned char*>(dense.data_ptr());
-  at::parallel_for(0, p.out_features, std::max<int64_t>(1, kWeightsPerTask / in_features), [&](int64_t b, int64_t e) {
-    nm_decode(p, vals, d + b * row_bytes, b, e, isa);
-  });
-  return dense;
+  return unpack_dense(p.out_features, in_features, values.options(),
+                      [&](int64_t r0, int64_t r1, void* dst) { nm_decode(p, vals, dst, r0, r1, isa); });
 }
 
 at::Tensor nm_unpack_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& index_codes,

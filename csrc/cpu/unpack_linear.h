@@ -83,7 +83,24 @@ inline void check_unpack_linear_input(const char* op, const at::Tensor& x, const
   }
 }
 
+// The whole dense (out_features, in_features) weight in a fresh tensor of ``options``: rows decoded in
+// parallel, about kUnpackWeightsPerTask weights per task (sparsekit::nm_unpack / bitmap_unpack).
 // decode_rows(r_begin, r_end, dst): writes dense rows [r_begin, r_end) of W, row-major, to dst.
+constexpr int64_t kUnpackWeightsPerTask = int64_t(1) << 15;
+
+template <typename DecodeRows>
+at::Tensor unpack_dense(int64_t out_features, int64_t in_features, const at::TensorOptions& options,
+                        DecodeRows decode_rows) {
+  at::Tensor dense = at::empty({out_features, in_features}, options);
+  if (out_features == 0 || in_features == 0) return dense;
+  const int64_t row_bytes = in_features * dense.element_size();
+  auto* d = static_cast<unsigned char*>(dense.data_ptr());
+  at::parallel_for(0, out_features, std::max<int64_t>(1, kUnpackWeightsPerTask / in_features),
+                   [&](int64_t b, int64_t e) { decode_rows(b, e, d + b * row_bytes); });
+  return dense;
+}
+
+// F.linear(x, W, bias) without materialising W (see the top of this file); decode_rows as for unpack_dense.
 template <typename DecodeRows>
 at::Tensor unpack_linear_blocked(const at::Tensor& x, int64_t out_features, int64_t in_features,
                                  const std::optional<at::Tensor>& bias, DecodeRows decode_rows) {
