@@ -56,25 +56,106 @@ std::vector<int64_t> output_shape(const at::Tensor& x, int64_t out_features) {
   return shape;
 }
 
-at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& index_codes, int64_t n,
-                          int64_t m, int64_t in_features, const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "sparsekit::nm_linear";
+// The packed N:M weight's geometry, after the checks nm_linear and nm_unpack share.
+struct NMGeometry {
+  int64_t out_features, kept, kept_per_row, code_width;
+};
+
+NMGeometry check_nm_weight(const char* op, const at::Tensor& values, const at::Tensor& index_codes, int64_t n,
+                           int64_t m, int64_t in_features) {
   TORCH_CHECK(1 <= m && m <= 16 && 0 <= n && n < m, op, ": N:M needs 0 <= N < M <= 16, got ", n, ":", m);
   TORCH_CHECK(in_features >= 0 && in_features % m == 0, op, ": M=", m, " does not divide in_features=",
               in_features);
-  const int64_t kept = m - n;
-  const int64_t kept_per_row = in_features / m * kept;
-  TORCH_CHECK(values.dim() == 2 && values.size(1) == kept_per_row, op, ": values must be (out, ", kept_per_row,
+  NMGeometry g{};
+  g.kept = m - n;
+  g.kept_per_row = in_features / m * g.kept;
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == g.kept_per_row, op, ": values must be (out, ", g.kept_per_row,
               "), got ", values.sizes());
-  const int64_t out_features = values.size(0);
-  const int64_t bits = m <= 4 ? 2 : 4;
-  const int64_t code_width = (kept_per_row * bits + 7) / 8;
+  g.out_features = values.size(0);
+  g.code_width = (g.kept_per_row * (m <= 4 ? 2 : 4) + 7) / 8;
   TORCH_CHECK(index_codes.scalar_type() == at::kByte && index_codes.dim() == 2 &&
-                  index_codes.size(0) == out_features && index_codes.size(1) == code_width,
-              op, ": index_codes must be uint8 (", out_features, ", ", code_width, "), got ",
+                  index_codes.size(0) == g.out_features && index_codes.size(1) == g.code_width,
+              op, ": index_codes must be uint8 (", g.out_features, ", ", g.code_width, "), got ",
               index_codes.scalar_type(), " ", index_codes.sizes());
   TORCH_CHECK(index_codes.device() == values.device(), op, ": values are on ", values.device(),
               " but index_codes on ", index_codes.device());
+  return g;
+}
+
+// The checks bitmap_linear and bitmap_unpack share; returns out_features.
+int64_t check_bitmap_weight(const char* op, const at::Tensor& bitmask, const at::Tensor& values,
+                            const at::Tensor& row_offsets, int64_t in_features) {
+  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  const int64_t tiles = cuda::ceil_div(in_features, gemv::kTile);
+  TORCH_CHECK(bitmask.scalar_type() == at::kLong && bitmask.dim() == 2 && bitmask.size(1) == tiles, op,
+              ": bitmask must be int64 (out, ", tiles, "), got ", bitmask.scalar_type(), " ", bitmask.sizes());
+  const int64_t out_features = bitmask.size(0);
+  TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 &&
+                  row_offsets.size(0) == out_features + 1,
+              op, ": row_offsets must be int64 (", out_features + 1, ",), got ", row_offsets.scalar_type(), " ",
+              row_offsets.sizes());
+  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D (nnz,), got shape ", values.sizes());
+  TORCH_CHECK(bitmask.device() == values.device() && row_offsets.device() == values.device(), op, ": bitmask (",
+              bitmask.device(), "), values (", values.device(), ") and row_offsets (", row_offsets.device(),
+              ") must share a device");
+  return out_features;
+}
+
+// nm_decode_kernel into a zeroed dense (out, in) weight, on values' device (the caller holds its guard). The
+// codes are trusted (checking them would need a host sync).
+at::Tensor decode_nm_dense(const at::Tensor& values, const at::Tensor& index_codes, const NMGeometry& g, int64_t m,
+                           int64_t in_features) {
+  at::Tensor dense = at::zeros({g.out_features, in_features}, values.options());
+  if (g.out_features == 0 || g.kept_per_row == 0) return dense;
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor codes = index_codes.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(values.get_device()).stream();
+  const int num_sms = cuda::multiprocessor_count(values.get_device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparsekit_nm_decode_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    gemv::launch_nm_decode<T>(reinterpret_cast<const T*>(vals.const_data_ptr()), codes.const_data_ptr<uint8_t>(),
+                              reinterpret_cast<T*>(dense.mutable_data_ptr()), g.out_features, in_features, m, g.kept,
+                              num_sms, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dense;
+}
+
+// bitmap_decode_kernel into a zeroed dense (out, in) weight, on values' device (the caller holds its guard).
+// Bits past in_features are cleared first: the CPU kernel and the reference ignore them, and the decode kernel
+// would otherwise write past the row. row_offsets is trusted.
+at::Tensor decode_bitmap_dense(const at::Tensor& bitmask, const at::Tensor& values, const at::Tensor& row_offsets,
+                               int64_t out_features, int64_t in_features) {
+  at::Tensor dense = at::zeros({out_features, in_features}, values.options());
+  const int64_t tiles = cuda::ceil_div(in_features, gemv::kTile);
+  if (out_features == 0 || tiles == 0) return dense;
+  at::Tensor mask = bitmask.contiguous();
+  if (in_features % gemv::kTile) {
+    mask = mask.clone();
+    mask.select(1, tiles - 1).bitwise_and_((int64_t(1) << (in_features % gemv::kTile)) - 1);
+  }
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor offsets = row_offsets.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(values.get_device()).stream();
+  const int num_sms = cuda::multiprocessor_count(values.get_device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparsekit_bitmap_decode_cuda",
+                                  [&] {
+    using T = typename CudaType<scalar_t>::type;
+    gemv::launch_bitmap_decode<T>(reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>()),
+                                  reinterpret_cast<const T*>(vals.const_data_ptr()),
+                                  offsets.const_data_ptr<int64_t>(), reinterpret_cast<T*>(dense.mutable_data_ptr()),
+                                  out_features, in_features, num_sms, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dense;
+}
+
+at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& index_codes, int64_t n,
+                          int64_t m, int64_t in_features, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "sparsekit::nm_linear";
+  const NMGeometry g = check_nm_weight(op, values, index_codes, n, m, in_features);
+  const int64_t kept = g.kept, kept_per_row = g.kept_per_row, out_features = g.out_features;
+  const int64_t code_width = g.code_width;
   check_x_and_bias(op, x, in_features, out_features, values, bias);
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -121,12 +202,7 @@ at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const a
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     } else {
-      at::Tensor dense = at::zeros({out_features, in_features}, vals.options());
-      gemv::launch_nm_decode<T>(reinterpret_cast<const T*>(vals.const_data_ptr()), codes.const_data_ptr<uint8_t>(),
-                                reinterpret_cast<T*>(dense.mutable_data_ptr()), out_features, in_features, m, kept,
-                                num_sms, stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      y = at::linear(x2, dense, b);
+      y = at::linear(x2, decode_nm_dense(vals, codes, g, m, in_features), b);
     }
   });
   return y.reshape(shape);
@@ -136,19 +212,8 @@ at::Tensor bitmap_linear_cuda(const at::Tensor& x, const at::Tensor& bitmask, co
                               const at::Tensor& row_offsets, int64_t in_features,
                               const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "sparsekit::bitmap_linear";
-  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  const int64_t out_features = check_bitmap_weight(op, bitmask, values, row_offsets, in_features);
   const int64_t tiles = cuda::ceil_div(in_features, gemv::kTile);
-  TORCH_CHECK(bitmask.scalar_type() == at::kLong && bitmask.dim() == 2 && bitmask.size(1) == tiles, op,
-              ": bitmask must be int64 (out, ", tiles, "), got ", bitmask.scalar_type(), " ", bitmask.sizes());
-  const int64_t out_features = bitmask.size(0);
-  TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 &&
-                  row_offsets.size(0) == out_features + 1,
-              op, ": row_offsets must be int64 (", out_features + 1, ",), got ", row_offsets.scalar_type(), " ",
-              row_offsets.sizes());
-  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D (nnz,), got shape ", values.sizes());
-  TORCH_CHECK(bitmask.device() == values.device() && row_offsets.device() == values.device(), op, ": bitmask (",
-              bitmask.device(), "), values (", values.device(), ") and row_offsets (", row_offsets.device(),
-              ") must share a device");
   check_x_and_bias(op, x, in_features, out_features, values, bias);
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -162,7 +227,6 @@ at::Tensor bitmap_linear_cuda(const at::Tensor& x, const at::Tensor& bitmask, co
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x2.get_device()).stream();
-  const int num_sms = cuda::multiprocessor_count(x2.get_device());
 
   at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_bitmap_linear_cuda", [&] {
@@ -185,12 +249,7 @@ at::Tensor bitmap_linear_cuda(const at::Tensor& x, const at::Tensor& bitmask, co
       gemv::launch_bitmap_linear<T>(args, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      at::Tensor dense = at::zeros({out_features, in_features}, vals.options());
-      gemv::launch_bitmap_decode<T>(mask_bits, reinterpret_cast<const T*>(vals.const_data_ptr()),
-                                    offsets.const_data_ptr<int64_t>(), reinterpret_cast<T*>(dense.mutable_data_ptr()),
-                                    out_features, in_features, num_sms, stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      y = at::linear(x2, dense, b);
+      y = at::linear(x2, decode_bitmap_dense(mask, vals, offsets, out_features, in_features), b);
     }
   });
   return y.reshape(shape);
@@ -202,40 +261,12 @@ at::Tensor bitmap_linear_cuda(const at::Tensor& x, const at::Tensor& bitmask, co
 at::Tensor nm_unpack_cuda(const at::Tensor& values, const at::Tensor& index_codes, int64_t n, int64_t m,
                           int64_t in_features) {
   constexpr const char* op = "sparsekit::nm_unpack";
-  TORCH_CHECK(1 <= m && m <= 16 && 0 <= n && n < m, op, ": N:M needs 0 <= N < M <= 16, got ", n, ":", m);
-  TORCH_CHECK(in_features >= 0 && in_features % m == 0, op, ": M=", m, " does not divide in_features=",
-              in_features);
+  const NMGeometry g = check_nm_weight(op, values, index_codes, n, m, in_features);
   const auto dt = values.scalar_type();
   TORCH_CHECK(values.is_cuda() && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf), op,
               ": values must be float32, bfloat16 or float16 on a CUDA device, got ", dt, " on ", values.device());
-  const int64_t kept = m - n;
-  const int64_t kept_per_row = in_features / m * kept;
-  TORCH_CHECK(values.dim() == 2 && values.size(1) == kept_per_row, op, ": values must be (out, ", kept_per_row,
-              "), got ", values.sizes());
-  const int64_t out_features = values.size(0);
-  const int64_t code_width = (kept_per_row * (m <= 4 ? 2 : 4) + 7) / 8;
-  TORCH_CHECK(index_codes.scalar_type() == at::kByte && index_codes.dim() == 2 &&
-                  index_codes.size(0) == out_features && index_codes.size(1) == code_width,
-              op, ": index_codes must be uint8 (", out_features, ", ", code_width, "), got ",
-              index_codes.scalar_type(), " ", index_codes.sizes());
-  TORCH_CHECK(index_codes.device() == values.device(), op, ": values are on ", values.device(),
-              " but index_codes on ", index_codes.device());
-
   const c10::cuda::CUDAGuard guard(values.device());
-  at::Tensor dense = at::zeros({out_features, in_features}, values.options());
-  if (out_features == 0 || kept_per_row == 0) return dense;
-  const at::Tensor vals = values.contiguous();
-  const at::Tensor codes = index_codes.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(values.get_device()).stream();
-  const int num_sms = cuda::multiprocessor_count(values.get_device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sparsekit_nm_unpack_cuda", [&] {
-    using T = typename CudaType<scalar_t>::type;
-    gemv::launch_nm_decode<T>(reinterpret_cast<const T*>(vals.const_data_ptr()), codes.const_data_ptr<uint8_t>(),
-                              reinterpret_cast<T*>(dense.mutable_data_ptr()), out_features, in_features, m, kept,
-                              num_sms, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return dense;
+  return decode_nm_dense(values, index_codes, g, m, in_features);
 }
 
 // sparsekit::bitmap_unpack: bitmap_decode_kernel into a zeroed dense weight. row_offsets is trusted (as on
@@ -243,43 +274,14 @@ at::Tensor nm_unpack_cuda(const at::Tensor& values, const at::Tensor& index_code
 at::Tensor bitmap_unpack_cuda(const at::Tensor& bitmask, const at::Tensor& values, const at::Tensor& row_offsets,
                               int64_t in_features) {
   constexpr const char* op = "sparsekit::bitmap_unpack";
-  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
-  const int64_t tiles = cuda::ceil_div(in_features, gemv::kTile);
-  TORCH_CHECK(bitmask.scalar_type() == at::kLong && bitmask.dim() == 2 && bitmask.size(1) == tiles, op,
-              ": bitmask must be int64 (out, ", tiles, "), got ", bitmask.scalar_type(), " ", bitmask.sizes());
-  const int64_t out_features = bitmask.size(0);
-  TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 &&
-                  row_offsets.size(0) == out_features + 1,
-              op, ": row_offsets must be int64 (", out_features + 1, ",), got ", row_offsets.scalar_type(), " ",
-              row_offsets.sizes());
+  const int64_t out_features = check_bitmap_weight(op, bitmask, values, row_offsets, in_features);
   const auto dt = values.scalar_type();
-  TORCH_CHECK(values.dim() == 1 && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf), op,
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": values must be 1-D float32, bfloat16 or float16, got ", dt, " ", values.sizes());
-  TORCH_CHECK(values.is_cuda() && bitmask.device() == values.device() && row_offsets.device() == values.device(),
-              op, ": bitmask (", bitmask.device(), "), values (", values.device(), ") and row_offsets (",
-              row_offsets.device(), ") must share a CUDA device");
-
+  TORCH_CHECK(values.is_cuda(), op, ": bitmask, values and row_offsets must share a CUDA device, got ",
+              values.device());
   const c10::cuda::CUDAGuard guard(values.device());
-  at::Tensor dense = at::zeros({out_features, in_features}, values.options());
-  if (out_features == 0 || tiles == 0) return dense;
-  at::Tensor mask = bitmask.contiguous();
-  if (in_features % gemv::kTile) {
-    mask = mask.clone();
-    mask.select(1, tiles - 1).bitwise_and_((int64_t(1) << (in_features % gemv::kTile)) - 1);
-  }
-  const at::Tensor vals = values.contiguous();
-  const at::Tensor offsets = row_offsets.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(values.get_device()).stream();
-  const int num_sms = cuda::multiprocessor_count(values.get_device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sparsekit_bitmap_unpack_cuda", [&] {
-    using T = typename CudaType<scalar_t>::type;
-    gemv::launch_bitmap_decode<T>(reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>()),
-                                  reinterpret_cast<const T*>(vals.const_data_ptr()),
-                                  offsets.const_data_ptr<int64_t>(), reinterpret_cast<T*>(dense.mutable_data_ptr()),
-                                  out_features, in_features, num_sms, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return dense;
+  return decode_bitmap_dense(bitmask, values, row_offsets, out_features, in_features);
 }
 
 // sparsekit::nm_unpack_linear / bitmap_unpack_linear: the whole dense weight, then cuBLAS. (The CPU kernels
