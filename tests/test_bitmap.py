@@ -66,17 +66,22 @@ def packed_args(out_f, in_f, sparsity, dtype):
     return p.bitmask, p.values, p.row_offsets
 
 
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
+# "avx512": AVX-512 without its BF16/VBMI2 extensions (bfloat16 then takes the float32-lane path, not vdpbf16ps)
+@pytest.mark.parametrize("isa", ["auto", "avx512", "scalar"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
-@pytest.mark.parametrize("shape", [(64, 128), (96, 256), (33, 512), (17, 100)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16, 70])
+# 24x2600: several K blocks of the streamed kernel from 4 rows up (streamed.h) and a partial last tile; 40 rows:
+# five passes of 8
+@pytest.mark.parametrize(
+    "shape", [(64, 128), (96, 256), (33, 512), (17, 100), (24, 2600)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16, 40, 70])
 def test_bitmap_linear_matches_reference(rows, shape, sparsity, dtype, bias, isa, monkeypatch):
-    if isa == "scalar":
+    if isa != "auto":
         if not CPP_LIVE:
-            pytest.skip("the scalar switch only changes the C++ kernel")
-        monkeypatch.setenv("SPARSEKIT_CPU_ISA", "scalar")
+            pytest.skip("the ISA switch only changes the C++ kernel")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
     out_f, in_f = shape
     bitmask, values, offsets = packed_args(out_f, in_f, sparsity, dtype)
     x = torch.randn(rows, in_f).to(dtype)
@@ -97,6 +102,20 @@ def test_bitmap_linear_leading_dims_and_wrapper(dtype):
     ref = R.bitmap_linear_reference(x.float(), bitmask, values.float(), offsets, 100, b.float())
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(got.float(), ref, **tol)
+
+
+@pytest.mark.parametrize("isa", ["auto", "avx512", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
+def test_bitmap_linear_zero_in_features_gives_bias(dtype, isa, monkeypatch):
+    if isa != "auto":
+        if not CPP_LIVE:
+            pytest.skip("the ISA switch only changes the C++ kernel")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    bitmask, values, offsets = torch.zeros(5, 0, dtype=torch.int64), torch.zeros(0).to(dtype), torch.zeros(6, dtype=torch.int64)
+    b = torch.randn(5).to(dtype)
+    x = torch.randn(2, 3, 0).to(dtype)
+    assert torch.equal(ops.bitmap_linear(x, bitmask, values, offsets, 0, b), b.expand(2, 3, 5))
+    assert torch.equal(ops.bitmap_linear(x, bitmask, values, offsets, 0, None), torch.zeros(2, 3, 5).to(dtype))
 
 
 def test_bitmap_linear_all_zero_weight_gives_bias():

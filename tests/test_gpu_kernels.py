@@ -228,6 +228,8 @@ def test_channel_stats_accumulate_misaligned_strided_empty(impl):
     before = sq.clone(), ab.clone()
     accumulate(sq, ab, torch.randn(0, 2048, device="cuda", dtype=torch.bfloat16))
     assert torch.equal(sq, before[0]) and torch.equal(ab, before[1])
+    empty = torch.zeros(0, device="cuda")  # zero channels: a (-1, 0) reshape used to raise here
+    accumulate(empty, empty.clone(), torch.randn(3, 0, device="cuda", dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

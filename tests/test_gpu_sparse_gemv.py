@@ -199,6 +199,15 @@ def test_empty_and_all_zero():
     b = torch.randn(40, device="cuda").bfloat16()
     x = torch.randn(3, 300, device="cuda").bfloat16()
     assert torch.equal(sparsekit.ops.bitmap_linear(x, pb.bitmask, pb.values, pb.row_offsets, 300, b), b.expand(3, 40))
+    # in_features == 0: y = bias (a (-1, 0) reshape used to raise here)
+    x0 = torch.randn(2, 3, 0, device="cuda").bfloat16()
+    b5 = torch.randn(5, device="cuda").bfloat16()
+    z = torch.zeros(5, 0, device="cuda").bfloat16()
+    assert torch.equal(sparsekit.ops.nm_linear(x0, z, torch.zeros(5, 0, device="cuda", dtype=torch.uint8), 2, 4, 0, b5),
+                       b5.expand(2, 3, 5))
+    mask0, off0 = torch.zeros(5, 0, device="cuda", dtype=torch.int64), torch.zeros(6, device="cuda", dtype=torch.int64)
+    assert torch.equal(sparsekit.ops.bitmap_linear(x0, mask0, z.reshape(0), off0, 0, None),
+                       torch.zeros(2, 3, 5, device="cuda").bfloat16())
 
 
 @pytest.mark.gpu

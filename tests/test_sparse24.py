@@ -109,27 +109,46 @@ def weight_of(values, codes, n, m, in_f):
     return unpack_nm(NMPacked(values, indices, (values.shape[0], in_f), n, m))
 
 
-# (n, m, isa): "scalar" sets SPARSEKIT_CPU_ISA=scalar, which moves 2:4 off the AVX-512 path; other
-# patterns always take the portable path.
-NM_LINEAR_CASES = [(2, 4, "auto"), (2, 4, "scalar"), (4, 8, "auto"), (1, 4, "auto")]
+# (n, m, isa): "scalar" sets SPARSEKIT_CPU_ISA=scalar, which moves 2:4 off the AVX-512 path; "avx512" keeps
+# AVX-512 but not its BF16/VBMI2 extensions (bfloat16 2:4 then takes the float32-lane path instead of vdpbf16ps);
+# other patterns always take the portable path.
+NM_LINEAR_CASES = [(2, 4, "auto"), (2, 4, "avx512"), (2, 4, "scalar"), (4, 8, "auto"), (1, 4, "auto")]
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
 @pytest.mark.parametrize("n,m,isa", NM_LINEAR_CASES, ids=lambda v: str(v))
-@pytest.mark.parametrize("shape", [(64, 128), (96, 256), (33, 512), (5, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16, 70])
+# 24x2600: several K blocks of the streamed kernel from 4 rows up (streamed.h), a last block that ends in a
+# partial 64-column step; 40 rows: five passes of 8
+@pytest.mark.parametrize(
+    "shape", [(64, 128), (96, 256), (33, 512), (5, 40), (24, 2600)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16, 40, 70])
 def test_nm_linear_matches_reference(rows, shape, n, m, isa, dtype, bias, monkeypatch):
-    if isa == "scalar":
+    if isa != "auto":
         if not CPP_LIVE:
-            pytest.skip("the scalar switch only changes the C++ kernel")
-        monkeypatch.setenv("SPARSEKIT_CPU_ISA", "scalar")
+            pytest.skip("the ISA switch only changes the C++ kernel")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
     out_f, in_f = shape
     values, codes = packed_args(out_f, in_f, n, m, dtype)
     x = torch.randn(rows, in_f).to(dtype)
     b = torch.randn(out_f).to(dtype) if bias else None
     got = torch.ops.sparsekit.nm_linear(x, values, codes, n, m, in_f, b)
     assert_linear_close(got, x, weight_of(values, codes, n, m, in_f), b)
+
+
+@pytest.mark.parametrize("isa", ["auto", "avx512", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
+def test_nm_linear_zero_in_features_gives_bias(dtype, isa, monkeypatch):
+    if isa != "auto":
+        if not CPP_LIVE:
+            pytest.skip("the ISA switch only changes the C++ kernel")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    values, codes = torch.zeros(5, 0).to(dtype), torch.zeros(5, 0, dtype=torch.uint8)
+    b = torch.randn(5).to(dtype)
+    x = torch.randn(2, 3, 0).to(dtype)
+    assert torch.equal(ops.nm_linear(x, values, codes, 2, 4, 0, b), b.expand(2, 3, 5))
+    assert torch.equal(ops.nm_linear(x, values, codes, 2, 4, 0, None), torch.zeros(2, 3, 5).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)

@@ -2,14 +2,16 @@
 // (sparsekit/formats/bitmap.py): int64 bitmask (out, T) over 64-column tiles, the non-zeros packed
 // row-major, and row_offsets (out + 1) into them.
 //
-// Decode is memory-bound: each weight row (mask words + its non-zeros) is read once from memory and serves
-// up to kRowsPerPass rows of x from L1. x is widened once to a zero-padded float32 copy (so vector loads of
-// the last tile stay in bounds; chunked by 16 columns for the vector path), outputs accumulate in float32
-// and are rounded to x's dtype once.
+// Decode is memory-bound: the packed weight is read once per pass of up to 8 rows of x, and x stays in L1
+// (pass-chunked layout and K blocks with prefetch: streamed.h). x is copied once, zero padded; outputs
+// accumulate in float32 and are rounded to x's dtype once.
 //
-// * AVX-512 (checked at run time): each 16-bit quarter of a tile mask expands the next popcount(bits)
-//   packed values into their 16 lanes (vexpandps, zeros elsewhere), then one FMA
-//   per row of x against 16 contiguous inputs. The lanes of pruned weights multiply x by 0.
+// * AVX-512 (checked at run time), float32 and bfloat16: each 16-bit quarter of a tile mask expands its
+//   packed values into their 16 lanes (masked load + vexpandps, zeros elsewhere; bfloat16 widened first),
+//   then one FMA per row of x against 16 contiguous inputs. The lanes of pruned weights multiply x by 0.
+// * bfloat16 with AVX512-BF16 + VBMI2: each 32-bit half of a tile mask expands 32 packed bfloat16 with one
+//   vpexpandw, then one vdpbf16ps per row of x (kept in bfloat16): half the instructions.
+//   SPARSEKIT_CPU_ISA=avx512 forces the float32-lane path (tests).
 // * Otherwise (float16, no AVX-512, SPARSEKIT_CPU_ISA=scalar): walk the set bits with ctz; pruned weights are
 //   skipped, so an inf/NaN of x at a pruned position does not reach y there.
 // * More than kMaxRowsStreamed rows of x: the weight is decoded to dense block by block and
@@ -18,9 +20,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/streamed.h"
 #include "cpu/to_float.h"
 #include "cpu/unpack.h"
 
@@ -33,7 +37,6 @@ namespace sparsekit {
 namespace {
 
 constexpr int64_t kTile = 64;
-constexpr int64_t kRowsPerPass = 8;
 constexpr int64_t kMaxRowsStreamed = 64;
 constexpr int64_t kWeightsPerTask = 1 << 15;
 
@@ -41,7 +44,8 @@ struct BitmapProblem {
   int64_t out_features, in_features, in_padded, tiles, rows;
   const uint64_t* bitmask;
   const int64_t* row_offsets;
-  const float* x;     // float32, zero padded: (rows, in_padded), or (in_padded / 16, rows, 16) on the vector path
+  const float* x;     // float32, zero padded: (rows, in_padded), pass-chunked on the vector path (streamed.h)
+  const uint16_t* x_bf16;  // the bfloat16 dot path's x instead: bfloat16, zero padded, pass-chunked
   const float* bias;  // (out_features,) float32 or nullptr
   float* y;           // (rows, out_features) float32
 };
@@ -66,73 +70,167 @@ void bitmap_row_scalar(const BitmapProblem& p, const scalar_t* values, int64_t r
 }
 
 #if SPARSEKIT_HAVE_X86
-// The 16 weights of one tile quarter as floats: the next popcount(mask16) packed values spread to the set
-// lanes. Advances v. Masked loads never touch memory past the row's last value.
-template <typename scalar_t>
-SPARSEKIT_AVX512 inline __m512 expand16(const scalar_t*& v, uint32_t mask16) {
-  const int count = __builtin_popcount(mask16);
-  __m512 w;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    w = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(mask16), v);
-  } else {
-    // bfloat16: widen the next 16 values first (a bf16 is the top half of its float), then expand 32-bit
-    // lanes; vpexpandw on 16-bit lanes measured 2.5x slower on Zen 4.
-    const uint32_t first = static_cast<uint32_t>((1ull << count) - 1);
-    const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>(first), v);
-    w = _mm512_maskz_expand_ps(static_cast<__mmask16>(mask16),
-                               _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-  }
-  v += count;
-  return w;
+// The 16 weights of one tile quarter as floats: the popcount(mask16) packed values at v spread to the set
+// lanes (zeros elsewhere). Register-form expand after a masked load, which reads only those values.
+SPARSEKIT_AVX512 inline __m512 expand16(const float* v, uint32_t mask16) {
+  const auto first = static_cast<__mmask16>((1u << __builtin_popcount(mask16)) - 1);
+  return _mm512_maskz_expand_ps(static_cast<__mmask16>(mask16), _mm512_maskz_loadu_ps(first, v));
+}
+SPARSEKIT_AVX512 inline __m512 expand16(const c10::BFloat16* v, uint32_t mask16) {
+  // widen the packed values first (a bf16 is the top half of its float), then expand 32-bit lanes
+  const auto first = static_cast<__mmask16>((1u << __builtin_popcount(mask16)) - 1);
+  const __m256i h = _mm256_maskz_loadu_epi16(first, v);
+  return _mm512_maskz_expand_ps(static_cast<__mmask16>(mask16),
+                                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
 }
 
+// Prefetch of the same K block kPrefetchRows weight rows ahead (streamed.h): its values start about where
+// this row's do, shifted by the rows' offsets (an address hint only; prefetches never fault).
+struct RowPrefetch {
+  const char* values;
+  const char* mask;
+};
+template <typename scalar_t>
+inline RowPrefetch row_prefetch(const BitmapProblem& p, const scalar_t* v, int64_t r, int64_t t0) {
+  const int64_t ahead = std::min(r + streamed::kPrefetchRows, p.out_features - 1);
+  return {reinterpret_cast<const char*>(v + (p.row_offsets[ahead] - p.row_offsets[r])),
+          reinterpret_cast<const char*>(p.bitmask + ahead * p.tiles + t0)};
+}
+
+// One weight row against the kRows rows of x of the pass at i0, over tiles [t0, t1); v = the row's first
+// value at tile t0. Returns the first value past t1. The first K block stores y, later ones add to it.
+// Within a tile the four quarters find their values from popcounts of the tile's lower bits, so the only
+// chain from tile to tile is one popcount add.
 template <int kRows, typename scalar_t>
-SPARSEKIT_AVX512 void bitmap_row_avx512(const BitmapProblem& p, const scalar_t* values, int64_t r, int64_t i0) {
+SPARSEKIT_AVX512 const scalar_t* bitmap_row_avx512(const BitmapProblem& p, const scalar_t* v, int64_t r,
+                                                   int64_t i0, int64_t t0, int64_t t1) {
   const uint64_t* mk = p.bitmask + r * p.tiles;
-  const scalar_t* v = values + p.row_offsets[r];
-  const float* x0 = p.x + i0 * 16;  // x chunked: 16 columns of all rows, then the next 16 columns
-  const int64_t chunk_stride = p.rows * 16;
+  const RowPrefetch pf = row_prefetch(p, v, r, t0);
+  const scalar_t* const v_begin = v;
+  const float* x0 = p.x + i0 * p.in_padded;  // this pass's x, chunked by 16 floats (streamed.h)
+  constexpr int64_t chunk_stride = kRows * 16;
   __m512 acc[kRows];
   for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < p.tiles; ++t) {
+  for (int64_t t = t0; t < t1; ++t) {
     const uint64_t bits = mk[t];
+    const int64_t done = (v - v_begin) * static_cast<int64_t>(sizeof(scalar_t));
+    _mm_prefetch(pf.values + done, _MM_HINT_T0);
+    if constexpr (sizeof(scalar_t) == 4) _mm_prefetch(pf.values + done + 64, _MM_HINT_T0);
+    if (((t - t0) & 7) == 0) _mm_prefetch(pf.mask + (t - t0) * 8, _MM_HINT_T0);
+    const __m512 w[4] = {
+        expand16(v, static_cast<uint32_t>(bits) & 0xFFFFu),
+        expand16(v + __builtin_popcountll(bits & 0xFFFFull), static_cast<uint32_t>(bits >> 16) & 0xFFFFu),
+        expand16(v + __builtin_popcountll(bits & 0xFFFFFFFFull), static_cast<uint32_t>(bits >> 32) & 0xFFFFu),
+        expand16(v + __builtin_popcountll(bits & 0xFFFFFFFFFFFFull), static_cast<uint32_t>(bits >> 48))};
+    v += __builtin_popcountll(bits);
+    const float* xs = x0 + 4 * t * chunk_stride;
     for (int q = 0; q < 4; ++q) {
-      const __m512 w = expand16(v, static_cast<uint32_t>(bits >> (16 * q)) & 0xFFFFu);
-      const float* xs = x0 + (4 * t + q) * chunk_stride;
-      for (int i = 0; i < kRows; ++i) acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + 16 * i), acc[i]);
+      for (int i = 0; i < kRows; ++i) {
+        acc[i] = _mm512_fmadd_ps(w[q], _mm512_loadu_ps(xs + q * chunk_stride + 16 * i), acc[i]);
+      }
     }
   }
-  const float b = p.bias ? p.bias[r] : 0.0f;
-  for (int i = 0; i < kRows; ++i) p.y[(i0 + i) * p.out_features + r] = _mm512_reduce_add_ps(acc[i]) + b;
+  float* y = p.y + i0 * p.out_features + r;
+  if (t0 == 0) {
+    const float b = p.bias ? p.bias[r] : 0.0f;
+    for (int i = 0; i < kRows; ++i) y[i * p.out_features] = _mm512_reduce_add_ps(acc[i]) + b;
+  } else {
+    for (int i = 0; i < kRows; ++i) y[i * p.out_features] += _mm512_reduce_add_ps(acc[i]);
+  }
+  return v;
 }
 
-template <typename scalar_t>
-SPARSEKIT_AVX512 void bitmap_rows_avx512(const BitmapProblem& p, const scalar_t* values, int64_t r_begin,
+// bfloat16 with AVX512-BF16 + VBMI2: each half of a tile expands 32 packed bfloat16 with one vpexpandw and
+// meets x (kept in bfloat16, chunked by 32) in one vdpbf16ps per row of x: products are exact in float32 and
+// summed in pairs into float32 lanes (inputs and results below 2^-126 are flushed to zero by the instruction).
+template <int kRows>
+SPARSEKIT_AVX512_BF16 const c10::BFloat16* bitmap_row_bf16dp(const BitmapProblem& p, const c10::BFloat16* v,
+                                                            int64_t r, int64_t i0, int64_t t0, int64_t t1) {
+  const uint64_t* mk = p.bitmask + r * p.tiles;
+  const RowPrefetch pf = row_prefetch(p, v, r, t0);
+  const c10::BFloat16* const v_begin = v;
+  const uint16_t* x0 = p.x_bf16 + i0 * p.in_padded;  // this pass's x, chunked by 32 bfloat16
+  constexpr int64_t chunk_stride = kRows * 32;
+  __m512 acc[kRows];
+  for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint64_t bits = mk[t];
+    const int64_t done = (v - v_begin) * 2;
+    _mm_prefetch(pf.values + done, _MM_HINT_T0);
+    if (((t - t0) & 7) == 0) _mm_prefetch(pf.mask + (t - t0) * 8, _MM_HINT_T0);
+    const auto lo = static_cast<uint32_t>(bits), hi = static_cast<uint32_t>(bits >> 32);
+    const int nlo = __builtin_popcount(lo), nhi = __builtin_popcount(hi);
+    const __m512i w0 = _mm512_maskz_expand_epi16(
+        lo, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << nlo) - 1), v));
+    const __m512i w1 = _mm512_maskz_expand_epi16(
+        hi, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << nhi) - 1), v + nlo));
+    v += nlo + nhi;
+    const uint16_t* xs = x0 + 2 * t * chunk_stride;
+    for (int i = 0; i < kRows; ++i) {
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xs + 32 * i));
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xs + chunk_stride + 32 * i));
+    }
+  }
+  float* y = p.y + i0 * p.out_features + r;
+  if (t0 == 0) {
+    const float b = p.bias ? p.bias[r] : 0.0f;
+    for (int i = 0; i < kRows; ++i) y[i * p.out_features] = _mm512_reduce_add_ps(acc[i]) + b;
+  } else {
+    for (int i = 0; i < kRows; ++i) y[i * p.out_features] += _mm512_reduce_add_ps(acc[i]);
+  }
+  return v;
+}
+
+// Rows [r_begin, r_end) of W against every row of x: pass by pass, K block by K block (streamed.h), each
+// row's position in its values carried from block to block.
+template <bool kDot, typename scalar_t>
+void bitmap_rows_avx512(const BitmapProblem& p, const scalar_t* values, int64_t r_begin,
                                          int64_t r_end) {
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    for (int64_t i0 = 0; i0 < p.rows; i0 += kRowsPerPass) {
-      switch (std::min(kRowsPerPass, p.rows - i0)) {
-        case 1: bitmap_row_avx512<1>(p, values, r, i0); break;
-        case 2: bitmap_row_avx512<2>(p, values, r, i0); break;
-        case 3: bitmap_row_avx512<3>(p, values, r, i0); break;
-        case 4: bitmap_row_avx512<4>(p, values, r, i0); break;
-        case 5: bitmap_row_avx512<5>(p, values, r, i0); break;
-        case 6: bitmap_row_avx512<6>(p, values, r, i0); break;
-        case 7: bitmap_row_avx512<7>(p, values, r, i0); break;
-        default: bitmap_row_avx512<8>(p, values, r, i0); break;
+  std::vector<const scalar_t*> cursor(static_cast<size_t>(r_end - r_begin));
+  for (int64_t i0 = 0; i0 < p.rows; i0 += streamed::kRowsPerPass) {
+    const int64_t n = std::min(streamed::kRowsPerPass, p.rows - i0);
+    const int64_t kt = streamed::k_block_columns(n, kTile) / kTile;  // tiles per K block
+    for (int64_t r = r_begin; r < r_end; ++r) cursor[r - r_begin] = values + p.row_offsets[r];
+    for (int64_t t0 = 0; t0 < std::max<int64_t>(p.tiles, 1); t0 += kt) {  // once when in_features == 0
+      const int64_t t1 = std::min(p.tiles, t0 + kt);
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const scalar_t*& v = cursor[r - r_begin];
+#define SPARSEKIT_BITMAP_ROW(K)                                                                   \
+  if constexpr (kDot) {                                                                           \
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) v = bitmap_row_bf16dp<K>(p, v, r, i0, t0, t1); \
+  } else {                                                                                        \
+    v = bitmap_row_avx512<K>(p, v, r, i0, t0, t1);                                                \
+  }
+        switch (n) {
+          case 1: SPARSEKIT_BITMAP_ROW(1) break;
+          case 2: SPARSEKIT_BITMAP_ROW(2) break;
+          case 3: SPARSEKIT_BITMAP_ROW(3) break;
+          case 4: SPARSEKIT_BITMAP_ROW(4) break;
+          case 5: SPARSEKIT_BITMAP_ROW(5) break;
+          case 6: SPARSEKIT_BITMAP_ROW(6) break;
+          case 7: SPARSEKIT_BITMAP_ROW(7) break;
+          default: SPARSEKIT_BITMAP_ROW(8) break;
+        }
+#undef SPARSEKIT_BITMAP_ROW
       }
     }
   }
 }
 #endif
 
+enum class Path { kScalar, kAvx512, kBf16Dot };
+
 template <typename scalar_t>
-void run_streamed(const BitmapProblem& p, const scalar_t* values, bool fast) {
+void run_streamed(const BitmapProblem& p, const scalar_t* values, Path path) {
   const int64_t grain = std::max<int64_t>(1, kWeightsPerTask / std::max<int64_t>(1, p.in_features));
 #if SPARSEKIT_HAVE_X86
-  if constexpr (!std::is_same_v<scalar_t, c10::Half>) {  // fast is false for float16
-    if (fast) {
-      at::parallel_for(0, p.out_features, grain, [&](int64_t b, int64_t e) { bitmap_rows_avx512(p, values, b, e); });
+  if constexpr (!std::is_same_v<scalar_t, c10::Half>) {  // float16 always takes the scalar path
+    if (path == Path::kBf16Dot) {
+      at::parallel_for(0, p.out_features, grain, [&](int64_t b, int64_t e) { bitmap_rows_avx512<true>(p, values, b, e); });
+      return;
+    }
+    if (path == Path::kAvx512) {
+      at::parallel_for(0, p.out_features, grain, [&](int64_t b, int64_t e) { bitmap_rows_avx512<false>(p, values, b, e); });
       return;
     }
   }
@@ -178,8 +276,9 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
-  const at::Tensor xs = x.reshape({-1, in_features});
-  const int64_t rows = xs.size(0);
+  // Leading dims multiplied out, not reshape(-1, in_features): that fails for in_features == 0 (y = bias).
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor xs = x.reshape({rows, in_features});
   const at::Tensor vals = values.contiguous();
   const at::Tensor mask = bitmask.contiguous();
 
@@ -194,24 +293,28 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
 
   if (rows > kMaxRowsStreamed) return bitmap_unpack_linear_cpu(x, mask, vals, offsets, in_features, bias);
 
-  const bool fast = use_avx512() && dt != at::kHalf;
-  at::Tensor xf = at::zeros({rows, p.in_padded}, xs.options().dtype(at::kFloat));
+  const Path path = dt == at::kHalf || !use_avx512() ? Path::kScalar
+                    : dt == at::kBFloat16 && use_avx512_bf16() ? Path::kBf16Dot
+                                                               : Path::kAvx512;
+  at::Tensor xf = at::zeros({rows, p.in_padded}, xs.options().dtype(path == Path::kBf16Dot ? at::kBFloat16 : at::kFloat));
   xf.narrow(1, 0, in_features).copy_(xs);
-  // The vector path reads x chunked, (in_padded / 16, rows, 16): the rows a weight chunk meets are adjacent
-  // in memory instead of in_padded * 4 bytes apart (a multiple of 4 KiB: they would share L1 sets).
-  if (fast) xf = xf.view({rows, p.in_padded / 16, 16}).transpose(0, 1).contiguous();
+  if (path != Path::kScalar) xf = streamed::pass_chunked_x(xf);
   at::Tensor yf = at::empty({rows, out_features}, xs.options().dtype(at::kFloat));
   at::Tensor bf;
   if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
-  p.x = xf.const_data_ptr<float>();
+  if (path == Path::kBf16Dot) {
+    p.x_bf16 = reinterpret_cast<const uint16_t*>(xf.const_data_ptr<c10::BFloat16>());
+  } else {
+    p.x = xf.const_data_ptr<float>();
+  }
   p.bias = bias.has_value() ? bf.const_data_ptr<float>() : nullptr;
   p.y = yf.data_ptr<float>();
   if (rows == 0 || out_features == 0) return yf.to(dt).reshape(out_shape);
 
   AT_DISPATCH_SWITCH(dt, "sparsekit_bitmap_linear",
-      AT_DISPATCH_CASE(at::kFloat, [&] { run_streamed(p, vals.const_data_ptr<float>(), fast); })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] { run_streamed(p, vals.const_data_ptr<c10::BFloat16>(), fast); })
-      AT_DISPATCH_CASE(at::kHalf, [&] { run_streamed(p, vals.const_data_ptr<c10::Half>(), fast); }));
+      AT_DISPATCH_CASE(at::kFloat, [&] { run_streamed(p, vals.const_data_ptr<float>(), path); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { run_streamed(p, vals.const_data_ptr<c10::BFloat16>(), path); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { run_streamed(p, vals.const_data_ptr<c10::Half>(), path); }));
   return yf.to(dt).reshape(out_shape);
 }
 

@@ -13,6 +13,10 @@
 // AVX-512 plus VBMI2 (vpexpandw: 32 16-bit lanes per expand), for the unpack kernels' 16-bit path.
 #define SPARSEKIT_AVX512_VBMI2 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,bmi,popcnt")))
+// AVX-512 plus VBMI2 and BF16 (vdpbf16ps: 32 bfloat16 products summed in pairs into 16 floats), for the
+// bfloat16 path of the bitmap GEMV kernel.
+#define SPARSEKIT_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,avx2,fma,bmi,popcnt")))
 #else
 #define SPARSEKIT_HAVE_X86 0
 #endif
@@ -39,6 +43,16 @@ inline bool use_avx512_vbmi2() {
   static const bool cpu_has = __builtin_cpu_supports("avx512vbmi2");
   const char* isa = std::getenv("SPARSEKIT_CPU_ISA");
   return cpu_has && use_avx512() && !(isa && std::strcmp(isa, "avx512") == 0);
+#else
+  return false;
+#endif
+}
+
+// True when use_avx512_vbmi2() and the CPU also has AVX512-BF16 (same "avx512" override as above).
+inline bool use_avx512_bf16() {
+#if SPARSEKIT_HAVE_X86
+  static const bool cpu_has = __builtin_cpu_supports("avx512bf16");
+  return cpu_has && use_avx512_vbmi2();
 #else
   return false;
 #endif

@@ -2,14 +2,15 @@
 // (sparsekit/formats/sparse24.py): values (out, G * K) and uint8 index codes, b = 2 bits per kept value
 // for M <= 4 and 4 bits for M <= 16, little-endian within a row.
 //
-// Decode is memory-bound: each weight row is read once from memory and serves up to kRowsPerPass rows of x
-// while it sits in L1. x is widened once to a zero-padded float32 copy (a few KiB to a few MiB; chunked by
-// 16 columns for the vector path), outputs accumulate in float32 and are rounded to x's dtype once, bias
-// included.
+// Decode is memory-bound: the packed weight is read once per pass of up to 8 rows of x, and x stays in L1
+// (pass-chunked layout and K blocks with prefetch: streamed.h). x is copied once, zero padded; outputs
+// accumulate in float32 and are rounded to x's dtype once, bias included.
 //
-// * 2:4 with AVX-512 (checked at run time): 16 kept values cover 8 groups = 32 inputs; their positions
-//   (4 bytes of codes -> 16 two-bit fields -> + group base 0,0,4,4,...,28,28) select the matching inputs
-//   from two 16-float registers with one vpermt2ps, then one FMA per row of x. No gathers.
+// * 2:4 with AVX-512 (checked at run time), float32 and bfloat16: 16 kept values cover 8 groups = 32 inputs;
+//   their positions (4 bytes of codes -> 16 two-bit fields -> + group base 0,0,4,4,...,28,28) select the
+//   matching inputs from two 16-float registers with one vpermt2ps, then one FMA per row of x. No gathers.
+// * 2:4 bfloat16 with AVX512-BF16 + VBMI2: 32 kept values, vpermt2w on bfloat16 inputs and one vdpbf16ps per
+//   row of x (sparse24_row_bf16dp): half the instructions. SPARSEKIT_CPU_ISA=avx512 forces the path above.
 // * Every other case (other N:M, float16, no AVX-512, SPARSEKIT_CPU_ISA=scalar): portable scalar loop.
 // * More than kMaxRowsStreamed rows of x: the weight is decoded to dense block by block and
 //   BLAS runs on each block (nm_unpack_linear_cpu, sparse24_unpack.cpp).
@@ -20,9 +21,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/streamed.h"
 #include "cpu/to_float.h"
 #include "cpu/unpack.h"
 
@@ -34,7 +37,6 @@
 namespace sparsekit {
 namespace {
 
-constexpr int64_t kRowsPerPass = 8;        // rows of x one pass over a weight row serves (accumulators)
 constexpr int64_t kMaxRowsStreamed = 64;   // above: dense decode + BLAS wins
 constexpr int64_t kInputPad = 64;          // x copy padded to this many columns (vector loads past the end)
 constexpr int64_t kWeightsPerTask = 1 << 15;
@@ -43,7 +45,8 @@ struct NMProblem {
   int64_t out_features, in_features, in_padded;
   int64_t m, kept_per_group, kept_per_row, code_width, bits;
   const uint8_t* codes;
-  const float* x;     // float32, zero padded: (rows, in_padded), or (in_padded / 16, rows, 16) on the vector path
+  const float* x;     // float32, zero padded: (rows, in_padded), pass-chunked on the vector path (streamed.h)
+  const uint16_t* x_bf16;  // the bfloat16 dot path's x instead: bfloat16, zero padded, pass-chunked
   const float* bias;  // (out_features,) float32 or nullptr
   float* y;           // (rows, out_features) float32
   int64_t rows;
@@ -82,20 +85,27 @@ SPARSEKIT_AVX512 inline __m512 load16_as_float(const scalar_t* v) {
   }
 }
 
-// 2:4, one weight row against kRows rows of x starting at i0.
+// 2:4, one weight row against kRows rows of x starting at i0, over kept values [j0, j1) (columns
+// [2 * j0, 2 * j1)); j0 is a multiple of 16. The first K block stores into y, later ones add to it.
 template <int kRows, typename scalar_t>
-SPARSEKIT_AVX512 void sparse24_row_avx512(const NMProblem& p, const scalar_t* values, int64_t r, int64_t i0) {
+SPARSEKIT_AVX512 void sparse24_row_avx512(const NMProblem& p, const scalar_t* values, int64_t r, int64_t i0,
+                                          int64_t j0, int64_t j1) {
   const scalar_t* v = values + r * p.kept_per_row;
   const uint8_t* c = p.codes + r * p.code_width;
-  const float* x0 = p.x + i0 * 16;  // x chunked: 16 columns of all rows, then the next 16 columns
-  const int64_t chunk_stride = p.rows * 16;
+  const float* x0 = p.x + i0 * p.in_padded;  // this pass's x, chunked (streamed.h)
+  constexpr int64_t chunk_stride = kRows * 16;
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i group_base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   const __m512i two_bits = _mm512_set1_epi32(3);
   __m512 acc[kRows];
   for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= p.kept_per_row; j += 16) {
+  // The same K block of a later weight row, fetched while this one computes (see sparse24_rows_avx512).
+  const char* pv = reinterpret_cast<const char*>(v + streamed::kPrefetchRows * p.kept_per_row);
+  const char* pc = reinterpret_cast<const char*>(c + streamed::kPrefetchRows * p.code_width);
+  int64_t j = j0;
+  for (; j + 16 <= j1; j += 16) {
+    _mm_prefetch(pv + j * sizeof(scalar_t), _MM_HINT_T0);
+    if ((j & 255) == 0) _mm_prefetch(pc + j / 4, _MM_HINT_T0);
     uint32_t word;
     std::memcpy(&word, c + j / 4, sizeof(word));
     const __m512i pos = _mm512_add_epi32(
@@ -111,29 +121,106 @@ SPARSEKIT_AVX512 void sparse24_row_avx512(const NMProblem& p, const scalar_t* va
     }
   }
   float tail[kRows] = {};
-  for (; j < p.kept_per_row; ++j) {
+  for (; j < j1; ++j) {
     const float wj = to_float(v[j]);
     const int64_t col = (j / 2) * 4 + code_at(c, j, 2);
     for (int i = 0; i < kRows; ++i) tail[i] += wj * x0[(col / 16) * chunk_stride + 16 * i + col % 16];
   }
-  const float b = p.bias ? p.bias[r] : 0.0f;
-  for (int i = 0; i < kRows; ++i) p.y[(i0 + i) * p.out_features + r] = _mm512_reduce_add_ps(acc[i]) + tail[i] + b;
+  float* y = p.y + i0 * p.out_features + r;
+  if (j0 == 0) {
+    const float b = p.bias ? p.bias[r] : 0.0f;
+    for (int i = 0; i < kRows; ++i) y[i * p.out_features] = _mm512_reduce_add_ps(acc[i]) + tail[i] + b;
+  } else {
+    for (int i = 0; i < kRows; ++i) y[i * p.out_features] += _mm512_reduce_add_ps(acc[i]) + tail[i];
+  }
 }
 
-template <typename scalar_t>
-SPARSEKIT_AVX512 void sparse24_rows_avx512(const NMProblem& p, const scalar_t* values, int64_t r_begin,
-                                           int64_t r_end) {
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    for (int64_t i0 = 0; i0 < p.rows; i0 += kRowsPerPass) {
-      switch (std::min(kRowsPerPass, p.rows - i0)) {
-        case 1: sparse24_row_avx512<1>(p, values, r, i0); break;
-        case 2: sparse24_row_avx512<2>(p, values, r, i0); break;
-        case 3: sparse24_row_avx512<3>(p, values, r, i0); break;
-        case 4: sparse24_row_avx512<4>(p, values, r, i0); break;
-        case 5: sparse24_row_avx512<5>(p, values, r, i0); break;
-        case 6: sparse24_row_avx512<6>(p, values, r, i0); break;
-        case 7: sparse24_row_avx512<7>(p, values, r, i0); break;
-        default: sparse24_row_avx512<8>(p, values, r, i0); break;
+// 2:4 bfloat16 with AVX512-BF16: 32 kept values (one register) cover 16 groups = 64 inputs; their positions
+// (8 bytes of codes -> 32 two-bit fields in 16-bit lanes -> + group base) pick the matching bfloat16 inputs
+// from two 32-input registers with one vpermt2w, then one vdpbf16ps per row of x: products are exact in
+// float32 and summed in pairs into float32 lanes (inputs and results below 2^-126 are flushed to zero).
+// Half the instructions of the float32-lane path per kept value.
+template <int kRows>
+SPARSEKIT_AVX512_BF16 void sparse24_row_bf16dp(const NMProblem& p, const c10::BFloat16* values, int64_t r, int64_t i0,
+                                               int64_t j0, int64_t j1) {
+  const c10::BFloat16* v = values + r * p.kept_per_row;
+  const uint8_t* c = p.codes + r * p.code_width;
+  const uint16_t* x0 = p.x_bf16 + i0 * p.in_padded;  // this pass's x, chunked by 32 bfloat16 (streamed.h)
+  constexpr int64_t chunk_stride = kRows * 32;
+  const char* pv = reinterpret_cast<const char*>(v + streamed::kPrefetchRows * p.kept_per_row);
+  const char* pc = reinterpret_cast<const char*>(c + streamed::kPrefetchRows * p.code_width);
+  // lane j: 16-bit word j / 8 of the 8 code bytes, shifted right by 2 * (j % 8); group base 4 * (j / 2)
+  alignas(64) static constexpr uint16_t kWord[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                     2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+  alignas(64) static constexpr uint16_t kShift[32] = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14,
+                                                      0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
+  alignas(64) static constexpr uint16_t kBase[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20, 20, 24, 24, 28, 28,
+                                                     32, 32, 36, 36, 40, 40, 44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
+  const __m512i word_idx = _mm512_load_si512(kWord), shifts = _mm512_load_si512(kShift),
+                base = _mm512_load_si512(kBase), two_bits = _mm512_set1_epi16(3);
+  __m512 acc[kRows];
+  for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t j = j0;
+  for (; j + 32 <= j1; j += 32) {
+    _mm_prefetch(pv + j * 2, _MM_HINT_T0);
+    if ((j & 255) == 0) _mm_prefetch(pc + j / 4, _MM_HINT_T0);
+    uint64_t word;
+    std::memcpy(&word, c + j / 4, sizeof(word));
+    const __m512i fields = _mm512_permutexvar_epi16(word_idx, _mm512_set1_epi64(static_cast<long long>(word)));
+    const __m512i pos = _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(fields, shifts), two_bits), base);
+    const __m512bh w = (__m512bh)_mm512_loadu_si512(v + j);
+    const uint16_t* xs = x0 + (j / 16) * chunk_stride;  // kept value j: column 2j.., chunk 2j / 32 and the next
+    for (int i = 0; i < kRows; ++i) {
+      const uint16_t* xi = xs + 32 * i;
+      const __m512i picked =
+          _mm512_permutex2var_epi16(_mm512_loadu_si512(xi), pos, _mm512_loadu_si512(xi + chunk_stride));
+      acc[i] = _mm512_dpbf16_ps(acc[i], w, (__m512bh)picked);
+    }
+  }
+  float tail[kRows] = {};
+  for (; j < j1; ++j) {
+    const float wj = to_float(v[j]);
+    const int64_t col = (j / 2) * 4 + code_at(c, j, 2);
+    for (int i = 0; i < kRows; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(x0[(col / 32) * chunk_stride + 32 * i + col % 32]) << 16;
+      tail[i] += wj * bits_to_float(bits);
+    }
+  }
+  float* y = p.y + i0 * p.out_features + r;
+  if (j0 == 0) {
+    const float b = p.bias ? p.bias[r] : 0.0f;
+    for (int i = 0; i < kRows; ++i) y[i * p.out_features] = _mm512_reduce_add_ps(acc[i]) + tail[i] + b;
+  } else {
+    for (int i = 0; i < kRows; ++i) y[i * p.out_features] += _mm512_reduce_add_ps(acc[i]) + tail[i];
+  }
+}
+
+// Rows [r_begin, r_end) of W against every row of x: pass by pass, K block by K block (streamed.h).
+template <bool kDot, typename scalar_t>
+void sparse24_rows_avx512(const NMProblem& p, const scalar_t* values, int64_t r_begin, int64_t r_end) {
+  for (int64_t i0 = 0; i0 < p.rows; i0 += streamed::kRowsPerPass) {
+    const int64_t n = std::min(streamed::kRowsPerPass, p.rows - i0);
+    const int64_t kc = streamed::k_block_columns(n, 64);  // whole 16- or 32-value steps
+    for (int64_t c0 = 0; c0 < std::max<int64_t>(p.in_features, 1); c0 += kc) {  // once when in_features == 0
+      const int64_t j0 = c0 / 2, j1 = std::min(p.kept_per_row, (c0 + kc) / 2);
+      for (int64_t r = r_begin; r < r_end; ++r) {
+#define SPARSEKIT_NM_ROW(K)                                                                               \
+  if constexpr (kDot) {                                                                                   \
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) sparse24_row_bf16dp<K>(p, values, r, i0, j0, j1); \
+  } else {                                                                                                \
+    sparse24_row_avx512<K>(p, values, r, i0, j0, j1);                                                     \
+  }
+        switch (n) {
+          case 1: SPARSEKIT_NM_ROW(1) break;
+          case 2: SPARSEKIT_NM_ROW(2) break;
+          case 3: SPARSEKIT_NM_ROW(3) break;
+          case 4: SPARSEKIT_NM_ROW(4) break;
+          case 5: SPARSEKIT_NM_ROW(5) break;
+          case 6: SPARSEKIT_NM_ROW(6) break;
+          case 7: SPARSEKIT_NM_ROW(7) break;
+          default: SPARSEKIT_NM_ROW(8) break;
+        }
+#undef SPARSEKIT_NM_ROW
       }
     }
   }
@@ -176,8 +263,9 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
-  const at::Tensor xs = x.reshape({-1, in_features});
-  const int64_t rows = xs.size(0);
+  // Leading dims multiplied out, not reshape(-1, in_features): that fails for in_features == 0 (y = bias).
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor xs = x.reshape({rows, in_features});
   const at::Tensor vals = values.contiguous();
   const at::Tensor codes = index_codes.contiguous();
 
@@ -195,53 +283,48 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
 
   if (rows > kMaxRowsStreamed) return nm_unpack_linear_cpu(x, vals, codes, n, m, in_features, bias);
 
-  const bool fast24 = n == 2 && m == 4 && dt != at::kHalf && use_avx512();
-  at::Tensor xf = at::zeros({rows, p.in_padded}, xs.options().dtype(at::kFloat));
+  enum class Path { kScalar, kAvx512, kBf16Dot };
+  const Path path = !(n == 2 && m == 4) || dt == at::kHalf || !use_avx512() ? Path::kScalar
+                    : dt == at::kBFloat16 && use_avx512_bf16()               ? Path::kBf16Dot
+                                                                             : Path::kAvx512;
+  at::Tensor xf = at::zeros({rows, p.in_padded}, xs.options().dtype(path == Path::kBf16Dot ? at::kBFloat16 : at::kFloat));
   xf.narrow(1, 0, in_features).copy_(xs);
-  // The vector path reads x chunked, (in_padded / 16, rows, 16): the rows a weight chunk meets are adjacent
-  // in memory instead of in_padded * 4 bytes apart (a multiple of 4 KiB: they would share L1 sets).
-  if (fast24) xf = xf.view({rows, p.in_padded / 16, 16}).transpose(0, 1).contiguous();
+  if (path != Path::kScalar) xf = streamed::pass_chunked_x(xf);
   at::Tensor yf = at::empty({rows, out_features}, xs.options().dtype(at::kFloat));
   at::Tensor bf;
   if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
-  p.x = xf.const_data_ptr<float>();
+  if (path == Path::kBf16Dot) {
+    p.x_bf16 = reinterpret_cast<const uint16_t*>(xf.const_data_ptr<c10::BFloat16>());
+  } else {
+    p.x = xf.const_data_ptr<float>();
+  }
   p.bias = bias.has_value() ? bf.const_data_ptr<float>() : nullptr;
   p.y = yf.data_ptr<float>();
   if (rows == 0 || out_features == 0) return yf.to(dt).reshape(out_shape);
 
   const int64_t grain = std::max<int64_t>(1, kWeightsPerTask / std::max<int64_t>(1, in_features));
+  auto run = [&](auto* v) {
+    using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
+#if SPARSEKIT_HAVE_X86
+    if constexpr (!std::is_same_v<scalar_t, c10::Half>) {  // float16 always takes the scalar path
+      if (path == Path::kBf16Dot) {
+        at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) { sparse24_rows_avx512<true>(p, v, b, e); });
+        return;
+      }
+      if (path == Path::kAvx512) {
+        at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) { sparse24_rows_avx512<false>(p, v, b, e); });
+        return;
+      }
+    }
+#endif
+    at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) nm_row_scalar(p, v, r, 0, rows);
+    });
+  };
   AT_DISPATCH_SWITCH(dt, "sparsekit_nm_linear",
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-#if SPARSEKIT_HAVE_X86
-        if (fast24) {
-          at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-            sparse24_rows_avx512<float>(p, vals.const_data_ptr<float>(), b, e);
-          });
-          return;
-        }
-#endif
-        at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-          for (int64_t r = b; r < e; ++r) nm_row_scalar<float>(p, vals.const_data_ptr<float>(), r, 0, rows);
-        });
-      })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        const auto* v = vals.const_data_ptr<c10::BFloat16>();
-#if SPARSEKIT_HAVE_X86
-        if (fast24) {
-          at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) { sparse24_rows_avx512(p, v, b, e); });
-          return;
-        }
-#endif
-        at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-          for (int64_t r = b; r < e; ++r) nm_row_scalar(p, v, r, 0, rows);
-        });
-      })
-      AT_DISPATCH_CASE(at::kHalf, [&] {
-        const auto* v = vals.const_data_ptr<c10::Half>();
-        at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) {
-          for (int64_t r = b; r < e; ++r) nm_row_scalar(p, v, r, 0, rows);
-        });
-      }));
+      AT_DISPATCH_CASE(at::kFloat, [&] { run(vals.const_data_ptr<float>()); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { run(vals.const_data_ptr<c10::BFloat16>()); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { run(vals.const_data_ptr<c10::Half>()); }));
   return yf.to(dt).reshape(out_shape);
 }
 

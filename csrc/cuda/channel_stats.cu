@@ -31,8 +31,8 @@ void channel_sqnorm_accumulate_cuda(at::Tensor& acc, const at::Tensor& x) {
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t channels = acc.size(0);
+  if (channels == 0 || x.numel() == 0) return;  // before the reshape: (-1, 0) cannot be inferred
   const at::Tensor x2 = x.reshape({-1, channels}).contiguous();
-  if (x2.numel() == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x2.get_device()).stream();
   const int num_sms = cuda::multiprocessor_count(x2.get_device());
 
@@ -72,8 +72,8 @@ void channel_stats_accumulate_cuda(at::Tensor& sq_acc, at::Tensor& abs_acc, cons
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t channels = sq_acc.size(0);
+  if (channels == 0 || x.numel() == 0) return;  // before the reshape: (-1, 0) cannot be inferred
   const at::Tensor x2 = x.reshape({-1, channels}).contiguous();
-  if (x2.numel() == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x2.get_device()).stream();
   const int num_sms = cuda::multiprocessor_count(x2.get_device());
 

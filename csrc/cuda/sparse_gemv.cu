@@ -15,6 +15,7 @@
 #include <ATen/ops/linear.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/util/accumulate.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -160,9 +161,13 @@ at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const a
 
   const c10::cuda::CUDAGuard guard(x.device());
   const auto shape = output_shape(x, out_features);
-  const at::Tensor x2 = x.reshape({-1, in_features}).contiguous();
-  const int64_t rows = x2.size(0);
+  // Leading dims multiplied out, not reshape(-1, in_features): that fails for in_features == 0.
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   if (rows == 0 || out_features == 0) return at::empty(shape, x.options());
+  if (in_features == 0) {  // y = bias (or zeros), as F.linear with an empty weight
+    return bias.has_value() ? bias->expand(shape).contiguous() : at::zeros(shape, x.options());
+  }
+  const at::Tensor x2 = x.reshape({rows, in_features}).contiguous();
   const at::Tensor vals = values.contiguous();
   const at::Tensor codes = index_codes.contiguous();
   const std::optional<at::Tensor> b =
@@ -218,9 +223,13 @@ at::Tensor bitmap_linear_cuda(const at::Tensor& x, const at::Tensor& bitmask, co
 
   const c10::cuda::CUDAGuard guard(x.device());
   const auto shape = output_shape(x, out_features);
-  const at::Tensor x2 = x.reshape({-1, in_features}).contiguous();
-  const int64_t rows = x2.size(0);
+  // Leading dims multiplied out, not reshape(-1, in_features): that fails for in_features == 0.
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   if (rows == 0 || out_features == 0) return at::empty(shape, x.options());
+  if (in_features == 0) {  // y = bias (or zeros), as F.linear with an empty weight
+    return bias.has_value() ? bias->expand(shape).contiguous() : at::zeros(shape, x.options());
+  }
+  const at::Tensor x2 = x.reshape({rows, in_features}).contiguous();
   const at::Tensor mask = bitmask.contiguous();
   const at::Tensor vals = values.contiguous();
   const at::Tensor offsets = row_offsets.contiguous();

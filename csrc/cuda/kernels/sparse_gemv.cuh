@@ -618,7 +618,9 @@ __global__ void nm_decode_kernel(const T* __restrict__ values, const uint8_t* __
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / kept_per_row, j = i % kept_per_row, bit = j * bits;
     const int code = (codes[r * code_width + bit / 8] >> (bit % 8)) & ((1 << bits) - 1);
-    dense[r * in_features + (j / kept) * m + code] = values[i];
+    // codes are trusted, but one >= m (possible for m = 3 and 5..15, never from pack_nm) would write past
+    // its group and, in the last row, past the tensor: drop it instead (the CPU decode raises on it)
+    if (code < m) dense[r * in_features + (j / kept) * m + code] = values[i];
   }
 }
 
