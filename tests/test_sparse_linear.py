@@ -15,10 +15,12 @@ from sparsekit import ops
 from sparsekit.nn import SparseLinear
 from sparsekit.nn.sparse_linear import (
     BITMAP_MIN_SPARSITY,
+    CPU_BF16_MAX_ROWS_WITHOUT_DOT,
     CPU_SPARSE_MAX_ROWS,
-    CPU_SPARSE_SKIP_WHEN_CACHED,
     CPU_SPARSE_MAX_ROWS_ONE_THREAD,
+    CPU_SPARSE_MAX_ROWS_UNPACK,
     auto_format,
+    cpu_bf16_dot,
     cpu_sparse_kernels_fast,
     parse_format,
 )
@@ -62,9 +64,12 @@ def count_calls(layer, method="_packed_op"):
 
 def expected_path(fmt, dtype, rows, fallback, sparsity=0.5):
     table = CPU_SPARSE_MAX_ROWS if torch.get_num_threads() >= 2 else CPU_SPARSE_MAX_ROWS_ONE_THREAD
-    wins = FAST and rows <= table.get((fmt, dtype), 0)
-    if fallback == "cache" and (fmt, dtype) in CPU_SPARSE_SKIP_WHEN_CACHED:
-        wins = False
+    limit = table.get((fmt, dtype), 0)
+    if fallback == "unpack":
+        limit = max(limit, CPU_SPARSE_MAX_ROWS_UNPACK.get((fmt, dtype), 0))
+    if dtype == torch.bfloat16 and not cpu_bf16_dot():
+        limit = min(limit, CPU_BF16_MAX_ROWS_WITHOUT_DOT)
+    wins = FAST and rows <= limit
     if fmt == "bitmap" and sparsity < BITMAP_MIN_SPARSITY:
         wins = False
     if wins:
@@ -73,15 +78,16 @@ def expected_path(fmt, dtype, rows, fallback, sparsity=0.5):
 
 
 def test_dispatch_policy_is_the_measured_one():
-    # benchmarks/results/sparse_linear_cpu.md: float32 wins up to 8 rows, bfloat16 only up to 2; a change here
-    # must come with new measurements (benchmarks/bench_sparse_linear.py).
-    assert CPU_SPARSE_MAX_ROWS == {
-        ("2:4", torch.float32): 8, ("2:4", torch.bfloat16): 2,
-        ("bitmap", torch.float32): 8, ("bitmap", torch.bfloat16): 2,
+    # benchmarks/results/sparse_linear_cpu_dispatch_2t.md and sparse_linear_cpu_dispatch.md (quiet machine, 2 and
+    # 1 threads): a change here must come with new measurements (benchmarks/bench_sparse_linear.py).
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert CPU_SPARSE_MAX_ROWS == {("2:4", f32): 64, ("2:4", bf16): 16, ("bitmap", f32): 64, ("bitmap", bf16): 8}
+    assert CPU_SPARSE_MAX_ROWS_ONE_THREAD == {
+        ("2:4", f32): 64, ("2:4", bf16): 8, ("bitmap", f32): 64, ("bitmap", bf16): 4,
     }
-    assert CPU_SPARSE_MAX_ROWS_ONE_THREAD == {("2:4", torch.float32): 4, ("2:4", torch.bfloat16): 1}
-    # sparse_linear_cpu_dispatch_2t.md (quiet): bitmap bf16 lost to dense at M = 1 on 4 of 5 shapes
-    assert CPU_SPARSE_SKIP_WHEN_CACHED == {("bitmap", torch.bfloat16)}
+    # with dense_fallback="unpack": the bitmap bf16 kernel lost less than decode + BLAS up to M = 16
+    assert CPU_SPARSE_MAX_ROWS_UNPACK == {("bitmap", bf16): 16}
+    assert CPU_BF16_MAX_ROWS_WITHOUT_DOT == 4
     assert BITMAP_MIN_SPARSITY == 0.5
 
 
@@ -127,17 +133,23 @@ def test_paths_cover_sparse_dense_and_unpack():
     if not FAST:
         pytest.skip(cpu_sparse_kernels_fast()[1])
     threads = torch.get_num_threads()
+    bf16_limit = 16 if cpu_bf16_dot() else CPU_BF16_MAX_ROWS_WITHOUT_DOT
     try:
         torch.set_num_threads(2)  # the limits below are the two-thread table's
         cached = SparseLinear.from_linear(pruned_linear(64, 16, "2:4"), dense_fallback="cache")
         packed = SparseLinear.from_linear(pruned_linear(64, 16, "2:4"))
+        bitmap_cached = SparseLinear.from_linear(pruned_linear(64, 16, "bitmap"), "bitmap", dense_fallback="cache")
+        bitmap_packed = SparseLinear.from_linear(pruned_linear(64, 16, "bitmap"), "bitmap")
     finally:
         torch.set_num_threads(threads)
-    cpu = torch.device("cpu")
-    assert [cached.path(m, cpu, torch.float32) for m in (1, 8, 9)] == ["sparse", "sparse", "dense"]
-    assert [cached.path(m, cpu, torch.bfloat16) for m in (1, 2, 3)] == ["sparse", "sparse", "dense"]
-    assert [packed.path(m, cpu, torch.float32) for m in (8, 9, 100)] == ["sparse", "unpack", "unpack"]
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    assert [cached.path(m, cpu, torch.float32) for m in (1, 64, 65)] == ["sparse", "sparse", "dense"]
+    assert [cached.path(m, cpu, bf16) for m in (1, bf16_limit, bf16_limit + 1)] == ["sparse", "sparse", "dense"]
+    assert [packed.path(m, cpu, torch.float32) for m in (64, 65, 100)] == ["sparse", "unpack", "unpack"]
     assert cached.path(1, cpu, torch.float16) == "dense"  # no fast float16 kernel
+    if cpu_bf16_dot():  # bitmap bf16: dense beyond M = 8 when cached, the kernel up to 16 without a dense copy
+        assert [bitmap_cached.path(m, cpu, bf16) for m in (8, 9)] == ["sparse", "dense"]
+        assert [bitmap_packed.path(m, cpu, bf16) for m in (9, 16, 17)] == ["sparse", "sparse", "unpack"]
 
 
 def test_float16_layer_and_4_8_never_take_the_sparse_kernel():
@@ -166,13 +178,16 @@ def test_one_thread_limits():
         torch.set_num_threads(1)
         bitmap = SparseLinear.from_linear(pruned_linear(128, 16, "bitmap"), "bitmap", dense_fallback="cache")
         two_four = SparseLinear.from_linear(pruned_linear(128, 16, "2:4"), "2:4", dense_fallback="cache")
-        assert bitmap.path(1, cpu, f32) == "dense"  # the bitmap kernel needs two threads
-        assert [two_four.path(m, cpu, f32) for m in (4, 5)] == ["sparse", "dense"]
-        assert [two_four.path(m, cpu, bf16) for m in (1, 2)] == ["sparse", "dense"]
+        bf16_limit = 8 if cpu_bf16_dot() else CPU_BF16_MAX_ROWS_WITHOUT_DOT
+        assert [bitmap.path(m, cpu, f32) for m in (64, 65)] == ["sparse", "dense"]
+        assert [bitmap.path(m, cpu, bf16) for m in (4, 5)] == ["sparse", "dense"]
+        assert [two_four.path(m, cpu, f32) for m in (64, 65)] == ["sparse", "dense"]
+        assert [two_four.path(m, cpu, bf16) for m in (bf16_limit, bf16_limit + 1)] == ["sparse", "dense"]
         torch.set_num_threads(2)
-        assert bitmap.path(1, cpu, f32) == "dense"  # decided when built
-        assert bitmap.refresh_dispatch().path(8, cpu, f32) == "sparse"
-        assert two_four.refresh_dispatch().path(8, cpu, f32) == "sparse"
+        assert bitmap.path(5, cpu, bf16) == "dense"  # decided when built
+        if cpu_bf16_dot():
+            assert bitmap.refresh_dispatch().path(8, cpu, bf16) == "sparse"
+            assert two_four.refresh_dispatch().path(16, cpu, bf16) == "sparse"
     finally:
         torch.set_num_threads(threads)
 
@@ -322,9 +337,11 @@ def test_cuda_2_4_matches_dense(dtype):
 
 
 @pytest.mark.skipif(not FAST, reason="the CPU C++ kernels' AVX-512 path is not live")
-def test_cached_bitmap_bf16_goes_dense_and_switching_fallback_redecides():
-    """With a dense copy at hand, bitmap bf16 skips its packed kernel (it lost to dense at 2 threads);
-    switching the fallback re-decides the limits."""
+def test_switching_fallback_redecides_bitmap_bf16():
+    """Without a dense copy, bitmap bf16 keeps its packed kernel to M = 16 (it loses less than decode + BLAS);
+    with one, it goes dense above M = 8. Switching the fallback re-decides the limits."""
+    if not (FAST and cpu_bf16_dot()):
+        pytest.skip("needs the AVX512-BF16 kernels")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -333,10 +350,10 @@ def test_cached_bitmap_bf16_goes_dense_and_switching_fallback_redecides():
             lin.weight.masked_fill_(torch.rand_like(lin.weight, dtype=torch.float32) < 0.6, 0)
         layer = SparseLinear.from_linear(lin, format="bitmap")
         cpu = torch.device("cpu")
-        assert layer.path(1, cpu, torch.bfloat16) == "sparse"
-        assert layer.set_dense_fallback("cache").path(1, cpu, torch.bfloat16) == "dense"
-        assert layer.set_dense_fallback("unpack").path(1, cpu, torch.bfloat16) == "sparse"
-        x = torch.randn(1, 256, dtype=torch.bfloat16)
+        assert layer.path(12, cpu, torch.bfloat16) == "sparse"
+        assert layer.set_dense_fallback("cache").path(12, cpu, torch.bfloat16) == "dense"
+        assert layer.set_dense_fallback("unpack").path(12, cpu, torch.bfloat16) == "sparse"
+        x = torch.randn(12, 256, dtype=torch.bfloat16)
         layer.set_dense_fallback("cache")
         torch.testing.assert_close(layer(x), F.linear(x, lin.weight), rtol=1.6e-2, atol=1e-2)
     finally:

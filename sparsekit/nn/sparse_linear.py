@@ -13,12 +13,15 @@ Forward paths, chosen per call from the device, the dtype and M = the number of 
 its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a call takes:
 
 * ``"sparse"``: ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` where the packed kernel was measured to beat
-  dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu.md``:
-  cold weights, 2 threads, idle machine): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 8, in
-  bfloat16 for M <= 2. With one torch thread (``CPU_SPARSE_MAX_ROWS_ONE_THREAD``): 2:4 only, float32
-  M <= 4, bfloat16 M = 1. Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M
-  than 2:4, float16, CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed: those
-  layers take the fallback at every M.
+  dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu_dispatch_2t.md``:
+  cold weights, 2 threads, quiet machine): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 64, 2:4
+  bfloat16 for M <= 16, bitmap bfloat16 for M <= 8. With one torch thread (``CPU_SPARSE_MAX_ROWS_ONE_THREAD``):
+  float32 M <= 64, bfloat16 2:4 M <= 8 and bitmap M <= 4. With ``dense_fallback="unpack"`` bitmap bfloat16 keeps
+  the kernel up to M = 16 (``CPU_SPARSE_MAX_ROWS_UNPACK``): it loses to dense there, but less than decode + BLAS.
+  Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M than 2:4, float16,
+  CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed: those layers take the
+  fallback at every M. The bfloat16 limits assume the AVX512-BF16 path (``cpu_bf16_dot()``); without it they
+  are capped at M = 4.
 * ``"cslt"``: CUDA only, 2:4 in float16/bfloat16 where torch exposes cuSPARSELt
   (``torch._cslt_sparse_mm``, ``torch.backends.cusparselt.is_available()``) and the shape fits its limits
   (out % 16 == 0, in % 16 == 0). Untested on a device so far.
@@ -34,14 +37,12 @@ The dense fallback's storage, a trade-off to choose per model:
 
 * ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32
   0.53x dense, bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept
-  for the life of the thread, shared by all layers). Its cost against dense ``F.linear``, measured
-  on Llama-3-8B and SmolLM2 shapes with one thread, cold weights, on a quiet machine
-  (``benchmarks/results/unpack_linear_cpu_1t.md``), over M = 8..512:
-  2:4 float32 0.96-1.66x, 2:4 bfloat16 0.90-1.11x (0.92-0.98x at M = 8-64 on the Llama MLP shapes, where
-  the decode costs about as much as oneDNN's bf16 GEMM), bitmap 50% 0.67-1.16x float32 and 0.46-0.93x
-  bfloat16 (worst at small M); repeated dense timings differ by up to ~5%. So with ``"unpack"`` only 2:4
-  float32 is within noise of dense (or faster) at every M measured; in bfloat16 on the Llama shapes, and for
-  bitmap, neither the packed kernel nor decode + BLAS reaches dense. Layers of other N:M patterns or float16
+  for the life of the thread, shared by all layers). Its calls outside the kernel's region (M above the limits:
+  prefill) cost decode + BLAS, measured against dense ``F.linear`` with one thread, cold weights, on a quiet
+  machine (``benchmarks/results/unpack_linear_cpu_1t.md``), over M = 8..512: 2:4 float32 0.96-1.66x, 2:4
+  bfloat16 0.90-1.11x, bitmap 50% 0.67-1.16x float32 and 0.46-0.93x bfloat16. So with ``"unpack"`` a 2:4
+  layer stays within about 10% of dense at every M, and a bitmap bfloat16 layer loses up to ~2x above M = 16
+  (``sparse_linear_cpu_dispatch_2t.md``: 0.62-0.83x at M = 32-64). Layers of other N:M patterns or float16
   take this path at every M; they were not measured.
   Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
   tens of MiB is page-faulted on every call (0.12-0.87x dense on the Llama shapes in the same run).
@@ -50,9 +51,8 @@ The dense fallback's storage, a trade-off to choose per model:
   dispatch (0.9-1.0x measured; the dispatch shows on the smallest layers), but memory is packed + dense
   (1.53x dense for 2:4 fp32), more than the dense model.
 
-The measured region depends on threads: with one thread the bitmap kernel lost to dense at M = 1 on every
-shape (0.4-0.9x) while 2:4 still won 1.1-4x. The limits are decided from ``torch.get_num_threads()`` when a
-layer is built; ``refresh_dispatch()`` re-decides them.
+The limits are decided from ``torch.get_num_threads()`` when a layer is built; ``refresh_dispatch()``
+re-decides them.
 
 On CUDA, ``CUDA_SPARSE_MAX_ROWS`` is empty until sparsekit's own GPU kernels for these ops are measured:
 calls take the cuSPARSELt path where it applies, else ``unpack`` (decode, then cuBLAS) or the dense cache.
@@ -82,41 +82,49 @@ __all__ = [
     "CUDA_SPARSE_MAX_ROWS",
     "BITMAP_MIN_SPARSITY",
     "CPU_SPARSE_MAX_ROWS_ONE_THREAD",
-    "CPU_SPARSE_SKIP_WHEN_CACHED",
+    "CPU_SPARSE_MAX_ROWS_UNPACK",
+    "CPU_BF16_MAX_ROWS_WITHOUT_DOT",
+    "cpu_bf16_dot",
     "cpu_sparse_kernels_fast",
     "DENSE_FALLBACKS",
 ]
 
 DENSE_FALLBACKS = ("unpack", "cache")
 
-# Largest M (rows of x) at which the packed CPU kernel beats dense F.linear, per (format, dtype), from
-# benchmarks/results/sparse_linear_cpu.md (cold weights, 2 threads, Llama-3-8B and SmolLM2 shapes):
-# float32 wins 1.1-6.8x up to M = 8 (it loses at M = 32-64); bfloat16 wins 1.0-3.4x up to M = 2 and loses
-# 0.6-0.9x at M >= 4 on Llama shapes. Re-measure with benchmarks/bench_sparse_linear.py before changing.
+# Largest M (rows of x) at which the packed CPU kernel beats dense F.linear, per (format, dtype), with two or more
+# torch threads. From benchmarks/results/sparse_linear_cpu_dispatch_2t.md (quiet machine, cold weights, 2
+# threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the smallest speedup over the shapes at the limit):
+# 2:4 float32 1.34x at M = 64, bitmap 50% float32 1.05x at 64, 2:4 bfloat16 1.00x at 16 (it loses at 32),
+# bitmap bfloat16 1.18x at 8 (0.67x at 16). The kernel itself streams at most 64 rows (more: decode + BLAS).
+# Re-measure with benchmarks/bench_sparse_linear.py before changing.
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
-    ("2:4", torch.float32): 8,
-    ("2:4", torch.bfloat16): 2,
-    ("bitmap", torch.float32): 8,
-    ("bitmap", torch.bfloat16): 2,
+    ("2:4", torch.float32): 64,
+    ("2:4", torch.bfloat16): 16,
+    ("bitmap", torch.float32): 64,
+    ("bitmap", torch.bfloat16): 8,
 }
+# The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md): 2:4 float32 1.53x at 64,
+# bitmap float32 0.99-1.26x at 64, 2:4 bfloat16 1.21x at 8 (0.87x on SmolLM2 q/o at 16), bitmap bfloat16 1.09x
+# at 4 (0.91x at 8). Used when torch.get_num_threads() < 2.
+CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
+    ("2:4", torch.float32): 64,
+    ("2:4", torch.bfloat16): 8,
+    ("bitmap", torch.float32): 64,
+    ("bitmap", torch.bfloat16): 4,
+}
+# With dense_fallback="unpack" the alternative to the kernel is decode + BLAS, not dense F.linear, and where
+# both lose to dense the kernel can still be the faster of the two. Larger limits for such layers, at any thread
+# count: bitmap bfloat16 up to M = 16, where the kernel ran at 0.59-1.04x dense and decode + BLAS at 0.48-0.75x
+# (both runs above).
+CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {("bitmap", torch.bfloat16): 16}
+# The bfloat16 limits above were measured with the kernels' AVX512-BF16 path (vdpbf16ps, with VBMI2). A CPU
+# without it runs their float32-lane path, which was measured only in development runs
+# (SPARSEKIT_CPU_ISA=avx512, 1 thread, 4096x4096: 2:4 and bitmap won up to M = 4); bfloat16 limits are capped
+# at that there.
+CPU_BF16_MAX_ROWS_WITHOUT_DOT = 4
 # The same for sparsekit's CUDA / Triton kernels of nm_linear and bitmap_linear: empty until they are measured
 # on a device (benchmarks/bench_sparse_linear.py --device cuda); fill it from that run.
 CUDA_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {}
-# With one torch thread the kernels have half the compute; multi-row calls and the bitmap kernel (compute-bound
-# per core, where 2:4 and dense GEMV are memory-bound) lose sooner. From benchmarks/results/
-# sparse_linear_cpu_dispatch.md (1 thread, busy machine): 2:4 float32 won 1.1-5.3x up to M = 4 and
-# 0.72-3.2x at M = 8; bfloat16 1.0-4.0x at M = 1, 0.79-2.8x at M = 2; bitmap 50% lost at M = 1 on every
-# shape (0.4-0.9x; SmolLM2 decode 0.92x of dense). Used when torch.get_num_threads() < 2.
-CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
-    ("2:4", torch.float32): 4,
-    ("2:4", torch.bfloat16): 1,
-}
-# With dense_fallback="cache" a dense F.linear is at hand at every M. In the quiet 2-thread re-measure
-# (benchmarks/results/sparse_linear_cpu_dispatch_2t.md) the bitmap bfloat16 kernel lost to it at M = 1 on 4
-# of 5 shapes (0.64-0.82x; 1.48x on 576x576), so cached layers skip these entries of CPU_SPARSE_MAX_ROWS and
-# go dense. Without a dense copy the packed kernel stays: decode + BLAS at M = 8 was slower still there
-# (0.46-0.5x on the Llama shapes, unpack_linear_cpu_1t.md); M = 1 was not measured for it.
-CPU_SPARSE_SKIP_WHEN_CACHED: frozenset[tuple[str, torch.dtype]] = frozenset({("bitmap", torch.bfloat16)})
 # The bitmap tables were measured at 50%, 70% and 80% sparsity; below 50% the kernel is not used.
 BITMAP_MIN_SPARSITY = 0.5
 
@@ -150,6 +158,20 @@ def cpu_sparse_kernels_fast() -> tuple[bool, str]:
     if missing:
         return False, f"CPU lacks {', '.join(missing)}: the kernels' portable path is slower than dense"
     return True, "CPU C++ kernels with AVX-512"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_dot() -> bool:
+    """True when the CPU kernels' bfloat16 paths use vdpbf16ps here (AVX512-BF16 and VBMI2, as
+    csrc/cpu/cpu_isa.h checks, and SPARSEKIT_CPU_ISA not "avx512" or "scalar"). Decided once per process."""
+    if not cpu_sparse_kernels_fast()[0] or os.environ.get("SPARSEKIT_CPU_ISA", "") in ("avx512", "scalar"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and "avx512_vbmi2" in flags
 
 
 def parse_format(fmt: str) -> tuple[str, int | None, int | None]:
@@ -327,7 +349,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"dense_fallback must be one of {DENSE_FALLBACKS}, got {mode!r}")
         self.dense_fallback = mode
         self._refresh_derived()
-        return self.refresh_dispatch()  # the kernel limits depend on the fallback (CPU_SPARSE_SKIP_WHEN_CACHED)
+        return self.refresh_dispatch()  # the kernel limits depend on the fallback (CPU_SPARSE_MAX_ROWS_UNPACK)
 
     @torch.no_grad()
     def _refresh_derived(self) -> None:
@@ -397,8 +419,14 @@ class SparseLinear(nn.Module):
         else:
             return {}
         table = CPU_SPARSE_MAX_ROWS if torch.get_num_threads() >= 2 else CPU_SPARSE_MAX_ROWS_ONE_THREAD
-        skip = CPU_SPARSE_SKIP_WHEN_CACHED if self.dense_fallback == "cache" else frozenset()
-        return {dt: rows for (fmt, dt), rows in table.items() if fmt == key and (fmt, dt) not in skip}
+        limits = {dt: rows for (fmt, dt), rows in table.items() if fmt == key}
+        if self.dense_fallback == "unpack":
+            for (fmt, dt), rows in CPU_SPARSE_MAX_ROWS_UNPACK.items():
+                if fmt == key:
+                    limits[dt] = max(limits.get(dt, 0), rows)
+        if torch.bfloat16 in limits and not cpu_bf16_dot():
+            limits[torch.bfloat16] = min(limits[torch.bfloat16], CPU_BF16_MAX_ROWS_WITHOUT_DOT)
+        return limits
 
     def _cuda_sparse_limits(self) -> dict[torch.dtype, int]:
         key = "bitmap" if self.kind == "bitmap" else f"{self.n}:{self.m}"
