@@ -38,12 +38,12 @@ The dense fallback's storage, a trade-off to choose per model:
 * ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32
   0.53x dense, bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept
   for the life of the thread, shared by all layers). Its calls outside the kernel's region (M above the limits:
-  prefill) cost decode + BLAS, measured against dense ``F.linear`` with one thread, cold weights, on a quiet
-  machine (``benchmarks/results/unpack_linear_cpu_1t.md``), over M = 8..512: 2:4 float32 0.96-1.66x, 2:4
-  bfloat16 0.90-1.11x, bitmap 50% 0.67-1.16x float32 and 0.46-0.93x bfloat16. So with ``"unpack"`` a 2:4
-  layer stays within about 10% of dense at every M, and a bitmap bfloat16 layer loses up to ~2x above M = 16
-  (``sparse_linear_cpu_dispatch_2t.md``: 0.62-0.83x at M = 32-64). Layers of other N:M patterns or float16
-  take this path at every M; they were not measured.
+  prefill) cost decode + BLAS, measured against dense ``F.linear`` with cold weights on a quiet machine
+  (``benchmarks/results/unpack_linear_cpu_1t.md`` / ``_2t.md``, 1 / 2 threads): float32 at M >= 128, 2:4
+  0.96-1.43x and bitmap 50% 0.87-1.34x; bfloat16 above the limits, 2:4 0.85-1.18x and bitmap 0.58-0.97x. So
+  with ``"unpack"`` a layer is slower than dense above the kernel limits by up to 15% (2:4 bfloat16), 13%
+  (bitmap float32) or 1.7x (bitmap bfloat16). Layers of other N:M patterns or float16 take this path at every
+  M; they were not measured.
   Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
   tens of MiB is page-faulted on every call (0.12-0.87x dense on the Llama shapes in the same run).
 * ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer: never
