@@ -130,13 +130,8 @@ SPARSEKIT_AVX512 const scalar_t* bitmap_row_avx512(const BitmapProblem& p, const
       }
     }
   }
-  float* y = p.y + i0 * p.out_features + r;
-  if (t0 == 0) {
-    const float b = p.bias ? p.bias[r] : 0.0f;
-    for (int i = 0; i < kRows; ++i) y[i * p.out_features] = _mm512_reduce_add_ps(acc[i]) + b;
-  } else {
-    for (int i = 0; i < kRows; ++i) y[i * p.out_features] += _mm512_reduce_add_ps(acc[i]);
-  }
+  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, acc, nullptr, t0 == 0,
+                                p.bias ? p.bias[r] : 0.0f);
   return v;
 }
 
@@ -171,21 +166,15 @@ SPARSEKIT_AVX512_BF16 const c10::BFloat16* bitmap_row_bf16dp(const BitmapProblem
       acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xs + chunk_stride + 32 * i));
     }
   }
-  float* y = p.y + i0 * p.out_features + r;
-  if (t0 == 0) {
-    const float b = p.bias ? p.bias[r] : 0.0f;
-    for (int i = 0; i < kRows; ++i) y[i * p.out_features] = _mm512_reduce_add_ps(acc[i]) + b;
-  } else {
-    for (int i = 0; i < kRows; ++i) y[i * p.out_features] += _mm512_reduce_add_ps(acc[i]);
-  }
+  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, acc, nullptr, t0 == 0,
+                                p.bias ? p.bias[r] : 0.0f);
   return v;
 }
 
 // Rows [r_begin, r_end) of W against every row of x: pass by pass, K block by K block (streamed.h), each
 // row's position in its values carried from block to block.
 template <bool kDot, typename scalar_t>
-void bitmap_rows_avx512(const BitmapProblem& p, const scalar_t* values, int64_t r_begin,
-                                         int64_t r_end) {
+void bitmap_rows_avx512(const BitmapProblem& p, const scalar_t* values, int64_t r_begin, int64_t r_end) {
   std::vector<const scalar_t*> cursor(static_cast<size_t>(r_end - r_begin));
   for (int64_t i0 = 0; i0 < p.rows; i0 += streamed::kRowsPerPass) {
     const int64_t n = std::min(streamed::kRowsPerPass, p.rows - i0);
@@ -195,23 +184,14 @@ void bitmap_rows_avx512(const BitmapProblem& p, const scalar_t* values, int64_t 
       const int64_t t1 = std::min(p.tiles, t0 + kt);
       for (int64_t r = r_begin; r < r_end; ++r) {
         const scalar_t*& v = cursor[r - r_begin];
-#define SPARSEKIT_BITMAP_ROW(K)                                                                   \
-  if constexpr (kDot) {                                                                           \
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) v = bitmap_row_bf16dp<K>(p, v, r, i0, t0, t1); \
-  } else {                                                                                        \
-    v = bitmap_row_avx512<K>(p, v, r, i0, t0, t1);                                                \
-  }
-        switch (n) {
-          case 1: SPARSEKIT_BITMAP_ROW(1) break;
-          case 2: SPARSEKIT_BITMAP_ROW(2) break;
-          case 3: SPARSEKIT_BITMAP_ROW(3) break;
-          case 4: SPARSEKIT_BITMAP_ROW(4) break;
-          case 5: SPARSEKIT_BITMAP_ROW(5) break;
-          case 6: SPARSEKIT_BITMAP_ROW(6) break;
-          case 7: SPARSEKIT_BITMAP_ROW(7) break;
-          default: SPARSEKIT_BITMAP_ROW(8) break;
-        }
-#undef SPARSEKIT_BITMAP_ROW
+        streamed::with_pass_rows(n, [&](auto rows) {
+          constexpr int K = decltype(rows)::value;
+          if constexpr (!kDot) {
+            v = bitmap_row_avx512<K>(p, v, r, i0, t0, t1);
+          } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            v = bitmap_row_bf16dp<K>(p, v, r, i0, t0, t1);
+          }
+        });
       }
     }
   }

@@ -9,6 +9,13 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define SPARSEKIT_HAVE_X86 1
+#if !defined(__clang__)
+// gcc 12 reports the _mm512_undefined_*() pass-through operand inside intrinsics (_mm512_cvtepu16_epi32,
+// _mm512_slli_epi32, the extract in _mm512_reduce_add_ps) as "(may be) used uninitialized" once they are
+// inlined: a false positive (every lane of that operand is overwritten), hundreds of lines per build.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #define SPARSEKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,bmi,popcnt")))
 // AVX-512 plus VBMI2 (vpexpandw: 32 16-bit lanes per expand), for the unpack kernels' 16-bit path.
 #define SPARSEKIT_AVX512_VBMI2 \

@@ -126,13 +126,8 @@ SPARSEKIT_AVX512 void sparse24_row_avx512(const NMProblem& p, const scalar_t* va
     const int64_t col = (j / 2) * 4 + code_at(c, j, 2);
     for (int i = 0; i < kRows; ++i) tail[i] += wj * x0[(col / 16) * chunk_stride + 16 * i + col % 16];
   }
-  float* y = p.y + i0 * p.out_features + r;
-  if (j0 == 0) {
-    const float b = p.bias ? p.bias[r] : 0.0f;
-    for (int i = 0; i < kRows; ++i) y[i * p.out_features] = _mm512_reduce_add_ps(acc[i]) + tail[i] + b;
-  } else {
-    for (int i = 0; i < kRows; ++i) y[i * p.out_features] += _mm512_reduce_add_ps(acc[i]) + tail[i];
-  }
+  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, acc, tail, j0 == 0,
+                                p.bias ? p.bias[r] : 0.0f);
 }
 
 // 2:4 bfloat16 with AVX512-BF16: 32 kept values (one register) cover 16 groups = 64 inputs; their positions
@@ -186,13 +181,8 @@ SPARSEKIT_AVX512_BF16 void sparse24_row_bf16dp(const NMProblem& p, const c10::BF
       tail[i] += wj * bits_to_float(bits);
     }
   }
-  float* y = p.y + i0 * p.out_features + r;
-  if (j0 == 0) {
-    const float b = p.bias ? p.bias[r] : 0.0f;
-    for (int i = 0; i < kRows; ++i) y[i * p.out_features] = _mm512_reduce_add_ps(acc[i]) + tail[i] + b;
-  } else {
-    for (int i = 0; i < kRows; ++i) y[i * p.out_features] += _mm512_reduce_add_ps(acc[i]) + tail[i];
-  }
+  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, acc, tail, j0 == 0,
+                                p.bias ? p.bias[r] : 0.0f);
 }
 
 // Rows [r_begin, r_end) of W against every row of x: pass by pass, K block by K block (streamed.h).
@@ -204,23 +194,14 @@ void sparse24_rows_avx512(const NMProblem& p, const scalar_t* values, int64_t r_
     for (int64_t c0 = 0; c0 < std::max<int64_t>(p.in_features, 1); c0 += kc) {  // once when in_features == 0
       const int64_t j0 = c0 / 2, j1 = std::min(p.kept_per_row, (c0 + kc) / 2);
       for (int64_t r = r_begin; r < r_end; ++r) {
-#define SPARSEKIT_NM_ROW(K)                                                                               \
-  if constexpr (kDot) {                                                                                   \
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) sparse24_row_bf16dp<K>(p, values, r, i0, j0, j1); \
-  } else {                                                                                                \
-    sparse24_row_avx512<K>(p, values, r, i0, j0, j1);                                                     \
-  }
-        switch (n) {
-          case 1: SPARSEKIT_NM_ROW(1) break;
-          case 2: SPARSEKIT_NM_ROW(2) break;
-          case 3: SPARSEKIT_NM_ROW(3) break;
-          case 4: SPARSEKIT_NM_ROW(4) break;
-          case 5: SPARSEKIT_NM_ROW(5) break;
-          case 6: SPARSEKIT_NM_ROW(6) break;
-          case 7: SPARSEKIT_NM_ROW(7) break;
-          default: SPARSEKIT_NM_ROW(8) break;
-        }
-#undef SPARSEKIT_NM_ROW
+        streamed::with_pass_rows(n, [&](auto rows) {
+          constexpr int K = decltype(rows)::value;
+          if constexpr (!kDot) {
+            sparse24_row_avx512<K>(p, values, r, i0, j0, j1);
+          } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            sparse24_row_bf16dp<K>(p, values, r, i0, j0, j1);
+          }
+        });
       }
     }
   }

@@ -20,9 +20,12 @@
 
 #include <ATen/ATen.h>
 
+#include "cpu/cpu_isa.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 namespace sparsekit {
 namespace streamed {
@@ -55,6 +58,36 @@ inline at::Tensor pass_chunked_x(const at::Tensor& x) {
   }
   return out;
 }
+
+// f(std::integral_constant<int, n>{}) for a pass of n = 1..kRowsPerPass rows: the row kernels take the row
+// count as a template argument (one accumulator register per row).
+template <typename F>
+inline void with_pass_rows(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+#if SPARSEKIT_HAVE_X86
+// The end of one weight row's K block against a pass of kRows rows of x: y[i * stride] gets the lanes of acc[i]
+// summed, plus tail[i]; the first K block stores (adding the bias), later ones add to what is there.
+template <int kRows>
+SPARSEKIT_AVX512 inline void finish_block(float* y, int64_t stride, const __m512 (&acc)[kRows], const float* tail,
+                                          bool first_block, float bias) {
+  for (int i = 0; i < kRows; ++i) {
+    const float lanes = _mm512_reduce_add_ps(acc[i]);
+    const float sum = tail ? lanes + tail[i] : lanes;
+    y[i * stride] = first_block ? sum + bias : y[i * stride] + sum;
+  }
+}
+#endif
 
 }  // namespace streamed
 }  // namespace sparsekit
