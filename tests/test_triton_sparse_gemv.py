@@ -146,6 +146,12 @@ def test_nm_linear_leading_dims_strided_and_fallback():
 def test_nm_linear_empty_and_checks():
     values, codes, _ = nm_args(8, 16, 2, 4, torch.float32)
     assert dispatch.nm_linear(torch.randn(0, 16), values, codes, 2, 4, 16).shape == (0, 8)
+    b = torch.randn(5)  # in_features == 0: y = bias
+    got = dispatch.nm_linear(torch.randn(2, 3, 0), torch.zeros(5, 0), torch.zeros(5, 0, dtype=torch.uint8), 2, 4, 0, b)
+    assert torch.equal(got, b.expand(2, 3, 5))
+    got = dispatch.bitmap_linear(torch.randn(2, 0), torch.zeros(5, 0, dtype=torch.int64), torch.zeros(0),
+                                 torch.zeros(6, dtype=torch.int64), 0, None)
+    assert torch.equal(got, torch.zeros(2, 5))
     with pytest.raises(ValueError, match="in_features=16"):
         dispatch.nm_linear(torch.randn(3, 12), values, codes, 2, 4, 16)
     with pytest.raises(ValueError, match="index_codes must be uint8"):

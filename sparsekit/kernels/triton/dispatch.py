@@ -12,6 +12,7 @@ the interpreter few large ones (its cost is per program and per operation).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -172,7 +173,7 @@ _GEMV_PROGRAMS_PER_SM = 2
 
 
 def _rows_2d(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    x2d = x.reshape(-1, in_features)
+    x2d = x.reshape(math.prod(x.shape[:-1]), in_features)  # not (-1, in_features): that fails for in_features == 0
     return x2d if x2d.stride(-1) == 1 or x2d.shape[1] <= 1 else x2d.contiguous()
 
 
@@ -186,7 +187,7 @@ def nm_linear(x, values, index_codes, n: int, m: int, in_features: int, bias=Non
     out_features = values.shape[0]
     x2d = _rows_2d(x, in_features)
     rows = x2d.shape[0]
-    if rows > SPARSE_GEMV_MAX_ROWS:
+    if rows > SPARSE_GEMV_MAX_ROWS or in_features == 0:  # in_features == 0: y = bias, from the reference
         return nm_linear_reference(x, values, index_codes, n, m, in_features, bias)
     m_p2 = triton.next_power_of_2(m)
     num_groups = in_features // m
@@ -215,7 +216,7 @@ def bitmap_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) 
     out_features, num_tiles = bitmask.shape
     x2d = _rows_2d(x, in_features)
     rows = x2d.shape[0]
-    if rows > SPARSE_GEMV_MAX_ROWS:
+    if rows > SPARSE_GEMV_MAX_ROWS or in_features == 0:  # in_features == 0: y = bias, from the reference
         return bitmap_linear_reference(x, bitmask, values, row_offsets, in_features, bias)
     if _on_gpu(x2d):
         block_n, block_t, num_warps = 16, 2, 4
