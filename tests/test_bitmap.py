@@ -7,6 +7,12 @@ in test_sparse24.py: float32 rtol 1e-5 of the sum of |products|, bfloat16 one ul
 result.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,12 +77,13 @@ def packed_args(out_f, in_f, sparsity, dtype):
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
-# 24x2600: several K blocks of the streamed kernel from 4 rows up (streamed.h) and a partial last tile; 40 rows:
-# five passes of 8
+# K blocks of the streamed kernel (streamed.h): 24x2600 has several from 4 rows up and a partial last tile;
+# at 8 rows 17x1025 has a last block of one tile holding one column. Rows: passes of 1-8 rows, a short pass
+# after full ones (13, 40), the most the kernel streams (64), and the decode + BLAS path above (70).
 @pytest.mark.parametrize(
-    "shape", [(64, 128), (96, 256), (33, 512), (17, 100), (24, 2600)], ids=lambda s: f"{s[0]}x{s[1]}"
+    "shape", [(64, 128), (96, 256), (33, 512), (17, 100), (24, 2600), (17, 1025)], ids=lambda s: f"{s[0]}x{s[1]}"
 )
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16, 40, 70])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 7, 8, 13, 16, 40, 64, 70])
 def test_bitmap_linear_matches_reference(rows, shape, sparsity, dtype, bias, isa, monkeypatch):
     if isa != "auto":
         if not CPP_LIVE:
@@ -89,6 +96,23 @@ def test_bitmap_linear_matches_reference(rows, shape, sparsity, dtype, bias, isa
     got = torch.ops.sparsekit.bitmap_linear(x, bitmask, values, offsets, in_f, b)
     weight = unpack_bitmap(BitmapPacked(bitmask, values, offsets, shape))
     assert_linear_close(got, x, weight, b)
+
+
+@pytest.mark.parametrize("isa", ["auto", "avx512", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("sparsity", [0.0, 1.0])
+@pytest.mark.parametrize("rows", [1, 8, 13])
+def test_bitmap_linear_full_and_empty_tiles(rows, sparsity, dtype, isa, monkeypatch):
+    """Every bit set (16-bit and 32-bit expand masks all ones) or none (no values at all)."""
+    if isa != "auto":
+        if not CPP_LIVE:
+            pytest.skip("the ISA switch only changes the C++ kernel")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    bitmask, values, offsets = packed_args(24, 2600, sparsity, dtype)
+    x = torch.randn(rows, 2600).to(dtype)
+    b = torch.randn(24).to(dtype)
+    got = torch.ops.sparsekit.bitmap_linear(x, bitmask, values, offsets, 2600, b)
+    assert_linear_close(got, x, unpack_bitmap(BitmapPacked(bitmask, values, offsets, (24, 2600))), b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
@@ -116,6 +140,45 @@ def test_bitmap_linear_zero_in_features_gives_bias(dtype, isa, monkeypatch):
     x = torch.randn(2, 3, 0).to(dtype)
     assert torch.equal(ops.bitmap_linear(x, bitmask, values, offsets, 0, b), b.expand(2, 3, 5))
     assert torch.equal(ops.bitmap_linear(x, bitmask, values, offsets, 0, None), torch.zeros(2, 3, 5).to(dtype))
+
+
+_SMALL_K_BLOCKS = textwrap.dedent("""
+    import torch
+    from linear_check import assert_linear_close
+    from sparsekit import ops
+    from sparsekit.formats import nm_index_codes, pack_bitmap, pack_nm, unpack_bitmap, unpack_nm
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for out_f, in_f in ((24, 700), (9, 260)):
+            w = torch.randn(out_f, in_f)
+            w24 = (w * ops.nm_mask(w.abs(), 2, 4)).to(dtype)
+            p = pack_nm(w24, 2, 4)
+            codes = nm_index_codes(p.indices, 4)
+            wb = (w * (torch.rand(out_f, in_f) < 0.4)).to(dtype)
+            pb = pack_bitmap(wb)
+            b = torch.randn(out_f).to(dtype)
+            for rows in (1, 5, 8, 13):
+                x = torch.randn(rows, in_f).to(dtype)
+                assert_linear_close(ops.nm_linear(x, p.values, codes, 2, 4, in_f, b), x, unpack_nm(p), b)
+                got = ops.bitmap_linear(x, pb.bitmask, pb.values, pb.row_offsets, in_f, b)
+                assert_linear_close(got, x, unpack_bitmap(pb), b)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ["auto", "avx512"])
+def test_streamed_kernels_with_one_tile_k_blocks(isa):
+    """The streamed kernels' K blocks (csrc/cpu/streamed.h) at their smallest, 64 columns (SPARSEKIT_CPU_KC=64,
+    read once per process, hence a subprocess): every tile / 32-value step starts a block, so each row's
+    value cursor is carried and y accumulated across many blocks, for 2:4 and bitmap, float32 and bfloat16."""
+    if not CPP_LIVE:
+        pytest.skip("the K blocks are the C++ kernel's")
+    env = dict(os.environ, SPARSEKIT_CPU_KC="64", PYTHONPATH=str(Path(__file__).parent))
+    if isa != "auto":
+        env["SPARSEKIT_CPU_ISA"] = isa
+    run = subprocess.run([sys.executable, "-c", _SMALL_K_BLOCKS], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
 
 
 def test_bitmap_linear_all_zero_weight_gives_bias():

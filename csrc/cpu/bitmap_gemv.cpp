@@ -70,6 +70,7 @@ void bitmap_row_scalar(const BitmapProblem& p, const scalar_t* values, int64_t r
 }
 
 #if SPARSEKIT_HAVE_X86
+SPARSEKIT_INTRINSICS_BEGIN
 // The 16 weights of one tile quarter as floats: the popcount(mask16) packed values at v spread to the set
 // lanes (zeros elsewhere). Register-form expand after a masked load, which reads only those values.
 SPARSEKIT_AVX512 inline __m512 expand16(const float* v, uint32_t mask16) {
@@ -87,14 +88,14 @@ SPARSEKIT_AVX512 inline __m512 expand16(const c10::BFloat16* v, uint32_t mask16)
 // Prefetch of the same K block kPrefetchRows weight rows ahead (streamed.h): its values start about where
 // this row's do, shifted by the rows' offsets (an address hint only; prefetches never fault).
 struct RowPrefetch {
-  const char* values;
-  const char* mask;
+  uintptr_t values, mask;
 };
 template <typename scalar_t>
 inline RowPrefetch row_prefetch(const BitmapProblem& p, const scalar_t* v, int64_t r, int64_t t0) {
   const int64_t ahead = std::min(r + streamed::kPrefetchRows, p.out_features - 1);
-  return {reinterpret_cast<const char*>(v + (p.row_offsets[ahead] - p.row_offsets[r])),
-          reinterpret_cast<const char*>(p.bitmask + ahead * p.tiles + t0)};
+  const int64_t shift = (p.row_offsets[ahead] - p.row_offsets[r]) * static_cast<int64_t>(sizeof(scalar_t));
+  return {reinterpret_cast<uintptr_t>(v) + static_cast<uintptr_t>(shift),
+          reinterpret_cast<uintptr_t>(p.bitmask + ahead * p.tiles + t0)};
 }
 
 // One weight row against the kRows rows of x of the pass at i0, over tiles [t0, t1); v = the row's first
@@ -114,9 +115,9 @@ SPARSEKIT_AVX512 const scalar_t* bitmap_row_avx512(const BitmapProblem& p, const
   for (int64_t t = t0; t < t1; ++t) {
     const uint64_t bits = mk[t];
     const int64_t done = (v - v_begin) * static_cast<int64_t>(sizeof(scalar_t));
-    _mm_prefetch(pf.values + done, _MM_HINT_T0);
-    if constexpr (sizeof(scalar_t) == 4) _mm_prefetch(pf.values + done + 64, _MM_HINT_T0);
-    if (((t - t0) & 7) == 0) _mm_prefetch(pf.mask + (t - t0) * 8, _MM_HINT_T0);
+    streamed::prefetch(pf.values, done);
+    if constexpr (sizeof(scalar_t) == 4) streamed::prefetch(pf.values, done + 64);
+    if (((t - t0) & 7) == 0) streamed::prefetch(pf.mask, (t - t0) * 8);
     const __m512 w[4] = {
         expand16(v, static_cast<uint32_t>(bits) & 0xFFFFu),
         expand16(v + __builtin_popcountll(bits & 0xFFFFull), static_cast<uint32_t>(bits >> 16) & 0xFFFFu),
@@ -151,8 +152,8 @@ SPARSEKIT_AVX512_BF16 const c10::BFloat16* bitmap_row_bf16dp(const BitmapProblem
   for (int64_t t = t0; t < t1; ++t) {
     const uint64_t bits = mk[t];
     const int64_t done = (v - v_begin) * 2;
-    _mm_prefetch(pf.values + done, _MM_HINT_T0);
-    if (((t - t0) & 7) == 0) _mm_prefetch(pf.mask + (t - t0) * 8, _MM_HINT_T0);
+    streamed::prefetch(pf.values, done);
+    if (((t - t0) & 7) == 0) streamed::prefetch(pf.mask, (t - t0) * 8);
     const auto lo = static_cast<uint32_t>(bits), hi = static_cast<uint32_t>(bits >> 32);
     const int nlo = __builtin_popcount(lo), nhi = __builtin_popcount(hi);
     const __m512i w0 = _mm512_maskz_expand_epi16(
@@ -196,6 +197,7 @@ void bitmap_rows_avx512(const BitmapProblem& p, const scalar_t* values, int64_t 
     }
   }
 }
+SPARSEKIT_INTRINSICS_END
 #endif
 
 enum class Path { kScalar, kAvx512, kBf16Dot };

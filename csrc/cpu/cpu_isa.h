@@ -9,19 +9,26 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define SPARSEKIT_HAVE_X86 1
-#if !defined(__clang__)
 // gcc 12 reports the _mm512_undefined_*() pass-through operand inside intrinsics (_mm512_cvtepu16_epi32,
 // _mm512_slli_epi32, the extract in _mm512_reduce_add_ps) as "(may be) used uninitialized" once they are
-// inlined: a false positive (every lane of that operand is overwritten), hundreds of lines per build.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+// inlined: a false positive (every lane of that operand is overwritten), hundreds of lines per build. The
+// AVX-512 sections of the kernels sit between these two macros, which silence only those two warnings there.
+#if !defined(__clang__)
+#define SPARSEKIT_INTRINSICS_BEGIN                                     \
+  _Pragma("GCC diagnostic push")                                       \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")          \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#define SPARSEKIT_INTRINSICS_END _Pragma("GCC diagnostic pop")
+#else
+#define SPARSEKIT_INTRINSICS_BEGIN
+#define SPARSEKIT_INTRINSICS_END
 #endif
 #define SPARSEKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,bmi,popcnt")))
 // AVX-512 plus VBMI2 (vpexpandw: 32 16-bit lanes per expand), for the unpack kernels' 16-bit path.
 #define SPARSEKIT_AVX512_VBMI2 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,bmi,popcnt")))
 // AVX-512 plus VBMI2 and BF16 (vdpbf16ps: 32 bfloat16 products summed in pairs into 16 floats), for the
-// bfloat16 path of the bitmap GEMV kernel.
+// bfloat16 paths of the 2:4 and bitmap GEMV kernels.
 #define SPARSEKIT_AVX512_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,avx2,fma,bmi,popcnt")))
 #else

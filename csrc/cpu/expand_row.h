@@ -38,6 +38,7 @@ inline void expand_row_scalar(const uint64_t* mask, int64_t cols, const Elem* v,
 }
 
 #if SPARSEKIT_HAVE_X86
+SPARSEKIT_INTRINSICS_BEGIN
 // Each full 64-column word is done in one step whose chunks find their values from popcounts of the word's
 // lower bits, so the only chain from step to step is the word's total popcount (one chain per 16 columns
 // measured 2x slower). Columns past the last full word go chunk by chunk with masked stores.
@@ -112,6 +113,7 @@ SPARSEKIT_AVX512_VBMI2 inline void expand_row_vbmi2(const uint64_t* mask, int64_
     v += __builtin_popcount(bits);
   }
 }
+SPARSEKIT_INTRINSICS_END
 #endif
 
 inline void expand_row(const uint64_t* mask, int64_t cols, const uint32_t* v, uint32_t* out, UnpackIsa isa) {

@@ -75,6 +75,18 @@ void nm_row_scalar(const NMProblem& p, const scalar_t* values, int64_t r, int64_
 }
 
 #if SPARSEKIT_HAVE_X86
+SPARSEKIT_INTRINSICS_BEGIN
+// Where the row kPrefetchRows ahead (or the last row) keeps its values and codes, as addresses for prefetch.
+struct Ahead {
+  uintptr_t values, codes;
+};
+template <typename scalar_t>
+inline Ahead rows_ahead(const NMProblem& p, const scalar_t* v, const uint8_t* c, int64_t r) {
+  const int64_t rows = std::min(streamed::kPrefetchRows, p.out_features - 1 - r);
+  return {reinterpret_cast<uintptr_t>(v) + static_cast<uintptr_t>(rows * p.kept_per_row * sizeof(scalar_t)),
+          reinterpret_cast<uintptr_t>(c) + static_cast<uintptr_t>(rows * p.code_width)};
+}
+
 template <typename scalar_t>
 SPARSEKIT_AVX512 inline __m512 load16_as_float(const scalar_t* v) {
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -99,13 +111,11 @@ SPARSEKIT_AVX512 void sparse24_row_avx512(const NMProblem& p, const scalar_t* va
   const __m512i two_bits = _mm512_set1_epi32(3);
   __m512 acc[kRows];
   for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
-  // The same K block of a later weight row, fetched while this one computes (see sparse24_rows_avx512).
-  const char* pv = reinterpret_cast<const char*>(v + streamed::kPrefetchRows * p.kept_per_row);
-  const char* pc = reinterpret_cast<const char*>(c + streamed::kPrefetchRows * p.code_width);
+  const Ahead ahead = rows_ahead(p, v, c, r);  // the same K block of a later weight row (streamed.h)
   int64_t j = j0;
   for (; j + 16 <= j1; j += 16) {
-    _mm_prefetch(pv + j * sizeof(scalar_t), _MM_HINT_T0);
-    if ((j & 255) == 0) _mm_prefetch(pc + j / 4, _MM_HINT_T0);
+    streamed::prefetch(ahead.values, j * static_cast<int64_t>(sizeof(scalar_t)));
+    if ((j & 255) == 0 || j == j0) streamed::prefetch(ahead.codes, j / 4);
     uint32_t word;
     std::memcpy(&word, c + j / 4, sizeof(word));
     const __m512i pos = _mm512_add_epi32(
@@ -142,8 +152,7 @@ SPARSEKIT_AVX512_BF16 void sparse24_row_bf16dp(const NMProblem& p, const c10::BF
   const uint8_t* c = p.codes + r * p.code_width;
   const uint16_t* x0 = p.x_bf16 + i0 * p.in_padded;  // this pass's x, chunked by 32 bfloat16 (streamed.h)
   constexpr int64_t chunk_stride = kRows * 32;
-  const char* pv = reinterpret_cast<const char*>(v + streamed::kPrefetchRows * p.kept_per_row);
-  const char* pc = reinterpret_cast<const char*>(c + streamed::kPrefetchRows * p.code_width);
+  const Ahead ahead = rows_ahead(p, v, c, r);
   // lane j: 16-bit word j / 8 of the 8 code bytes, shifted right by 2 * (j % 8); group base 4 * (j / 2)
   alignas(64) static constexpr uint16_t kWord[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                                      2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
@@ -157,8 +166,8 @@ SPARSEKIT_AVX512_BF16 void sparse24_row_bf16dp(const NMProblem& p, const c10::BF
   for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
   int64_t j = j0;
   for (; j + 32 <= j1; j += 32) {
-    _mm_prefetch(pv + j * 2, _MM_HINT_T0);
-    if ((j & 255) == 0) _mm_prefetch(pc + j / 4, _MM_HINT_T0);
+    streamed::prefetch(ahead.values, j * 2);
+    if ((j & 255) == 0 || j == j0) streamed::prefetch(ahead.codes, j / 4);
     uint64_t word;
     std::memcpy(&word, c + j / 4, sizeof(word));
     const __m512i fields = _mm512_permutexvar_epi16(word_idx, _mm512_set1_epi64(static_cast<long long>(word)));
@@ -206,6 +215,7 @@ void sparse24_rows_avx512(const NMProblem& p, const scalar_t* values, int64_t r_
     }
   }
 }
+SPARSEKIT_INTRINSICS_END
 #endif
 
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& index_codes, int64_t n,

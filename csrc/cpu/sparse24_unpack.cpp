@@ -81,6 +81,7 @@ int64_t nm_row_mask(const NMUnpack& p, int64_t r, uint64_t* mask) {
 }
 
 #if SPARSEKIT_HAVE_X86
+SPARSEKIT_INTRINSICS_BEGIN
 // 2:4, 32 columns (8 groups, 16 kept values, 4 code bytes) per step: the column mask from kTable24, then the
 // values spread with expands. Columns past the last full step (in_features % 32) are left to the caller.
 // Returns false when a group repeats a position (some step's mask has fewer than 16 bits): the row must
@@ -131,6 +132,7 @@ SPARSEKIT_AVX512_VBMI2 bool unpack_row24_vbmi2(const uint8_t* c, const uint16_t*
   }
   return ok;
 }
+SPARSEKIT_INTRINSICS_END
 #endif
 
 // 2:4 vector path for a whole row; false when the row must be redone value by value.

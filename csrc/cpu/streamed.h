@@ -4,11 +4,12 @@
 //
 // * Passes: rows of x are taken kRowsPerPass at a time (one accumulator register per row of x); the weight is
 //   read once per pass.
-// * x layout (pass_chunked_x): per pass of n rows, a contiguous block (in_padded / 16, n, 16): 16 columns of
-//   the pass's rows, then the next 16 columns. A weight chunk's n rows of x are adjacent in memory, and a pass's
-//   columns are contiguous (rows in_padded * 4 bytes apart, a multiple of 4 KiB, would share L1 sets).
+// * x layout (pass_chunked_x): per pass of n rows, a contiguous block (in_padded / w, n, w), w = 16 float32 or
+//   32 bfloat16 (64 bytes): w columns of the pass's rows, then the next w columns. A weight chunk's n rows of
+//   x are adjacent in memory, and a pass's columns are contiguous (rows in_padded * 4 bytes apart, a multiple
+//   of 4 KiB, would share L1 sets).
 // * K blocks (k_block_columns): within a pass, x's columns are taken kc at a time so the pass's block of x
-//   (n x kc floats) fits in kPanelBytes of L1, and all the task's weight rows go over one block before the
+//   (n x kc, sized as float32 also for the bfloat16 x of the dot paths) fits in kPanelBytes of L1, and all the task's weight rows go over one block before the
 //   next. Each weight row's segment of a block is then a separate stream, which the hardware prefetcher does
 //   not follow from row to row (a 4096-column row was 3x slower at M = 1 with 2 KiB segments), so the kernels
 //   prefetch the same segment kPrefetchRows rows ahead.
@@ -76,6 +77,13 @@ inline void with_pass_rows(int64_t n, F&& f) {
 }
 
 #if SPARSEKIT_HAVE_X86
+SPARSEKIT_INTRINSICS_BEGIN
+// A software prefetch (T0) of base + offset bytes, the address computed as an integer: it may lie past the
+// end of the buffer (the rows ahead of the last ones do not exist); a prefetch never faults.
+inline void prefetch(uintptr_t base, int64_t offset) {
+  _mm_prefetch(reinterpret_cast<const char*>(base + static_cast<uintptr_t>(offset)), _MM_HINT_T0);
+}
+
 // The end of one weight row's K block against a pass of kRows rows of x: y[i * stride] gets the lanes of acc[i]
 // summed, plus tail[i]; the first K block stores (adding the bias), later ones add to what is there.
 template <int kRows>
@@ -87,6 +95,7 @@ SPARSEKIT_AVX512 inline void finish_block(float* y, int64_t stride, const __m512
     y[i * stride] = first_block ? sum + bias : y[i * stride] + sum;
   }
 }
+SPARSEKIT_INTRINSICS_END
 #endif
 
 }  // namespace streamed
