@@ -179,7 +179,7 @@ void bitmap_rows_avx512(const BitmapProblem& p, const scalar_t* values, int64_t 
   std::vector<const scalar_t*> cursor(static_cast<size_t>(r_end - r_begin));
   for (int64_t i0 = 0; i0 < p.rows; i0 += streamed::kRowsPerPass) {
     const int64_t n = std::min(streamed::kRowsPerPass, p.rows - i0);
-    const int64_t kt = streamed::k_block_columns(n, kTile) / kTile;  // tiles per K block
+    const int64_t kt = streamed::k_block_columns(n, kTile, kDot ? 2 : 4) / kTile;  // tiles per K block
     for (int64_t r = r_begin; r < r_end; ++r) cursor[r - r_begin] = values + p.row_offsets[r];
     for (int64_t t0 = 0; t0 < std::max<int64_t>(p.tiles, 1); t0 += kt) {  // once when in_features == 0
       const int64_t t1 = std::min(p.tiles, t0 + kt);

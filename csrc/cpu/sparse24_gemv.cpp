@@ -199,7 +199,7 @@ template <bool kDot, typename scalar_t>
 void sparse24_rows_avx512(const NMProblem& p, const scalar_t* values, int64_t r_begin, int64_t r_end) {
   for (int64_t i0 = 0; i0 < p.rows; i0 += streamed::kRowsPerPass) {
     const int64_t n = std::min(streamed::kRowsPerPass, p.rows - i0);
-    const int64_t kc = streamed::k_block_columns(n, 64);  // whole 16- or 32-value steps
+    const int64_t kc = streamed::k_block_columns(n, 64, kDot ? 2 : 4);  // whole 16- or 32-value steps
     for (int64_t c0 = 0; c0 < std::max<int64_t>(p.in_features, 1); c0 += kc) {  // once when in_features == 0
       const int64_t j0 = c0 / 2, j1 = std::min(p.kept_per_row, (c0 + kc) / 2);
       for (int64_t r = r_begin; r < r_end; ++r) {

@@ -9,7 +9,7 @@
 //   x are adjacent in memory, and a pass's columns are contiguous (rows in_padded * 4 bytes apart, a multiple
 //   of 4 KiB, would share L1 sets).
 // * K blocks (k_block_columns): within a pass, x's columns are taken kc at a time so the pass's block of x
-//   (n x kc, sized as float32 also for the bfloat16 x of the dot paths) fits in kPanelBytes of L1, and all the task's weight rows go over one block before the
+//   (n x kc elements) fits in kPanelBytes of L1, and all the task's weight rows go over one block before the
 //   next. Each weight row's segment of a block is then a separate stream, which the hardware prefetcher does
 //   not follow from row to row (a 4096-column row was 3x slower at M = 1 with 2 KiB segments), so the kernels
 //   prefetch the same segment kPrefetchRows rows ahead.
@@ -35,14 +35,15 @@ constexpr int64_t kRowsPerPass = 8;        // rows of x per pass over the weight
 constexpr int64_t kPanelBytes = 32 << 10;  // a pass's K block of x, float32, kept in L1 (48 KiB on Zen 5)
 constexpr int64_t kPrefetchRows = 4;       // weight rows ahead that the kernels prefetch
 
-// Columns of x per K block for a pass of `rows` rows: a multiple of `align` (at least `align`) with
-// rows * kc * 4 <= kPanelBytes. SPARSEKIT_CPU_KC overrides it (tuning only; read once).
-inline int64_t k_block_columns(int64_t rows, int64_t align) {
+// Columns of x per K block for a pass of `rows` rows of `elem_bytes`-byte elements (4: float32, 2: the bfloat16 x
+// of the dot paths): a multiple of `align` (at least `align`) with rows * kc * elem_bytes <= kPanelBytes.
+// SPARSEKIT_CPU_KC overrides it (tuning only; read once).
+inline int64_t k_block_columns(int64_t rows, int64_t align, int64_t elem_bytes) {
   static const int64_t forced = [] {
     const char* s = std::getenv("SPARSEKIT_CPU_KC");
     return s ? std::atoll(s) : int64_t{0};
   }();
-  const int64_t kc = forced > 0 ? forced : kPanelBytes / static_cast<int64_t>(sizeof(float)) / std::max<int64_t>(1, rows);
+  const int64_t kc = forced > 0 ? forced : kPanelBytes / elem_bytes / std::max<int64_t>(1, rows);
   return std::max<int64_t>(align, kc / align * align);
 }
 
