@@ -83,7 +83,7 @@ def test_dispatch_policy_is_the_measured_one():
     f32, bf16 = torch.float32, torch.bfloat16
     assert CPU_SPARSE_MAX_ROWS == {("2:4", f32): 64, ("2:4", bf16): 16, ("bitmap", f32): 64, ("bitmap", bf16): 8}
     assert CPU_SPARSE_MAX_ROWS_ONE_THREAD == {
-        ("2:4", f32): 64, ("2:4", bf16): 8, ("bitmap", f32): 64, ("bitmap", bf16): 4,
+        ("2:4", f32): 64, ("2:4", bf16): 16, ("bitmap", f32): 64, ("bitmap", bf16): 8,
     }
     # with dense_fallback="unpack": the bitmap bf16 kernel lost less than decode + BLAS up to M = 16
     assert CPU_SPARSE_MAX_ROWS_UNPACK == {("bitmap", bf16): 16}
@@ -178,16 +178,23 @@ def test_one_thread_limits():
         torch.set_num_threads(1)
         bitmap = SparseLinear.from_linear(pruned_linear(128, 16, "bitmap"), "bitmap", dense_fallback="cache")
         two_four = SparseLinear.from_linear(pruned_linear(128, 16, "2:4"), "2:4", dense_fallback="cache")
-        bf16_limit = 8 if cpu_bf16_dot() else CPU_BF16_MAX_ROWS_WITHOUT_DOT
+        dot = cpu_bf16_dot()
         assert [bitmap.path(m, cpu, f32) for m in (64, 65)] == ["sparse", "dense"]
-        assert [bitmap.path(m, cpu, bf16) for m in (4, 5)] == ["sparse", "dense"]
         assert [two_four.path(m, cpu, f32) for m in (64, 65)] == ["sparse", "dense"]
-        assert [two_four.path(m, cpu, bf16) for m in (bf16_limit, bf16_limit + 1)] == ["sparse", "dense"]
-        torch.set_num_threads(2)
-        assert bitmap.path(5, cpu, bf16) == "dense"  # decided when built
-        if cpu_bf16_dot():
-            assert bitmap.refresh_dispatch().path(8, cpu, bf16) == "sparse"
-            assert two_four.refresh_dispatch().path(16, cpu, bf16) == "sparse"
+        limit = 8 if dot else CPU_BF16_MAX_ROWS_WITHOUT_DOT
+        assert [bitmap.path(m, cpu, bf16) for m in (limit, limit + 1)] == ["sparse", "dense"]
+        limit = 16 if dot else CPU_BF16_MAX_ROWS_WITHOUT_DOT
+        assert [two_four.path(m, cpu, bf16) for m in (limit, limit + 1)] == ["sparse", "dense"]
+        # the limits are decided when a layer is built: a table change shows only after refresh_dispatch
+        saved = dict(CPU_SPARSE_MAX_ROWS)
+        CPU_SPARSE_MAX_ROWS[("2:4", f32)] = 2
+        try:
+            torch.set_num_threads(2)
+            assert two_four.path(3, cpu, f32) == "sparse"  # still the 1-thread decision
+            assert two_four.refresh_dispatch().path(3, cpu, f32) == "dense"
+        finally:
+            CPU_SPARSE_MAX_ROWS.clear()
+            CPU_SPARSE_MAX_ROWS.update(saved)
     finally:
         torch.set_num_threads(threads)
 

@@ -14,10 +14,10 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 
 * ``"sparse"``: ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` where the packed kernel was measured to beat
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu_dispatch_2t.md``:
-  cold weights, 2 threads, quiet machine): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 64, 2:4
-  bfloat16 for M <= 16, bitmap bfloat16 for M <= 8. With one torch thread (``CPU_SPARSE_MAX_ROWS_ONE_THREAD``):
-  float32 M <= 64, bfloat16 2:4 M <= 8 and bitmap M <= 4. With ``dense_fallback="unpack"`` bitmap bfloat16 keeps
-  the kernel up to M = 16 (``CPU_SPARSE_MAX_ROWS_UNPACK``): it loses to dense there, but less than decode + BLAS.
+  cold weights, 2 threads, quiet machine; ``CPU_SPARSE_MAX_ROWS_ONE_THREAD`` from the 1-thread run, the same
+  limits): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 64, 2:4 bfloat16 for M <= 16, bitmap bfloat16
+  for M <= 8. With ``dense_fallback="unpack"`` bitmap bfloat16 keeps the kernel up to M = 16
+  (``CPU_SPARSE_MAX_ROWS_UNPACK``): it loses to dense there, but less than decode + BLAS.
   Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M than 2:4, float16,
   CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed: those layers take the
   fallback at every M. The bfloat16 limits assume the AVX512-BF16 path (``cpu_bf16_dot()``); without it they
@@ -93,9 +93,9 @@ DENSE_FALLBACKS = ("unpack", "cache")
 
 # Largest M (rows of x) at which the packed CPU kernel beats dense F.linear, per (format, dtype), with two or more
 # torch threads. From benchmarks/results/sparse_linear_cpu_dispatch_2t.md (quiet machine, cold weights, 2
-# threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the smallest speedup over the shapes at the limit):
-# 2:4 float32 1.34x at M = 64, bitmap 50% float32 1.05x at 64, 2:4 bfloat16 1.00x at 16 (it loses at 32),
-# bitmap bfloat16 1.18x at 8 (0.67x at 16). The kernel itself streams at most 64 rows (more: decode + BLAS).
+# threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the speedups over the shapes at the limit): 2:4 float32
+# 1.60-2.12x at M = 64, bitmap 50% float32 1.22-1.47x at 64, 2:4 bfloat16 0.96-2.10x at 16 (0.77x at 32),
+# bitmap bfloat16 1.04-1.74x at 8 (0.72x at 16). The kernel itself streams at most 64 rows (more: decode + BLAS).
 # Re-measure with benchmarks/bench_sparse_linear.py before changing.
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
@@ -103,19 +103,21 @@ CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("bitmap", torch.float32): 64,
     ("bitmap", torch.bfloat16): 8,
 }
-# The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md): 2:4 float32 1.53x at 64,
-# bitmap float32 0.99-1.26x at 64, 2:4 bfloat16 1.21x at 8 (0.87x on SmolLM2 q/o at 16), bitmap bfloat16 1.09x
-# at 4 (0.91x at 8). Used when torch.get_num_threads() < 2.
+# The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md), used when
+# torch.get_num_threads() < 2: 2:4 float32 1.49-1.90x at 64, bitmap float32 1.00-1.21x at 64, 2:4 bfloat16
+# 0.95-1.51x at 16 (0.82x at 32), bitmap bfloat16 0.93-1.46x at 8 (0.66x at 16): the same limits as with two
+# threads. The entries below 1x are the 576x576 layer; an earlier run of the same build had every shape at
+# >= 1.13x (2:4 bf16, M = 16) and >= 1.04x (bitmap bf16, M = 8).
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
-    ("2:4", torch.bfloat16): 8,
+    ("2:4", torch.bfloat16): 16,
     ("bitmap", torch.float32): 64,
-    ("bitmap", torch.bfloat16): 4,
+    ("bitmap", torch.bfloat16): 8,
 }
 # With dense_fallback="unpack" the alternative to the kernel is decode + BLAS, not dense F.linear, and where
 # both lose to dense the kernel can still be the faster of the two. Larger limits for such layers, at any thread
 # count: bitmap bfloat16 up to M = 16, where the kernel ran at 0.59-1.04x dense and decode + BLAS at 0.48-0.75x
-# (both runs above).
+# (runs of the two tables before the last K-block change, which made the kernel faster still there).
 CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {("bitmap", torch.bfloat16): 16}
 # The bfloat16 limits above were measured with the kernels' AVX512-BF16 path (vdpbf16ps, with VBMI2). A CPU
 # without it runs their float32-lane path, which was measured only in development runs
