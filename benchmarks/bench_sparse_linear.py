@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
 import os
 import statistics
@@ -35,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 from bench_sparse_linear_cpu import interleaved_medians_ms, l3_bytes  # benchmarks/ (scripts run from there)
-from machine import cpu_name
+from machine import cpu_name, write_md_csv
 from torch import nn
 
 import sparsekit
@@ -253,13 +252,7 @@ def main() -> None:
         "(with unpack those calls run the decode + BLAS op, nm_unpack_linear / bitmap_unpack_linear)",
     ] + ([f"- note: {args.note}"] if args.note else []) + [""]
     md = render_markdown(rows_out, header) + "\n".join(summary_lines(rows_out)) + "\n"
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".md", "w") as f:
-        f.write(md)
-    with open(out + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
-        writer.writeheader()
-        writer.writerows(rows_out)
+    write_md_csv(out, md, rows_out)
     print(md)
     print(plot(rows_out, out + ".png", f"SparseLinear vs dense F.linear\n{where}; torch {torch.__version__}"))
     print(f"wrote {out}.csv and {out}.md")

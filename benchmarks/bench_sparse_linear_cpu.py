@@ -16,14 +16,13 @@ Formats: 2:4 (N:M packed, 2-bit index codes) and bitmap at 50/70/80% unstructure
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import statistics
 import time
 
 import torch
-from machine import cpu_name  # benchmarks/machine.py (scripts run from their folder)
+from machine import cpu_name, write_md_csv  # benchmarks/machine.py (scripts run from their folder)
 import torch.nn.functional as F
 
 import sparsekit
@@ -187,13 +186,7 @@ def main() -> None:
     ]
     md = render_markdown(rows_out, header)
     print(md)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".md", "w") as f:
-        f.write(md)
-    with open(args.out + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
-        writer.writeheader()
-        writer.writerows(rows_out)
+    write_md_csv(args.out, md, rows_out)
     print(f"wrote {args.out}.csv and {args.out}.md")
 
 

@@ -24,28 +24,25 @@ benchmarks/results/unpack_linear_cpu_<threads>t.{csv,md} (``--out`` changes the 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import time
 
 import torch
 import torch.nn.functional as F
-from bench_sparse_linear_cpu import interleaved_medians_ms, l3_bytes, nbytes  # benchmarks/ (run from there)
-from machine import cpu_name
+from bench_sparse_linear_cpu import (  # benchmarks/ (run from there)
+    DTYPES,
+    SHAPES,
+    interleaved_medians_ms,
+    l3_bytes,
+    nbytes,
+)
+from machine import cpu_name, write_md_csv
 
 import sparsekit
 from sparsekit import ops
 from sparsekit.formats import nm_index_codes, pack_bitmap, pack_nm
 
-SHAPES = {
-    "llama3-8b.attn.q": (4096, 4096),
-    "llama3-8b.mlp.up": (14336, 4096),
-    "llama3-8b.mlp.down": (4096, 14336),
-    "smollm2-135m.mlp.up": (1536, 576),
-    "smollm2-135m.mlp.down": (576, 1536),
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 VARIANTS = ("dense", "unpack_linear", "unpack + F.linear", "streamed", "bitmap unpack_linear")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -145,13 +142,7 @@ def main() -> None:
         "- (x) = dense ms / variant ms. Weights: 2:4 by |W| per group (bitmap: 50% by |W| per row); no bias",
     ] + ([f"- note: {args.note}"] if args.note else []) + [""]
     md = render_markdown(rows_out, header)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".md", "w") as f:
-        f.write(md)
-    with open(out + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
-        writer.writeheader()
-        writer.writerows(rows_out)
+    write_md_csv(out, md, rows_out)
     print(md)
     print(f"wrote {out}.csv and {out}.md")
 

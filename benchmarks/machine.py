@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import os
 import platform
 
 
@@ -15,3 +17,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_md_csv(stem: str, md: str, rows: list[dict]) -> None:
+    """Write STEM.md (the markdown) and STEM.csv (the rows, columns from the first row), creating the folder."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -200,18 +200,16 @@ void bitmap_rows_avx512(const BitmapProblem& p, const scalar_t* values, int64_t 
 SPARSEKIT_INTRINSICS_END
 #endif
 
-enum class Path { kScalar, kAvx512, kBf16Dot };
-
 template <typename scalar_t>
-void run_streamed(const BitmapProblem& p, const scalar_t* values, Path path) {
+void run_streamed(const BitmapProblem& p, const scalar_t* values, streamed::Path path) {
   const int64_t grain = std::max<int64_t>(1, kWeightsPerTask / std::max<int64_t>(1, p.in_features));
 #if SPARSEKIT_HAVE_X86
   if constexpr (!std::is_same_v<scalar_t, c10::Half>) {  // float16 always takes the scalar path
-    if (path == Path::kBf16Dot) {
+    if (path == streamed::Path::kBf16Dot) {
       at::parallel_for(0, p.out_features, grain, [&](int64_t b, int64_t e) { bitmap_rows_avx512<true>(p, values, b, e); });
       return;
     }
-    if (path == Path::kAvx512) {
+    if (path == streamed::Path::kAvx512) {
       at::parallel_for(0, p.out_features, grain, [&](int64_t b, int64_t e) { bitmap_rows_avx512<false>(p, values, b, e); });
       return;
     }
@@ -275,16 +273,12 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
 
   if (rows > kMaxRowsStreamed) return bitmap_unpack_linear_cpu(x, mask, vals, offsets, in_features, bias);
 
-  const Path path = dt == at::kHalf || !use_avx512() ? Path::kScalar
-                    : dt == at::kBFloat16 && use_avx512_bf16() ? Path::kBf16Dot
-                                                               : Path::kAvx512;
-  at::Tensor xf = at::zeros({rows, p.in_padded}, xs.options().dtype(path == Path::kBf16Dot ? at::kBFloat16 : at::kFloat));
-  xf.narrow(1, 0, in_features).copy_(xs);
-  if (path != Path::kScalar) xf = streamed::pass_chunked_x(xf);
+  const streamed::Path path = streamed::choose_path(dt, /*vector_kernel=*/true);
+  const at::Tensor xf = streamed::padded_x(xs, p.in_padded, path);
   at::Tensor yf = at::empty({rows, out_features}, xs.options().dtype(at::kFloat));
   at::Tensor bf;
   if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
-  if (path == Path::kBf16Dot) {
+  if (path == streamed::Path::kBf16Dot) {
     p.x_bf16 = reinterpret_cast<const uint16_t*>(xf.const_data_ptr<c10::BFloat16>());
   } else {
     p.x = xf.const_data_ptr<float>();

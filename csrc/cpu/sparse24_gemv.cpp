@@ -274,17 +274,12 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
 
   if (rows > kMaxRowsStreamed) return nm_unpack_linear_cpu(x, vals, codes, n, m, in_features, bias);
 
-  enum class Path { kScalar, kAvx512, kBf16Dot };
-  const Path path = !(n == 2 && m == 4) || dt == at::kHalf || !use_avx512() ? Path::kScalar
-                    : dt == at::kBFloat16 && use_avx512_bf16()               ? Path::kBf16Dot
-                                                                             : Path::kAvx512;
-  at::Tensor xf = at::zeros({rows, p.in_padded}, xs.options().dtype(path == Path::kBf16Dot ? at::kBFloat16 : at::kFloat));
-  xf.narrow(1, 0, in_features).copy_(xs);
-  if (path != Path::kScalar) xf = streamed::pass_chunked_x(xf);
+  const streamed::Path path = streamed::choose_path(dt, n == 2 && m == 4);
+  const at::Tensor xf = streamed::padded_x(xs, p.in_padded, path);
   at::Tensor yf = at::empty({rows, out_features}, xs.options().dtype(at::kFloat));
   at::Tensor bf;
   if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
-  if (path == Path::kBf16Dot) {
+  if (path == streamed::Path::kBf16Dot) {
     p.x_bf16 = reinterpret_cast<const uint16_t*>(xf.const_data_ptr<c10::BFloat16>());
   } else {
     p.x = xf.const_data_ptr<float>();
@@ -298,11 +293,11 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
 #if SPARSEKIT_HAVE_X86
     if constexpr (!std::is_same_v<scalar_t, c10::Half>) {  // float16 always takes the scalar path
-      if (path == Path::kBf16Dot) {
+      if (path == streamed::Path::kBf16Dot) {
         at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) { sparse24_rows_avx512<true>(p, v, b, e); });
         return;
       }
-      if (path == Path::kAvx512) {
+      if (path == streamed::Path::kAvx512) {
         at::parallel_for(0, out_features, grain, [&](int64_t b, int64_t e) { sparse24_rows_avx512<false>(p, v, b, e); });
         return;
       }

@@ -47,6 +47,15 @@ inline int64_t k_block_columns(int64_t rows, int64_t align, int64_t elem_bytes) 
   return std::max<int64_t>(align, kc / align * align);
 }
 
+// Which loop a kernel call runs: the portable scalar one, the AVX-512 float32-lane one, or the bfloat16 dot one
+// (AVX512-BF16 + VBMI2). `vector_kernel`: the kernel has vector loops for this case (2:4, bitmap); float16
+// always runs the scalar loop.
+enum class Path { kScalar, kAvx512, kBf16Dot };
+inline Path choose_path(at::ScalarType dtype, bool vector_kernel) {
+  if (!vector_kernel || dtype == at::kHalf || !use_avx512()) return Path::kScalar;
+  return dtype == at::kBFloat16 && use_avx512_bf16() ? Path::kBf16Dot : Path::kAvx512;
+}
+
 // x (rows, in_padded), in_padded a multiple of 64 bytes' worth of elements -> the pass-chunked layout above,
 // same numel, chunks of 64 bytes (16 floats or 32 bfloat16). Pass p (rows i0 = p * kRowsPerPass ...) starts
 // at i0 * in_padded; column c of its row i0 + i sits at (c / w) * (n * w) + i * w + c % w from there, with
@@ -98,6 +107,14 @@ SPARSEKIT_AVX512 inline void finish_block(float* y, int64_t stride, const __m512
 }
 SPARSEKIT_INTRINSICS_END
 #endif
+
+// x (rows, in_features) as the path reads it: zero padded to in_padded columns, float32 (bfloat16 on the dot
+// path), pass-chunked on the vector paths, row-major on the scalar one.
+inline at::Tensor padded_x(const at::Tensor& x, int64_t in_padded, Path path) {
+  at::Tensor xf = at::zeros({x.size(0), in_padded}, x.options().dtype(path == Path::kBf16Dot ? at::kBFloat16 : at::kFloat));
+  xf.narrow(1, 0, x.size(1)).copy_(x);
+  return path == Path::kScalar ? xf : pass_chunked_x(xf);
+}
 
 }  // namespace streamed
 }  // namespace sparsekit

@@ -137,6 +137,16 @@ _CSLT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (None when it cannot be read); read once per process."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_sparse_kernels_fast() -> tuple[bool, str]:
     """(True, why) when the CPU C++ sparse kernels run their AVX-512 path here; (False, why) otherwise.
 
@@ -151,10 +161,8 @@ def cpu_sparse_kernels_fast() -> tuple[bool, str]:
         return False, f"CPU C++ backend not live ({cpu.detail if cpu else 'not loaded'})"
     if os.environ.get("SPARSEKIT_CPU_ISA", "") == "scalar":
         return False, "SPARSEKIT_CPU_ISA=scalar forces the portable kernels"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
+    flags = _cpu_flags()
+    if flags is None:
         return False, "cannot read /proc/cpuinfo to check for AVX-512"
     missing = [flag for flag in ("avx512f", "avx512bw", "avx512vl") if flag not in flags]
     if missing:
@@ -168,12 +176,8 @@ def cpu_bf16_dot() -> bool:
     csrc/cpu/cpu_isa.h checks, and SPARSEKIT_CPU_ISA not "avx512" or "scalar"). Decided once per process."""
     if not cpu_sparse_kernels_fast()[0] or os.environ.get("SPARSEKIT_CPU_ISA", "") in ("avx512", "scalar"):
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags and "avx512_vbmi2" in flags
+    flags = _cpu_flags()
+    return flags is not None and "avx512_bf16" in flags and "avx512_vbmi2" in flags
 
 
 def parse_format(fmt: str) -> tuple[str, int | None, int | None]:
