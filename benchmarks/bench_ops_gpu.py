@@ -45,6 +45,20 @@ def _driver_version() -> str:
         return "unknown"
 
 
+FAILURES: list[str] = []
+
+
+def _close(what: str, got, expect, rtol) -> bool:
+    """True when got matches expect; else prints and records the failure (the implementation is not timed)."""
+    try:
+        torch.testing.assert_close(got, expect, rtol=rtol, atol=0)
+        return True
+    except AssertionError as e:
+        print(f"WRONG RESULT: {what}: {str(e).splitlines()[0]}; not timed", flush=True)
+        FAILURES.append(what)
+        return False
+
+
 def _implementations():
     """name -> (nm_mask, wanda_score, channel_sqnorm_accumulate_, channel_stats_accumulate_) for every
     implementation live on CUDA."""
@@ -119,7 +133,8 @@ def main(argv=None) -> int:
         expect = acc.clone()
         reference.channel_sqnorm_accumulate_reference_(expect, x)
         accumulate(acc, x)
-        torch.testing.assert_close(acc, expect, rtol=(shape[0] + 2) * 2.0**-23, atol=0)
+        if not _close(f"channel_sqnorm_accumulate_ {impl}", acc, expect, (shape[0] + 2) * 2.0**-23):
+            continue
         times[impl] = bench(lambda: accumulate(acc, x))
     summary = []
     for impl, ms in times.items():
@@ -136,8 +151,9 @@ def main(argv=None) -> int:
         expect_sq, expect_ab = sq.clone(), ab.clone()
         reference.channel_stats_accumulate_reference_(expect_sq, expect_ab, x)
         accumulate(sq, ab, x)
-        torch.testing.assert_close(sq, expect_sq, rtol=(shape[0] + 2) * 2.0**-23, atol=0)
-        torch.testing.assert_close(ab, expect_ab, rtol=(shape[0] + 2) * 2.0**-23, atol=0)
+        if not (_close(f"channel_stats_accumulate_ {impl} sum x^2", sq, expect_sq, (shape[0] + 2) * 2.0**-23)
+                and _close(f"channel_stats_accumulate_ {impl} sum |x|", ab, expect_ab, (shape[0] + 2) * 2.0**-23)):
+            continue
         times[impl] = bench(lambda: accumulate(sq, ab, x))
     for impl, ms in times.items():
         gbs = record("channel_stats_accumulate_", name, shape, x.dtype, impl, ms, nbytes, copy_gbs, times["reference"])
@@ -156,8 +172,9 @@ def main(argv=None) -> int:
     sq_norm = torch.rand(shape[1], device=dev) * 1000
     times = {}
     for impl, (_, wanda_score, _, _) in impls.items():
-        torch.testing.assert_close(wanda_score(weight, sq_norm), reference.wanda_score_reference(weight, sq_norm),
-                                   rtol=2.0**-21, atol=0)
+        if not _close(f"wanda_score {impl}", wanda_score(weight, sq_norm),
+                      reference.wanda_score_reference(weight, sq_norm), 2.0**-21):
+            continue
         times[impl] = bench(lambda: wanda_score(weight, sq_norm))
     nbytes = weight.numel() * (weight.element_size() + 4) + sq_norm.numel() * 4
     for impl, ms in times.items():
@@ -170,7 +187,9 @@ def main(argv=None) -> int:
             expect = reference.nm_mask_reference(score, n, m)
             for impl, (nm_mask, _, _, _) in impls.items():
                 if not torch.equal(nm_mask(score, n, m), expect):
-                    raise SystemExit(f"nm_mask {impl} {n}:{m} {dtype} differs from the reference; not timing it")
+                    print(f"WRONG RESULT: nm_mask {impl} {n}:{m} {dtype} differs from the reference; not timed")
+                    FAILURES.append(f"nm_mask {impl} {n}:{m} {dtype}")
+                    continue
                 times[impl] = bench(lambda: nm_mask(score, n, m))
             nbytes = score.numel() * (score.element_size() + 1)
             for impl, ms in times.items():
@@ -196,12 +215,14 @@ def main(argv=None) -> int:
     md += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
     md += [""] + [f"- {line}" for line in summary] + [""]
+    if FAILURES:
+        md += ["## WRONG RESULTS (not timed)", ""] + [f"- {w}" for w in FAILURES] + [""]
     md_path = os.path.join(args.out, "bench_ops_gpu.md")
     with open(md_path, "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))
     print(f"wrote {csv_path} and {md_path}")
-    return 0
+    return 1 if FAILURES else 0
 
 
 if __name__ == "__main__":
