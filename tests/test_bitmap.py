@@ -149,7 +149,7 @@ _SMALL_K_BLOCKS = textwrap.dedent("""
     from sparsekit.formats import nm_index_codes, pack_bitmap, pack_nm, unpack_bitmap, unpack_nm
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        for out_f, in_f in ((24, 700), (9, 260)):
+        for out_f, in_f in ((24, 700), (9, 260), (150, 700)):  # 150: several row blocks (streamed::kRowBlock)
             w = torch.randn(out_f, in_f)
             w24 = (w * ops.nm_mask(w.abs(), 2, 4)).to(dtype)
             p = pack_nm(w24, 2, 4)
@@ -157,7 +157,7 @@ _SMALL_K_BLOCKS = textwrap.dedent("""
             wb = (w * (torch.rand(out_f, in_f) < 0.4)).to(dtype)
             pb = pack_bitmap(wb)
             b = torch.randn(out_f).to(dtype)
-            for rows in (1, 5, 8, 13):
+            for rows in (1, 5, 8, 13, 20):  # 13, 20: every row block goes through 2 and 3 passes
                 x = torch.randn(rows, in_f).to(dtype)
                 assert_linear_close(ops.nm_linear(x, p.values, codes, 2, 4, in_f, b), x, unpack_nm(p), b)
                 got = ops.bitmap_linear(x, pb.bitmask, pb.values, pb.row_offsets, in_f, b)
@@ -170,7 +170,8 @@ _SMALL_K_BLOCKS = textwrap.dedent("""
 def test_streamed_kernels_with_one_tile_k_blocks(isa):
     """The streamed kernels' K blocks (csrc/cpu/streamed.h) at their smallest, 64 columns (SPARSEKIT_CPU_KC=64,
     read once per process, hence a subprocess): every tile / 32-value step starts a block, so each row's
-    value cursor is carried and y accumulated across many blocks, for 2:4 and bitmap, float32 and bfloat16."""
+    value cursor is carried and y accumulated across many blocks (and, with 150 outputs and up to 20 rows of x,
+    across row blocks that go through several passes), for 2:4 and bitmap, float32 and bfloat16."""
     if not CPP_LIVE:
         pytest.skip("the K blocks are the C++ kernel's")
     env = dict(os.environ, SPARSEKIT_CPU_KC="64", PYTHONPATH=str(Path(__file__).parent))

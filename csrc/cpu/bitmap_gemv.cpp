@@ -110,8 +110,9 @@ SPARSEKIT_AVX512 const scalar_t* bitmap_row_avx512(const BitmapProblem& p, const
   const scalar_t* const v_begin = v;
   const float* x0 = p.x + i0 * p.in_padded;  // this pass's x, chunked by 16 floats (streamed.h)
   constexpr int64_t chunk_stride = kRows * 16;
-  __m512 acc[kRows];
-  for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
+#define SPARSEKIT_ACC_INIT(i) __m512 a##i = _mm512_setzero_ps();
+  SPARSEKIT_FOR_PASS_ROWS(SPARSEKIT_ACC_INIT)  // named accumulators (streamed.h); unused ones are dropped
+#undef SPARSEKIT_ACC_INIT
   for (int64_t t = t0; t < t1; ++t) {
     const uint64_t bits = mk[t];
     const int64_t done = (v - v_begin) * static_cast<int64_t>(sizeof(scalar_t));
@@ -126,12 +127,17 @@ SPARSEKIT_AVX512 const scalar_t* bitmap_row_avx512(const BitmapProblem& p, const
     v += __builtin_popcountll(bits);
     const float* xs = x0 + 4 * t * chunk_stride;
     for (int q = 0; q < 4; ++q) {
-      for (int i = 0; i < kRows; ++i) {
-        acc[i] = _mm512_fmadd_ps(w[q], _mm512_loadu_ps(xs + q * chunk_stride + 16 * i), acc[i]);
-      }
+#define SPARSEKIT_ACC_FMA(i) \
+  if constexpr (i < kRows) a##i = _mm512_fmadd_ps(w[q], _mm512_loadu_ps(xs + q * chunk_stride + 16 * i), a##i);
+      SPARSEKIT_FOR_PASS_ROWS(SPARSEKIT_ACC_FMA)
+#undef SPARSEKIT_ACC_FMA
     }
   }
-  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, acc, nullptr, t0 == 0,
+  float sums[kRows];
+#define SPARSEKIT_ACC_SUM(i) if constexpr (i < kRows) sums[i] = _mm512_reduce_add_ps(a##i);
+  SPARSEKIT_FOR_PASS_ROWS(SPARSEKIT_ACC_SUM)
+#undef SPARSEKIT_ACC_SUM
+  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, sums, nullptr, t0 == 0,
                                 p.bias ? p.bias[r] : 0.0f);
   return v;
 }
@@ -147,8 +153,11 @@ SPARSEKIT_AVX512_BF16 const c10::BFloat16* bitmap_row_bf16dp(const BitmapProblem
   const c10::BFloat16* const v_begin = v;
   const uint16_t* x0 = p.x_bf16 + i0 * p.in_padded;  // this pass's x, chunked by 32 bfloat16
   constexpr int64_t chunk_stride = kRows * 32;
-  __m512 acc[kRows];
-  for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
+  // named accumulators (streamed.h), two per row of x (a: the tile's lower half, b: its upper half), so the
+  // chain from tile to tile is one vdpbf16ps; unused ones are dropped
+#define SPARSEKIT_ACC_INIT(i) __m512 a##i = _mm512_setzero_ps(), b##i = _mm512_setzero_ps();
+  SPARSEKIT_FOR_PASS_ROWS(SPARSEKIT_ACC_INIT)
+#undef SPARSEKIT_ACC_INIT
   for (int64_t t = t0; t < t1; ++t) {
     const uint64_t bits = mk[t];
     const int64_t done = (v - v_begin) * 2;
@@ -162,37 +171,52 @@ SPARSEKIT_AVX512_BF16 const c10::BFloat16* bitmap_row_bf16dp(const BitmapProblem
         hi, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << nhi) - 1), v + nlo));
     v += nlo + nhi;
     const uint16_t* xs = x0 + 2 * t * chunk_stride;
-    for (int i = 0; i < kRows; ++i) {
-      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xs + 32 * i));
-      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xs + chunk_stride + 32 * i));
-    }
+#define SPARSEKIT_ACC_DP(i)                                                                              \
+  if constexpr (i < kRows) {                                                                              \
+    a##i = _mm512_dpbf16_ps(a##i, (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xs + 32 * i));                \
+    b##i = _mm512_dpbf16_ps(b##i, (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xs + chunk_stride + 32 * i)); \
   }
-  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, acc, nullptr, t0 == 0,
+    SPARSEKIT_FOR_PASS_ROWS(SPARSEKIT_ACC_DP)
+#undef SPARSEKIT_ACC_DP
+  }
+  float sums[kRows];
+#define SPARSEKIT_ACC_SUM(i) if constexpr (i < kRows) sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(a##i, b##i));
+  SPARSEKIT_FOR_PASS_ROWS(SPARSEKIT_ACC_SUM)
+#undef SPARSEKIT_ACC_SUM
+  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, sums, nullptr, t0 == 0,
                                 p.bias ? p.bias[r] : 0.0f);
   return v;
 }
 
-// Rows [r_begin, r_end) of W against every row of x: pass by pass, K block by K block (streamed.h), each
-// row's position in its values carried from block to block.
+// Rows [r_begin, r_end) of W against every row of x, K block by K block (streamed.h); within a K block, weight
+// rows kRowBlock at a time go through every pass of x before the next rows, so a weight row block is read from
+// memory once and from L2 by the later passes. Each row's position in its values is carried from block to block.
 template <bool kDot, typename scalar_t>
 void bitmap_rows_avx512(const BitmapProblem& p, const scalar_t* values, int64_t r_begin, int64_t r_end) {
   std::vector<const scalar_t*> cursor(static_cast<size_t>(r_end - r_begin));
-  for (int64_t i0 = 0; i0 < p.rows; i0 += streamed::kRowsPerPass) {
-    const int64_t n = std::min(streamed::kRowsPerPass, p.rows - i0);
-    const int64_t kt = streamed::k_block_columns(n, kTile, kDot ? 2 : 4) / kTile;  // tiles per K block
-    for (int64_t r = r_begin; r < r_end; ++r) cursor[r - r_begin] = values + p.row_offsets[r];
-    for (int64_t t0 = 0; t0 < std::max<int64_t>(p.tiles, 1); t0 += kt) {  // once when in_features == 0
-      const int64_t t1 = std::min(p.tiles, t0 + kt);
-      for (int64_t r = r_begin; r < r_end; ++r) {
-        const scalar_t*& v = cursor[r - r_begin];
-        streamed::with_pass_rows(n, [&](auto rows) {
-          constexpr int K = decltype(rows)::value;
-          if constexpr (!kDot) {
-            v = bitmap_row_avx512<K>(p, v, r, i0, t0, t1);
-          } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-            v = bitmap_row_bf16dp<K>(p, v, r, i0, t0, t1);
-          }
-        });
+  for (int64_t r = r_begin; r < r_end; ++r) cursor[r - r_begin] = values + p.row_offsets[r];
+  const int64_t kt = streamed::k_block_columns(std::min(streamed::kRowsPerPass, p.rows), kTile, kDot ? 2 : 4) /
+                     kTile;  // tiles per K block
+  for (int64_t t0 = 0; t0 < std::max<int64_t>(p.tiles, 1); t0 += kt) {  // once when in_features == 0
+    const int64_t t1 = std::min(p.tiles, t0 + kt);
+    for (int64_t rb = r_begin; rb < r_end; rb += streamed::kRowBlock) {
+      const int64_t re = std::min(r_end, rb + streamed::kRowBlock);
+      for (int64_t i0 = 0; i0 < p.rows; i0 += streamed::kRowsPerPass) {
+        const int64_t n = std::min(streamed::kRowsPerPass, p.rows - i0);
+        const bool last_pass = i0 + n >= p.rows;
+        for (int64_t r = rb; r < re; ++r) {
+          const scalar_t*& v = cursor[r - r_begin];
+          streamed::with_pass_rows(n, [&](auto rows) {
+            constexpr int K = decltype(rows)::value;
+            const scalar_t* next = v;
+            if constexpr (!kDot) {
+              next = bitmap_row_avx512<K>(p, v, r, i0, t0, t1);
+            } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              next = bitmap_row_bf16dp<K>(p, v, r, i0, t0, t1);
+            }
+            if (last_pass) v = next;
+          });
+        }
       }
     }
   }

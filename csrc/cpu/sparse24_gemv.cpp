@@ -136,7 +136,9 @@ SPARSEKIT_AVX512 void sparse24_row_avx512(const NMProblem& p, const scalar_t* va
     const int64_t col = (j / 2) * 4 + code_at(c, j, 2);
     for (int i = 0; i < kRows; ++i) tail[i] += wj * x0[(col / 16) * chunk_stride + 16 * i + col % 16];
   }
-  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, acc, tail, j0 == 0,
+  float sums[kRows];
+  for (int i = 0; i < kRows; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
+  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, sums, tail, j0 == 0,
                                 p.bias ? p.bias[r] : 0.0f);
 }
 
@@ -190,7 +192,9 @@ SPARSEKIT_AVX512_BF16 void sparse24_row_bf16dp(const NMProblem& p, const c10::BF
       tail[i] += wj * bits_to_float(bits);
     }
   }
-  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, acc, tail, j0 == 0,
+  float sums[kRows];
+  for (int i = 0; i < kRows; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
+  streamed::finish_block<kRows>(p.y + i0 * p.out_features + r, p.out_features, sums, tail, j0 == 0,
                                 p.bias ? p.bias[r] : 0.0f);
 }
 

@@ -34,6 +34,7 @@ namespace streamed {
 constexpr int64_t kRowsPerPass = 8;        // rows of x per pass over the weight (accumulator registers)
 constexpr int64_t kPanelBytes = 32 << 10;  // a pass's K block of x, float32, kept in L1 (48 KiB on Zen 5)
 constexpr int64_t kPrefetchRows = 4;       // weight rows ahead that the kernels prefetch
+constexpr int64_t kRowBlock = 64;          // weight rows that go through every pass of x before the next ones
 
 // Columns of x per K block for a pass of `rows` rows of `elem_bytes`-byte elements (4: float32, 2: the bfloat16 x
 // of the dot paths): a multiple of `align` (at least `align`) with rows * kc * elem_bytes <= kPanelBytes.
@@ -86,6 +87,13 @@ inline void with_pass_rows(int64_t n, F&& f) {
   }
 }
 
+// X(0) ... X(7): a pass's rows spelled out, for kernels that keep one named accumulator per row (a0 ... a7,
+// each guarded by `if constexpr (i < kRows)`). In the bitmap loops gcc 12 kept an array of accumulators in
+// memory and stored all of them on every tile (8 stores per step, 1.4x slower at M = 8); named registers
+// stay in registers.
+#define SPARSEKIT_FOR_PASS_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+static_assert(kRowsPerPass == 8, "SPARSEKIT_FOR_PASS_ROWS spells out 8 rows");
+
 #if SPARSEKIT_HAVE_X86
 SPARSEKIT_INTRINSICS_BEGIN
 // A software prefetch (T0) of base + offset bytes, the address computed as an integer: it may lie past the
@@ -94,14 +102,14 @@ inline void prefetch(uintptr_t base, int64_t offset) {
   _mm_prefetch(reinterpret_cast<const char*>(base + static_cast<uintptr_t>(offset)), _MM_HINT_T0);
 }
 
-// The end of one weight row's K block against a pass of kRows rows of x: y[i * stride] gets the lanes of acc[i]
-// summed, plus tail[i]; the first K block stores (adding the bias), later ones add to what is there.
+// The end of one weight row's K block against a pass of kRows rows of x: y[i * stride] gets sums[i] (the lanes
+// of row i's accumulator, summed) plus tail[i]; the first K block stores (adding the bias), later ones add to
+// what is there.
 template <int kRows>
-SPARSEKIT_AVX512 inline void finish_block(float* y, int64_t stride, const __m512 (&acc)[kRows], const float* tail,
+SPARSEKIT_AVX512 inline void finish_block(float* y, int64_t stride, const float (&sums)[kRows], const float* tail,
                                           bool first_block, float bias) {
   for (int i = 0; i < kRows; ++i) {
-    const float lanes = _mm512_reduce_add_ps(acc[i]);
-    const float sum = tail ? lanes + tail[i] : lanes;
+    const float sum = tail ? sums[i] + tail[i] : sums[i];
     y[i * stride] = first_block ? sum + bias : y[i * stride] + sum;
   }
 }
