@@ -16,8 +16,8 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu_dispatch_2t.md``:
   cold weights, 2 threads, quiet machine; ``CPU_SPARSE_MAX_ROWS_ONE_THREAD`` from the 1-thread run, the same
   limits): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 64, 2:4 bfloat16 for M <= 16, bitmap bfloat16
-  for M <= 8. With ``dense_fallback="unpack"`` bitmap bfloat16 keeps the kernel up to M = 16
-  (``CPU_SPARSE_MAX_ROWS_UNPACK``): it loses to dense there, but less than decode + BLAS.
+  for M <= 8. With ``dense_fallback="unpack"`` bitmap bfloat16 keeps the kernel up to M = 32
+  (``CPU_SPARSE_MAX_ROWS_UNPACK``): it can lose to dense there, but less than decode + BLAS.
   Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M than 2:4, float16,
   CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed: those layers take the
   fallback at every M. The bfloat16 limits assume the AVX512-BF16 path (``cpu_bf16_dot()``); without it they
@@ -116,9 +116,10 @@ CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
 }
 # With dense_fallback="unpack" the alternative to the kernel is decode + BLAS, not dense F.linear, and where
 # both lose to dense the kernel can still be the faster of the two. Larger limits for such layers, at any thread
-# count: bitmap bfloat16 up to M = 16, where the kernel ran at 0.59-1.04x dense and decode + BLAS at 0.48-0.75x
-# (runs of the two tables before the last K-block change, which made the kernel faster still there).
-CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {("bitmap", torch.bfloat16): 16}
+# count: bitmap bfloat16 up to M = 32, where the kernel ran at 0.65-1.10x dense (2 threads; 0.67-0.86x with 1)
+# and decode + BLAS at 0.63-0.82x (0.57-0.65x); at M = 64 decode + BLAS is the faster (both tables, after the
+# bitmap kernels kept their accumulators in registers).
+CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {("bitmap", torch.bfloat16): 32}
 # The bfloat16 limits above were measured with the kernels' AVX512-BF16 path (vdpbf16ps, with VBMI2). A CPU
 # without it runs their float32-lane path, which was measured only in development runs
 # (SPARSEKIT_CPU_ISA=avx512, 1 thread, 4096x4096: 2:4 and bitmap won up to M = 4); bfloat16 limits are capped
