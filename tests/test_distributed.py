@@ -68,15 +68,32 @@ def test_shard_needs_a_window_per_rank(monkeypatch):
         distributed.shard(torch.zeros(3, 2))
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
-                    reason="torchrun not found next to the python executable")
+_NO_TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None
+
+
+@pytest.mark.skipif(_NO_TORCHRUN, reason="torchrun not found next to the python executable")
 def test_torchrun_cli_two_processes(tmp_path):
+    _torchrun_equals_single_process(tmp_path, [])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_NO_TORCHRUN, reason="torchrun not found next to the python executable")
+def test_torchrun_cli_two_gpus_nccl(tmp_path):
+    """The same on two GPUs: NCCL all-reduces the statistics (one rank per device; NCCL refuses two ranks on
+    one GPU, so a one-GPU machine skips this)."""
+    if torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available():
+        pytest.skip(f"needs 2 CUDA devices and NCCL (devices: {torch.cuda.device_count()})")
+    _torchrun_equals_single_process(tmp_path, ["--device", "cuda"])
+
+
+def _torchrun_equals_single_process(tmp_path, extra):
     text = open(WORDS, encoding="utf-8").read()[:60000]
     folder = save_tiny_hf_folder(str(tmp_path / "tiny"), text)
     calib = tmp_path / "calib.txt"
     calib.write_text(text[:20000])
     common = ["prune", "--model", folder, "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib),
-              "--eval", str(calib), "--nsamples", "4", "--seqlen", "32", "--eval-tokens", "512", "--no-progress"]
+              "--eval", str(calib), "--nsamples", "4", "--seqlen", "32", "--eval-tokens", "512", "--no-progress",
+              *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
