@@ -19,27 +19,30 @@ case "$stage" in
 esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+deadline=$((SECONDS + ${TOTAL_S:-570}))  # the device call ends at 600 s; the caps alone add up to more
+cap() { local left=$((deadline - SECONDS - 10)); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"; }
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || nvidia-smi -L
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   t0=$SECONDS
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-    timeout ${BUILD_S:-240} pip install -q -e . --no-build-isolation --no-deps || echo "BUILD FAILED"
+    timeout ${BUILD_S:-200} python -m pip install -q -e . --no-build-isolation --no-deps || echo "BUILD FAILED (rc $?)"
   echo "build: $((SECONDS - t0)) s"
   python -m sparsekit.info
   echo "== GPU tests, CUDA C++ path"; t0=$SECONDS
-  timeout ${TESTS_S:-150} python -m pytest -q -m gpu tests/ -p no:cacheprovider --maxfail 25 --timeout 60 -rfE \
+  timeout $(cap ${TESTS_S:-150}) python -m pytest -q -m gpu tests/ -p no:cacheprovider --maxfail 25 --timeout 60 -rfE \
     || echo "TESTS (CUDA C++) rc $?"
   echo "tests: $((SECONDS - t0)) s"
   echo "== GPU tests, Triton path (CUDA extension disabled)"; t0=$SECONDS
-  SPARSEKIT_DISABLE_EXTENSIONS=1 timeout ${TESTS_S:-150} python -m pytest -q -m gpu tests/ -p no:cacheprovider \
+  SPARSEKIT_DISABLE_EXTENSIONS=1 timeout $(cap ${TESTS_S:-150}) python -m pytest -q -m gpu tests/ -p no:cacheprovider \
     --timeout 60 -rfE || echo "TESTS (Triton) rc $?"
   echo "tests: $((SECONDS - t0)) s"
   echo "== edge cases under compute-sanitizer memcheck (capped)"
   san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   if [[ -x "$san" ]]; then
-    timeout ${MEMCHECK_S:-150} "$san" --tool memcheck --error-exitcode 1 python benchmarks/gpu_memcheck_cases.py \
+    timeout $(cap ${MEMCHECK_S:-150}) "$san" --tool memcheck --error-exitcode 1 python benchmarks/gpu_memcheck_cases.py \
       || echo "MEMCHECK FAILED OR TIMED OUT (rc $?)"
   else
     python benchmarks/gpu_memcheck_cases.py || echo "EDGE CASES FAILED"
