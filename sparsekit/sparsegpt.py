@@ -97,18 +97,20 @@ def sparsegpt_prune_(weight: torch.Tensor, xtx: torch.Tensor, tokens: int, spars
             keep_blk = ops.matrix_prune_mask((w_blk / d) ** 2, sparsity)
         else:
             keep_blk = torch.ones_like(w_blk, dtype=torch.bool)
+        # Per column three kernels (a GPU runs this loop launch-bound: 11008 columns for a Llama-2-7B
+        # down_proj): the error e = w_j / d_j where pruned, 0 where kept, written straight into err_blk; then
+        # the rank-1 OBS update of the columns from j on. Pruned weights are left at their rounding residue
+        # (w_j - e * d_j) here and zeroed once at the end (masked_fill_ on keep); no later column reads them.
         for j in range(b1 - b0):
             if pattern is not None and j % pattern[1] == 0:
                 m = pattern[1]
                 saliency = (w_blk[:, j: j + m] / d[j: j + m]) ** 2
                 keep_blk[:, j: j + m] = ops.nm_mask(saliency, pattern[0], m)
-            col = w_blk[:, j]
-            q = torch.where(keep_blk[:, j], col, torch.zeros_like(col))
-            e = (col - q) / d[j]
-            w_blk[:, j:] -= e.unsqueeze(1) * hinv_blk[j, j:].unsqueeze(0)
-            w_blk[:, j] = q  # exact zeros where pruned, whatever the update's rounding
-            err_blk[:, j] = e
-        w[:, b0:b1] = w_blk
+            e = err_blk[:, j]
+            torch.div(w_blk[:, j], d[j], out=e)
+            e.masked_fill_(keep_blk[:, j], 0.0)
+            w_blk[:, j:].sub_(e.unsqueeze(1) * hinv_blk[j, j:].unsqueeze(0))
+        w[:, b0:b1] = w_blk.masked_fill_(~keep_blk, 0.0)
         keep[:, b0:b1] = keep_blk
         w[:, b1:] -= err_blk @ hinv[b0:b1, b1:]
 
