@@ -1,5 +1,6 @@
 """Tolerance for sparse-linear kernels: error against the exact product, bounded by the dtype."""
 
+import pytest
 import torch
 
 
@@ -19,3 +20,14 @@ def assert_linear_close(got, x, weight, bias):
         err = (got.double() - rounded).abs()
     worst = (err / bound).max().item()
     assert worst <= 1.0, f"error {worst:.2f}x the bound"
+
+
+def set_isa(isa, monkeypatch):
+    """Run the CPU C++ kernels on one ISA path: "auto" (what the CPU has), "avx512" (the float32-lane path) or
+    "scalar" (the portable one), through SPARSEKIT_CPU_ISA; skips where the C++ extension is not loaded."""
+    if isa != "auto":
+        import sparsekit
+
+        if not sparsekit.backend_status()["cpu"].live:
+            pytest.skip("the ISA switch only changes the C++ kernel")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)

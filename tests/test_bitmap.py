@@ -20,7 +20,7 @@ import sparsekit
 from sparsekit import ops
 from sparsekit.formats import BitmapPacked, pack_bitmap, unpack_bitmap
 from sparsekit.ops import reference as R
-from linear_check import assert_linear_close
+from linear_check import assert_linear_close, set_isa
 
 CPP_LIVE = sparsekit.backend_status()["cpu"].live
 
@@ -85,10 +85,7 @@ def packed_args(out_f, in_f, sparsity, dtype):
 )
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 7, 8, 13, 16, 40, 64, 70])
 def test_bitmap_linear_matches_reference(rows, shape, sparsity, dtype, bias, isa, monkeypatch):
-    if isa != "auto":
-        if not CPP_LIVE:
-            pytest.skip("the ISA switch only changes the C++ kernel")
-        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    set_isa(isa, monkeypatch)
     out_f, in_f = shape
     bitmask, values, offsets = packed_args(out_f, in_f, sparsity, dtype)
     x = torch.randn(rows, in_f).to(dtype)
@@ -104,10 +101,7 @@ def test_bitmap_linear_matches_reference(rows, shape, sparsity, dtype, bias, isa
 @pytest.mark.parametrize("rows", [1, 8, 13])
 def test_bitmap_linear_full_and_empty_tiles(rows, sparsity, dtype, isa, monkeypatch):
     """Every bit set (16-bit and 32-bit expand masks all ones) or none (no values at all)."""
-    if isa != "auto":
-        if not CPP_LIVE:
-            pytest.skip("the ISA switch only changes the C++ kernel")
-        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    set_isa(isa, monkeypatch)
     bitmask, values, offsets = packed_args(24, 2600, sparsity, dtype)
     x = torch.randn(rows, 2600).to(dtype)
     b = torch.randn(24).to(dtype)
@@ -131,10 +125,7 @@ def test_bitmap_linear_leading_dims_and_wrapper(dtype):
 @pytest.mark.parametrize("isa", ["auto", "avx512", "scalar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
 def test_bitmap_linear_zero_in_features_gives_bias(dtype, isa, monkeypatch):
-    if isa != "auto":
-        if not CPP_LIVE:
-            pytest.skip("the ISA switch only changes the C++ kernel")
-        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    set_isa(isa, monkeypatch)
     bitmask, values, offsets = torch.zeros(5, 0, dtype=torch.int64), torch.zeros(0).to(dtype), torch.zeros(6, dtype=torch.int64)
     b = torch.randn(5).to(dtype)
     x = torch.randn(2, 3, 0).to(dtype)
@@ -248,13 +239,6 @@ def test_bitmap_linear_cpp_rejects_offsets_not_ending_at_nnz():
 # bitmap_unpack (packed -> dense) and bitmap_unpack_linear (decode + BLAS), against the reference
 # ----------------------------------------------------------------------------------------------------
 ISAS = ["auto", "avx512", "scalar"]  # as in test_sparse24.py: AVX-512 (+VBMI2 where present), without, portable
-
-
-def set_isa(isa, monkeypatch):
-    if isa != "auto":
-        if not CPP_LIVE:
-            pytest.skip("the ISA switch only changes the C++ kernel")
-        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
 
 
 def exact(t):

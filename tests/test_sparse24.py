@@ -19,7 +19,7 @@ import sparsekit
 from sparsekit import ops
 from sparsekit.formats import NMPacked, nm_index_bits, nm_index_codes, nm_indices_from_codes, pack_nm, unpack_nm
 from sparsekit.ops import reference as R
-from linear_check import assert_linear_close
+from linear_check import assert_linear_close, set_isa
 
 CPP_LIVE = sparsekit.backend_status()["cpu"].live
 PACK_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -132,10 +132,7 @@ NM_LINEAR_SHAPES = [(64, 128), (96, 256), (33, 512), (5, 40), (24, 2600), (24, 1
 # decode + BLAS path above (70).
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 7, 8, 13, 16, 40, 64, 70])
 def test_nm_linear_matches_reference(rows, shape, n, m, isa, dtype, bias, monkeypatch):
-    if isa != "auto":
-        if not CPP_LIVE:
-            pytest.skip("the ISA switch only changes the C++ kernel")
-        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    set_isa(isa, monkeypatch)
     out_f, in_f = shape
     values, codes = packed_args(out_f, in_f, n, m, dtype)
     x = torch.randn(rows, in_f).to(dtype)
@@ -147,10 +144,7 @@ def test_nm_linear_matches_reference(rows, shape, n, m, isa, dtype, bias, monkey
 @pytest.mark.parametrize("isa", ["auto", "avx512", "scalar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
 def test_nm_linear_zero_in_features_gives_bias(dtype, isa, monkeypatch):
-    if isa != "auto":
-        if not CPP_LIVE:
-            pytest.skip("the ISA switch only changes the C++ kernel")
-        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    set_isa(isa, monkeypatch)
     values, codes = torch.zeros(5, 0).to(dtype), torch.zeros(5, 0, dtype=torch.uint8)
     b = torch.randn(5).to(dtype)
     x = torch.randn(2, 3, 0).to(dtype)
@@ -237,13 +231,6 @@ def test_nm_packed_is_plain_data():
 # "scalar": the portable path. 2:4 has its own vector path; other patterns share the bitmask + expand one.
 ISAS = ["auto", "avx512", "scalar"]
 UNPACK_PATTERNS = [(2, 4), (4, 8), (1, 4), (3, 4), (0, 4), (1, 2), (2, 3), (6, 8), (5, 16), (0, 1)]
-
-
-def set_isa(isa, monkeypatch):
-    if isa != "auto":
-        if not CPP_LIVE:
-            pytest.skip("the ISA switch only changes the C++ kernel")
-        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
 
 
 def exact(t):
