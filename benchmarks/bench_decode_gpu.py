@@ -35,6 +35,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import device_name  # noqa: E402
+
 TARGET = 1.25
 
 
@@ -168,12 +171,7 @@ def main(argv=None) -> int:
 
     import triton
 
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        device_name = f"{props.name} ({props.multi_processor_count} SMs)"
-    else:
-        device_name = f"{dev} (script check only: not a speed figure)"
-    meta = {"device": device_name, "model": what, "torch": torch.__version__,
+    meta = {"device": device_name(dev), "model": what, "torch": torch.__version__,
             "cuda": torch.version.cuda, "triton": triton.__version__, "transformers": transformers.__version__,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "layers": args.layers, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,

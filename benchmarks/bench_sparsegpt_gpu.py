@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import write_md_csv  # noqa: E402
+from machine import device_name, write_md_csv  # noqa: E402
 
 SHAPES = {"llama2-7b.mlp.down_proj": (4096, 11008), "llama2-7b.mlp.up_proj": (11008, 4096)}
 SETTINGS = {"50% unstructured": (0.5, None), "2:4": (0.5, (2, 4))}
@@ -91,13 +91,8 @@ def main(argv=None) -> int:
 
     import triton
 
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        device_name = f"{props.name} ({props.multi_processor_count} SMs)"
-    else:
-        device_name = f"{dev} (script check)"
     md = ["# SparseGPT on GPU: one layer, whole call", "",
-          f"- device: {device_name}",
+          f"- device: {device_name(dev)}",
           f"- torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}",
           f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
           f"- X^T X from {args.tokens} random tokens (3 dead channels); weight bf16; block 128, damping 0.01; "

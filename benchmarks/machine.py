@@ -19,6 +19,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name(device) -> str:
+    """A torch device in words for a results header: the GPU's name and SM count, or, for any other device,
+    a warning that the run only checked the script."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.multi_processor_count} SMs)"
+    return f"{device} (script check only: not a speed figure)"
+
+
 def write_md_csv(stem: str, md: str, rows: list[dict]) -> None:
     """Write STEM.md (the markdown) and STEM.csv (the rows, columns from the first row), creating the folder."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)

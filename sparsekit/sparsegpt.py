@@ -116,6 +116,5 @@ def sparsegpt_prune_(weight: torch.Tensor, xtx: torch.Tensor, tokens: int, spars
 
     if not torch.isfinite(w).all():
         raise SparseGPTError("SparseGPT produced non-finite weights")
-    weight.copy_(w.to(weight.dtype))
-    weight.masked_fill_(~keep, 0)
+    weight.copy_(w.to(weight.dtype))  # pruned weights are exact zeros already (masked_fill_ per block)
     return keep
