@@ -97,10 +97,10 @@ def sparsegpt_prune_(weight: torch.Tensor, xtx: torch.Tensor, tokens: int, spars
             keep_blk = ops.matrix_prune_mask((w_blk / d) ** 2, sparsity)
         else:
             keep_blk = torch.ones_like(w_blk, dtype=torch.bool)
-        # Per column three kernels (a GPU runs this loop launch-bound: 11008 columns for a Llama-2-7B
+        # Per column four kernels (a GPU runs this loop launch-bound: 11008 columns for a Llama-2-7B
         # down_proj): the error e = w_j / d_j where pruned, 0 where kept, written straight into err_blk; then
         # the rank-1 OBS update of the columns from j on. Pruned weights are left at their rounding residue
-        # (w_j - e * d_j) here and zeroed once at the end (masked_fill_ on keep); no later column reads them.
+        # (w_j - e * d_j) here and zeroed once per block below; no later column reads them.
         for j in range(b1 - b0):
             if pattern is not None and j % pattern[1] == 0:
                 m = pattern[1]
