@@ -41,8 +41,7 @@ void bitmap_unpack_rows(const BitmapUnpack& p, const Elem* values, Elem* dst, in
   for (int64_t r = r_begin; r < r_end; ++r) {
     std::copy(p.bitmask + r * p.tiles, p.bitmask + (r + 1) * p.tiles, mask.begin());
     mask[p.tiles - 1] &= last;
-    int64_t count = 0;
-    for (int64_t t = 0; t < p.tiles; ++t) count += __builtin_popcountll(mask[t]);
+    const int64_t count = popcount_words(mask.data(), p.tiles, isa);
     const int64_t* off = p.row_offsets;
     TORCH_CHECK(off[r] >= 0 && off[r + 1] - off[r] == count && off[r + 1] <= p.nnz, "sparsekit::bitmap_unpack: row ",
                 r, " has ", count, " bits set but row_offsets gives it values ", off[r], " .. ", off[r + 1],

@@ -11,6 +11,10 @@
 // * AVX-512, 2-byte: the same on values widened to 32-bit lanes, narrowed back.
 // * AVX-512 + VBMI2, 2-byte: per 32 columns, one vpexpandw (2.1x faster than widening on the development
 //   machine's Zen 5).
+// The vector paths prefetch the values kExpandPrefetchBytes ahead: the hardware prefetcher does not follow
+// masked loads. On the development machine's Zen 5, expanding 4096 rows of 14336 bfloat16 columns at 50%
+// (values read from memory, written to a cache-resident buffer) ran at 6.9 weights/ns without the software
+// prefetch, 24 with it, and 21 with plain loads instead of masked ones.
 #pragma once
 
 #include "cpu/cpu_isa.h"
@@ -38,6 +42,17 @@ inline void expand_row_scalar(const uint64_t* mask, int64_t cols, const Elem* v,
 }
 
 #if SPARSEKIT_HAVE_X86
+// How far ahead of the next packed value the vector paths prefetch (2 and 4 KiB measured alike, 256 B slower).
+constexpr uintptr_t kExpandPrefetchBytes = 2048;
+
+// A T0 prefetch of the `lines` cache lines from kExpandPrefetchBytes past v, the address computed as an
+// integer: it may lie past the end of the values (the last rows); a prefetch never faults.
+template <int lines>
+inline void prefetch_values_ahead(const void* v) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(v) + kExpandPrefetchBytes;
+  for (int i = 0; i < lines; ++i) _mm_prefetch(reinterpret_cast<const char*>(at + 64 * i), _MM_HINT_T0);
+}
+
 SPARSEKIT_INTRINSICS_BEGIN
 // Each full 64-column word is done in one step whose chunks find their values from popcounts of the word's
 // lower bits, so the only chain from step to step is the word's total popcount (one chain per 16 columns
@@ -68,6 +83,7 @@ SPARSEKIT_AVX512 inline void expand_row_avx512(const uint64_t* mask, int64_t col
   const int64_t full = cols / 64;
   for (int64_t t = 0; t < full; ++t, out += 64) {
     const uint64_t word = mask[t];
+    prefetch_values_ahead<sizeof(Elem)>(v);  // a word takes at most 64 values: 1 line per byte of Elem
     const Elem* v1 = v + __builtin_popcountll(word & 0xFFFFull);
     const Elem* v2 = v + __builtin_popcountll(word & 0xFFFFFFFFull);
     const Elem* v3 = v + __builtin_popcountll(word & 0xFFFFFFFFFFFFull);
@@ -101,6 +117,7 @@ SPARSEKIT_AVX512_VBMI2 inline void expand_row_vbmi2(const uint64_t* mask, int64_
   const int64_t full = cols / 64;
   for (int64_t t = 0; t < full; ++t, out += 64) {
     const uint64_t word = mask[t];
+    prefetch_values_ahead<2>(v);  // a word takes at most 64 values of 2 bytes
     expand32_vbmi2(static_cast<uint32_t>(word), v, out, 32);
     expand32_vbmi2(static_cast<uint32_t>(word >> 32), v + __builtin_popcount(static_cast<uint32_t>(word)), out + 32,
                    32);
@@ -113,8 +130,24 @@ SPARSEKIT_AVX512_VBMI2 inline void expand_row_vbmi2(const uint64_t* mask, int64_
     v += __builtin_popcount(bits);
   }
 }
+SPARSEKIT_AVX512 inline int64_t popcount_words_avx512(const uint64_t* words, int64_t n) {
+  int64_t count = 0;
+  for (int64_t t = 0; t < n; ++t) count += __builtin_popcountll(words[t]);
+  return count;
+}
 SPARSEKIT_INTRINSICS_END
 #endif
+
+// The number of bits set in words[0 .. n). Built without a target that has popcnt, __builtin_popcountll is a
+// call into libgcc (3% of a bitmap_unpack_linear profile); the AVX-512 paths imply the instruction.
+inline int64_t popcount_words(const uint64_t* words, int64_t n, UnpackIsa isa) {
+#if SPARSEKIT_HAVE_X86
+  if (isa != UnpackIsa::kScalar) return popcount_words_avx512(words, n);
+#endif
+  int64_t count = 0;
+  for (int64_t t = 0; t < n; ++t) count += __builtin_popcountll(words[t]);
+  return count;
+}
 
 inline void expand_row(const uint64_t* mask, int64_t cols, const uint32_t* v, uint32_t* out, UnpackIsa isa) {
 #if SPARSEKIT_HAVE_X86

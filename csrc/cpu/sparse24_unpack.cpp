@@ -56,7 +56,7 @@ inline int code_at(const uint8_t* row_codes, int64_t j, int64_t bits) {
 }
 
 // Step 1: the column mask of row r into mask[0 .. words). Returns its popcount.
-int64_t nm_row_mask(const NMUnpack& p, int64_t r, uint64_t* mask) {
+int64_t nm_row_mask(const NMUnpack& p, int64_t r, uint64_t* mask, UnpackIsa isa) {
   std::fill(mask, mask + p.words, uint64_t(0));
   const uint8_t* c = p.codes + r * p.code_width;
   if (p.m == 4 && p.kept_per_group == 2) {
@@ -75,9 +75,7 @@ int64_t nm_row_mask(const NMUnpack& p, int64_t r, uint64_t* mask) {
       }
     }
   }
-  int64_t count = 0;
-  for (int64_t t = 0; t < p.words; ++t) count += __builtin_popcountll(mask[t]);
-  return count;
+  return popcount_words(mask, p.words, isa);
 }
 
 #if SPARSEKIT_HAVE_X86
@@ -167,7 +165,7 @@ void nm_unpack_rows(const NMUnpack& p, const Elem* values, Elem* dst, int64_t r_
     const Elem* v = values + r * p.kept_per_row;
     const uint8_t* c = p.codes + r * p.code_width;
     Elem* d = dst + (r - r_begin) * p.in_features;
-    if (fast24 ? unpack_row24(p, c, v, d, isa) : nm_row_mask(p, r, mask.data()) == p.kept_per_row) {
+    if (fast24 ? unpack_row24(p, c, v, d, isa) : nm_row_mask(p, r, mask.data(), isa) == p.kept_per_row) {
       if (!fast24) expand_row(mask.data(), p.in_features, v, d, isa);
       continue;
     }
