@@ -85,8 +85,8 @@ def test_dispatch_policy_is_the_measured_one():
     assert CPU_SPARSE_MAX_ROWS_ONE_THREAD == {
         ("2:4", f32): 64, ("2:4", bf16): 16, ("bitmap", f32): 64, ("bitmap", bf16): 8,
     }
-    # with dense_fallback="unpack": the bitmap bf16 kernel lost less than decode + BLAS up to M = 32
-    assert CPU_SPARSE_MAX_ROWS_UNPACK == {("bitmap", bf16): 32}
+    # with dense_fallback="unpack": the bitmap bf16 kernel beat decode + BLAS up to M = 16
+    assert CPU_SPARSE_MAX_ROWS_UNPACK == {("bitmap", bf16): 16}
     assert CPU_BF16_MAX_ROWS_WITHOUT_DOT == 4
     assert BITMAP_MIN_SPARSITY == 0.5
 
@@ -147,9 +147,9 @@ def test_paths_cover_sparse_dense_and_unpack():
     assert [cached.path(m, cpu, bf16) for m in (1, bf16_limit, bf16_limit + 1)] == ["sparse", "sparse", "dense"]
     assert [packed.path(m, cpu, torch.float32) for m in (64, 65, 100)] == ["sparse", "unpack", "unpack"]
     assert cached.path(1, cpu, torch.float16) == "dense"  # no fast float16 kernel
-    if cpu_bf16_dot():  # bitmap bf16: dense beyond M = 8 when cached, the kernel up to 32 without a dense copy
+    if cpu_bf16_dot():  # bitmap bf16: dense beyond M = 8 when cached, the kernel up to 16 without a dense copy
         assert [bitmap_cached.path(m, cpu, bf16) for m in (8, 9)] == ["sparse", "dense"]
-        assert [bitmap_packed.path(m, cpu, bf16) for m in (9, 32, 33)] == ["sparse", "sparse", "unpack"]
+        assert [bitmap_packed.path(m, cpu, bf16) for m in (9, 16, 17)] == ["sparse", "sparse", "unpack"]
 
 
 def test_float16_layer_and_4_8_never_take_the_sparse_kernel():

@@ -16,8 +16,8 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu_dispatch_2t.md``:
   cold weights, 2 threads, quiet machine; ``CPU_SPARSE_MAX_ROWS_ONE_THREAD`` from the 1-thread run, the same
   limits): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 64, 2:4 bfloat16 for M <= 16, bitmap bfloat16
-  for M <= 8. With ``dense_fallback="unpack"`` bitmap bfloat16 keeps the kernel up to M = 32
-  (``CPU_SPARSE_MAX_ROWS_UNPACK``): it can lose to dense there, but less than decode + BLAS.
+  for M <= 8. With ``dense_fallback="unpack"`` bitmap bfloat16 keeps the kernel up to M = 16
+  (``CPU_SPARSE_MAX_ROWS_UNPACK``): there it is within noise of dense, and faster than decode + BLAS.
   Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M than 2:4, float16,
   CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed: those layers take the
   fallback at every M. The bfloat16 limits assume the AVX512-BF16 path (``cpu_bf16_dot()``); without it they
@@ -93,9 +93,10 @@ DENSE_FALLBACKS = ("unpack", "cache")
 
 # Largest M (rows of x) at which the packed CPU kernel beats dense F.linear, per (format, dtype), with two or more
 # torch threads. From benchmarks/results/sparse_linear_cpu_dispatch_2t.md (quiet machine, cold weights, 2
-# threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the speedups over the shapes at the limit): 2:4 float32
-# 1.60-2.12x at M = 64, bitmap 50% float32 1.22-1.47x at 64, 2:4 bfloat16 0.96-2.10x at 16 (0.77x at 32),
-# bitmap bfloat16 1.04-1.74x at 8 (0.72x at 16). The kernel itself streams at most 64 rows (more: decode + BLAS).
+# threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the speedups over the shapes at the limit, run of
+# 2026-11-24 04:30): 2:4 float32 1.52-1.83x at M = 64, bitmap 50% float32 1.42-1.72x at 64, 2:4 bfloat16
+# 0.96-1.72x at 16 (0.74-1.15x at 32), bitmap bfloat16 1.26-2.25x at 8 (0.94-1.55x at 16). The kernel itself
+# streams at most 64 rows (more: decode + BLAS).
 # Re-measure with benchmarks/bench_sparse_linear.py before changing.
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
@@ -104,10 +105,10 @@ CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("bitmap", torch.bfloat16): 8,
 }
 # The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md), used when
-# torch.get_num_threads() < 2: 2:4 float32 1.49-1.90x at 64, bitmap float32 1.00-1.21x at 64, 2:4 bfloat16
-# 0.95-1.51x at 16 (0.82x at 32), bitmap bfloat16 0.93-1.46x at 8 (0.66x at 16): the same limits as with two
-# threads. The entries below 1x are the 576x576 layer; an earlier run of the same build had every shape at
-# >= 1.13x (2:4 bf16, M = 16) and >= 1.04x (bitmap bf16, M = 8).
+# torch.get_num_threads() < 2: 2:4 float32 1.47-1.79x at 64, bitmap float32 1.35-1.65x at 64, 2:4 bfloat16
+# 0.85-1.38x at 16 (0.69-1.03x at 32), bitmap bfloat16 1.12-1.76x at 8 (0.82-1.15x at 16): the same limits as
+# with two threads. The entry below 1x at the limit is the 576x576 layer (0.85x); earlier runs of the same
+# kernel had it at 0.95-1.13x.
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
     ("2:4", torch.bfloat16): 16,
@@ -116,10 +117,13 @@ CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
 }
 # With dense_fallback="unpack" the alternative to the kernel is decode + BLAS, not dense F.linear, and where
 # both lose to dense the kernel can still be the faster of the two. Larger limits for such layers, at any thread
-# count: bitmap bfloat16 up to M = 32, where the kernel ran at 0.65-1.10x dense (2 threads; 0.67-0.86x with 1)
-# and decode + BLAS at 0.63-0.82x (0.57-0.65x); at M = 64 decode + BLAS is the faster (both tables, after the
-# bitmap kernels kept their accumulators in registers).
-CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {("bitmap", torch.bfloat16): 32}
+# count: bitmap bfloat16 up to M = 16, where the kernel beat decode + BLAS on all six shapes (2 threads, a run
+# with this table empty: 0.86-1.22x dense against 0.59-1.07x) and with 1 thread matched or beat it on the five
+# shapes both 1-thread tables share (0.89-1.15x against 0.86-1.07x, unpack_linear_cpu_1t.md). At M = 32 decode +
+# BLAS was as fast or faster on every shape (0.75-1.03x against 0.74-0.91x). Measured after the bitmap decode
+# learnt to prefetch its values (csrc/cpu/expand_row.h); before that, decode + BLAS was slow enough that the
+# limit here was 32.
+CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {("bitmap", torch.bfloat16): 16}
 # The bfloat16 limits above were measured with the kernels' AVX512-BF16 path (vdpbf16ps, with VBMI2). A CPU
 # without it runs their float32-lane path, which was measured only in development runs
 # (SPARSEKIT_CPU_ISA=avx512, 1 thread, 4096x4096: 2:4 and bitmap won up to M = 4); bfloat16 limits are capped
