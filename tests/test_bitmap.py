@@ -140,7 +140,9 @@ _SMALL_K_BLOCKS = textwrap.dedent("""
     from sparsekit.formats import nm_index_codes, pack_bitmap, pack_nm, unpack_bitmap, unpack_nm
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        for out_f, in_f in ((24, 700), (9, 260), (150, 700)):  # 150: several row blocks (streamed::kRowBlock)
+        # 150, 151: several row blocks (streamed::kRowBlock); 151 x 1100: bfloat16 bitmap rows in pairs (from 8 rows
+        # of x and 1024 columns, bitmap_gemv.cpp) with an odd last row
+        for out_f, in_f in ((24, 700), (9, 260), (150, 700), (151, 1100)):
             w = torch.randn(out_f, in_f)
             w24 = (w * ops.nm_mask(w.abs(), 2, 4)).to(dtype)
             p = pack_nm(w24, 2, 4)
