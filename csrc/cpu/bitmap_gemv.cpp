@@ -193,7 +193,7 @@ SPARSEKIT_AVX512_BF16 const c10::BFloat16* bitmap_row_bf16dp(const BitmapProblem
 // tile's lower and upper halves in turn. va, vb: the rows' first values at tile t0; their first values past t1
 // are returned in next_a, next_b.
 // Used from kPairMinRows rows of x and kPairMinColumns columns. A/B runs on the development machine (Zen 5, 1
-// thread, cold weights, bitmap 50/70/80%): 1.07-1.20x on Llama-3-8B q and down at M = 8-32 and 1.04-1.08x on
+// thread, cold weights, bitmap 50/70/80%): 1.06-1.20x on Llama-3-8B q and down at M = 8-32 and 1.04-1.08x on
 // SmolLM2 down (576x1536), but 0.89-0.95x at M = 1 and 0.65-1.05x on SmolLM2 up (1536x576) at every M.
 constexpr int64_t kPairMinRows = 8;
 constexpr int64_t kPairMinColumns = 1024;

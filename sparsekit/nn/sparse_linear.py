@@ -94,8 +94,8 @@ DENSE_FALLBACKS = ("unpack", "cache")
 # Largest M (rows of x) at which the packed CPU kernel beats dense F.linear, per (format, dtype), with two or more
 # torch threads. From benchmarks/results/sparse_linear_cpu_dispatch_2t.md (quiet machine, cold weights, 2
 # threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the speedups over the shapes at the limit, run of
-# 2026-11-24 04:30): 2:4 float32 1.52-1.83x at M = 64, bitmap 50% float32 1.42-1.72x at 64, 2:4 bfloat16
-# 0.96-1.72x at 16 (0.74-1.15x at 32), bitmap bfloat16 1.26-2.25x at 8 (0.94-1.55x at 16). The kernel itself
+# 2026-11-24 05:08): 2:4 float32 1.40-2.37x at M = 64, bitmap 50% float32 1.28-2.11x at 64, 2:4 bfloat16
+# 0.98-1.81x at 16 (0.72-1.29x at 32), bitmap bfloat16 1.25-2.46x at 8 (0.94-1.47x at 16). The kernel itself
 # streams at most 64 rows (more: decode + BLAS).
 # Re-measure with benchmarks/bench_sparse_linear.py before changing.
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
@@ -105,9 +105,9 @@ CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("bitmap", torch.bfloat16): 8,
 }
 # The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md), used when
-# torch.get_num_threads() < 2: 2:4 float32 1.47-1.79x at 64, bitmap float32 1.35-1.65x at 64, 2:4 bfloat16
-# 0.85-1.38x at 16 (0.69-1.03x at 32), bitmap bfloat16 1.12-1.76x at 8 (0.82-1.15x at 16): the same limits as
-# with two threads. The entry below 1x at the limit is the 576x576 layer (0.85x); earlier runs of the same
+# torch.get_num_threads() < 2: 2:4 float32 1.51-1.73x at 64, bitmap float32 1.33-1.55x at 64, 2:4 bfloat16
+# 0.84-1.37x at 16 (0.73-1.04x at 32), bitmap bfloat16 1.12-1.79x at 8 (0.80-1.22x at 16): the same limits as
+# with two threads. The entry below 1x at the limit is the 576x576 layer (0.84x); earlier runs of the same
 # kernel had it at 0.95-1.13x.
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
