@@ -53,8 +53,15 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, method):
     for name, w in single.items():
         d = dist_sd[name]
         if w.dim() == 2 and "proj" in name:
-            mism = ((w == 0) != (d == 0)).float().mean().item()
-            assert mism <= 2e-3, (name, mism)  # masks: equal up to float-rounding near-ties
+            # Masks are equal up to near-ties that float rounding flips: the ranks' summed statistics and the
+            # single process's differ in the last bits (reduction order, BLAS kernels chosen by alignment). A
+            # flip changes that weight and, for SparseGPT, the updates of the rest of its row, so the values
+            # are compared on the rows without one.
+            flips = (w == 0) != (d == 0)
+            assert flips.float().mean().item() <= 2e-3, (name, flips.float().mean().item())
+            same_mask_rows = ~flips.any(dim=1)
+            assert same_mask_rows.float().mean().item() >= 0.9, name
+            d, w = d[same_mask_rows], w[same_mask_rows]
         torch.testing.assert_close(d, w, rtol=1e-3, atol=1e-4)
 
 
