@@ -39,13 +39,14 @@ The dense fallback's storage, a trade-off to choose per model:
   0.53x dense, bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept
   for the life of the thread, shared by all layers). Its calls outside the kernel's region (M above the limits:
   prefill) cost decode + BLAS, measured against dense ``F.linear`` with cold weights on a quiet machine
-  (``benchmarks/results/unpack_linear_cpu_1t.md`` / ``_2t.md``, 1 / 2 threads): float32 at M >= 128, 2:4
-  0.96-1.43x and bitmap 50% 0.87-1.34x; bfloat16 above the limits, 2:4 0.85-1.18x and bitmap 0.58-0.97x. So
-  with ``"unpack"`` a layer is slower than dense above the kernel limits by up to 15% (2:4 bfloat16), 13%
-  (bitmap float32) or 1.7x (bitmap bfloat16). Layers of other N:M patterns or float16 take this path at every
-  M; they were not measured.
+  (``benchmarks/results/unpack_linear_cpu_1t.md`` / ``_2t.md``, 1 / 2 threads, 2026-11-24 04:39): float32 at
+  M >= 128, 2:4 0.92-1.30x and bitmap 50% 0.92-1.35x; bfloat16 at M >= 32, 2:4 0.81-1.25x and bitmap
+  0.78-1.27x. So with ``"unpack"`` a layer can be slower than dense above the kernel limits: the worst were the
+  Llama-3-8B down projection in bfloat16 at M = 64 with 2 threads (0.78-0.99x over the runs) and, through
+  SparseLinear, SmolLM2's 576x576 layer in bfloat16 at M = 32-64 (0.72-0.92x: ~15 us of decode on a ~50 us
+  call). Layers of other N:M patterns or float16 take this path at every M; they were not measured.
   Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
-  tens of MiB is page-faulted on every call (0.12-0.87x dense on the Llama shapes in the same run).
+  tens of MiB is page-faulted on every call (0.11-0.97x dense on the Llama shapes in the same runs).
 * ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer: never
   saved, rebuilt on load): calls outside the measured region cost a dense ``F.linear`` plus ~6 us of Python
   dispatch (0.9-1.0x measured; the dispatch shows on the smallest layers), but memory is packed + dense
