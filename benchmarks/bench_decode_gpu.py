@@ -125,10 +125,8 @@ def main(argv=None) -> int:
     _say(f"pruned {prune_24_(dense)} linear layers 2:4 by magnitude")
     if args.sparse_max_rows is not None:
         sparse_linear.CUDA_SPARSE_MAX_ROWS[("2:4", dtype)] = args.sparse_max_rows
-    if not args.cslt:
-        sparse_linear.SparseLinear._cslt_possible = lambda self, device, dtype: False
     sparse = copy.deepcopy(dense)
-    report = sparsekit.sparsify_(sparse, format="2:4")
+    report = sparsekit.sparsify_(sparse, format="2:4", cslt=args.cslt)
     paths = sorted({m.path(1, dev, dtype) for m in sparse.modules() if isinstance(m, sparse_linear.SparseLinear)})
     _say(f"sparsified {len(report.layers)} layers: {report.bytes_before / 2**30:.2f} GiB -> "
          f"{report.bytes_after / 2**30:.2f} GiB; path at M=1: {paths}; CUDA_SPARSE_MAX_ROWS = "

@@ -66,6 +66,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dense-fallback", default="unpack", choices=["unpack", "cache"],
                    help="SparseLinear storage for calls where the sparse kernels lose: unpack (packed weight only) "
                         "or cache (also a dense copy in memory) (default %(default)s)")
+    p.add_argument("--cslt", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, let 2:4 float16/bfloat16 layers use cuSPARSELt where sparsekit's own kernels are "
+                        "not chosen (--no-cslt: the dense fallback instead, and no cuSPARSELt copy in memory)")
     p.add_argument("--min-sparsity", type=float, default=0.5,
                    help="swap linear layers with at least this fraction of zeros (default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -194,7 +197,7 @@ def run(args) -> int:
     _say(args, f"[2/4] sparsifying a copy (format {args.format}, dense fallback {args.dense_fallback})")
     sparse = copy.deepcopy(dense)
     report = sparsify_(sparse, format=args.format, min_sparsity=args.min_sparsity,
-                       dense_fallback=args.dense_fallback)
+                       dense_fallback=args.dense_fallback, cslt=args.cslt)
     del model
     if not report.layers:
         print(f"sparsekit bench: error: no linear layer of {args.model} has at least {args.min_sparsity:.0%} "
@@ -257,7 +260,7 @@ def run(args) -> int:
     if args.output:
         out = {"model": args.model, "format": args.format, "formats": formats, "batch": args.batch,
                "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-               "dtype": args.dtype, "device": args.device, "dense_fallback": args.dense_fallback,
+               "dtype": args.dtype, "device": args.device, "dense_fallback": args.dense_fallback, "cslt": args.cslt,
                "compile": args.compile, "results": results, "speedup": speedup, "same_tokens": same,
                "sparsify": report.to_dict(), "cpu_sparse_kernels": {"fast": fast, "why": why},
                "backends": {k: v.detail for k, v in backend_status().items()},

@@ -92,7 +92,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def sparsify_(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None = None, format: str = "auto",
               min_sparsity: float = 0.5, include_lm_head: bool = False,
-              dense_fallback: str = "unpack") -> SparsifyReport:
+              dense_fallback: str = "unpack", cslt: bool = True) -> SparsifyReport:
     """Replace every pruned linear layer of ``model`` by a ``SparseLinear`` in place; return what was done.
 
     format: ``"auto"`` (per layer: 2:4 when it fits, else bitmap, the smaller), ``"bitmap"``, or ``"N:M"``
@@ -100,6 +100,8 @@ def sparsify_(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | No
     min_sparsity: a layer needs at least ``int(min_sparsity * numel)`` zero weights, in [0, 1].
     dense_fallback: ``"unpack"`` or ``"cache"`` (``SparseLinear``'s trade-off between memory and speed
     outside the measured sparse region).
+    cslt: allow ``SparseLinear``'s cuSPARSELt path on CUDA (2:4 float16/bfloat16); False keeps no cuSPARSELt
+    copy, so calls outside sparsekit's own kernels take the dense fallback.
     """
     if not (0.0 <= min_sparsity <= 1.0):
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
@@ -136,7 +138,7 @@ def sparsify_(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | No
             report.skipped.append((name, f"sparsity {zeros / weight.numel():.3f} < min_sparsity {min_sparsity}"))
             continue
         try:
-            layer = SparseLinear.from_linear(mod, format=format, dense_fallback=dense_fallback)
+            layer = SparseLinear.from_linear(mod, format=format, dense_fallback=dense_fallback, cslt=cslt)
         except ValueError as e:
             if format == "auto":  # no packed form is smaller than dense: leave it
                 report.skipped.append((name, str(e)))

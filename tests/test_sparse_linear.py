@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import sparsekit
 from sparsekit import ops
 from sparsekit.nn import SparseLinear
 from sparsekit.nn.sparse_linear import (
@@ -150,6 +151,28 @@ def test_paths_cover_sparse_dense_and_unpack():
     if cpu_bf16_dot():  # bitmap bf16: dense beyond M = 8 when cached, the kernel up to 16 without a dense copy
         assert [bitmap_cached.path(m, cpu, bf16) for m in (8, 9)] == ["sparse", "dense"]
         assert [bitmap_packed.path(m, cpu, bf16) for m in (9, 16, 17)] == ["sparse", "sparse", "unpack"]
+
+
+def test_cslt_option_decides_the_cslt_path(monkeypatch):
+    """cslt=False (constructor, from_linear, sparsify_) or set_cslt(False) rules out the cuSPARSELt path and drops
+    its copy; checked without a GPU: _cslt_possible and path() only read shapes, flags and device types."""
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", getattr(torch, "_cslt_sparse_mm", None), raising=False)
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    on = SparseLinear(64, 32, "2:4", dtype=bf16)
+    off = SparseLinear(64, 32, "2:4", dtype=bf16, cslt=False)
+    assert on.use_cslt and not off.use_cslt
+    assert on._cslt_possible(cuda, bf16) and not off._cslt_possible(cuda, bf16)
+    assert not on._cslt_possible(torch.device("cpu"), bf16)  # CUDA only
+    assert not on._cslt_possible(cuda, torch.float32)  # float16 / bfloat16 only
+    on.cslt_weight = torch.zeros(1)  # stands in for torch._cslt_compress's output
+    assert on.path(1, cuda, bf16) == "cslt"
+    assert on.set_cslt(False) is on and not on.use_cslt and on.cslt_weight is None
+    assert on.path(1, cuda, bf16) == "unpack"
+    assert not SparseLinear.from_linear(pruned_linear(64, 16, "2:4"), "2:4", cslt=False).use_cslt
+    model = nn.Sequential(pruned_linear(64, 16, "2:4"))
+    sparsekit.sparsify_(model, format="2:4", cslt=False)
+    assert not model[0].use_cslt
 
 
 def test_float16_layer_and_4_8_never_take_the_sparse_kernel():

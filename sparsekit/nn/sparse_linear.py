@@ -24,7 +24,8 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
   are capped at M = 4.
 * ``"cslt"``: CUDA only, 2:4 in float16/bfloat16 where torch exposes cuSPARSELt
   (``torch._cslt_sparse_mm``, ``torch.backends.cusparselt.is_available()``) and the shape fits its limits
-  (out % 16 == 0, in % 16 == 0). Untested on a device so far.
+  (out % 16 == 0, in % 16 == 0), unless the layer was built with ``cslt=False`` (or ``set_cslt(False)``),
+  which also drops the cuSPARSELt copy of the weight. Untested on a device so far.
 * ``"dense"``: ``F.linear`` on a cached dense copy of the weight, when ``dense_fallback="cache"``.
 * ``"unpack"``: everywhere else with ``dense_fallback="unpack"`` (the default): ``sparsekit.ops.nm_unpack_linear``
   / ``bitmap_unpack_linear``, i.e. ``F.linear`` on the unpacked weight without keeping it: the CPU kernel
@@ -242,7 +243,8 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, format: str = "2:4", bias: bool = True,
-                 nnz: int | None = None, dense_fallback: str = "unpack", device=None, dtype=None):
+                 nnz: int | None = None, dense_fallback: str = "unpack", device=None, dtype=None,
+                 cslt: bool = True):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
@@ -255,6 +257,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.format, self.kind, self.n, self.m = format, kind, n, m
         self.dense_fallback = dense_fallback
+        self.use_cslt = bool(cslt)  # may keep a cuSPARSELt copy on CUDA (the "cslt" path)
         kw = {"device": device}
         if kind == "nm":
             if in_features % m:
@@ -289,13 +292,15 @@ class SparseLinear(nn.Module):
     # ------------------------------------------------------------------------------------------------
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Module, format: str = "auto", dense_fallback: str = "unpack") -> "SparseLinear":
+    def from_linear(cls, linear: nn.Module, format: str = "auto", dense_fallback: str = "unpack",
+                    cslt: bool = True) -> "SparseLinear":
         """Pack the already-pruned weight of ``linear`` (``nn.Linear`` or transformers' ``Conv1D``).
 
         format: ``"2:4"``, ``"4:8"``, any ``"N:M"``, ``"bitmap"``, or ``"auto"`` (``auto_format``: 2:4 when
         the weight fits it, else bitmap, whichever is smaller; raises if neither is smaller than dense).
         An N:M format raises the formats' ValueError naming the first group that breaks the pattern.
         The weight is not pruned here: prune first (``sparsekit.prune``).
+        cslt: allow the cuSPARSELt path on CUDA (2:4 float16/bfloat16); False keeps no cuSPARSELt copy.
         """
         if not is_linear(linear):
             raise TypeError(f"expected nn.Linear (or transformers Conv1D), got {type(linear).__name__}")
@@ -315,13 +320,13 @@ class SparseLinear(nn.Module):
         if kind == "nm":
             packed = pack_nm(weight, n, m)
             layer = cls(in_f, out_f, format, bias=bias is not None, dense_fallback=dense_fallback,
-                        device=weight.device, dtype=weight.dtype)
+                        device=weight.device, dtype=weight.dtype, cslt=cslt)
             layer.values.copy_(packed.values)
             layer.index_codes.copy_(nm_index_codes(packed.indices, m))
         else:
             packed = pack_bitmap(weight)
             layer = cls(in_f, out_f, format, bias=bias is not None, nnz=packed.values.numel(),
-                        dense_fallback=dense_fallback, device=weight.device, dtype=weight.dtype)
+                        dense_fallback=dense_fallback, device=weight.device, dtype=weight.dtype, cslt=cslt)
             layer.bitmask.copy_(packed.bitmask)
             layer.values.copy_(packed.values)
             layer.row_offsets.copy_(packed.row_offsets)
@@ -363,6 +368,12 @@ class SparseLinear(nn.Module):
         self._refresh_derived()
         return self.refresh_dispatch()  # the kernel limits depend on the fallback (CPU_SPARSE_MAX_ROWS_UNPACK)
 
+    def set_cslt(self, enabled: bool) -> "SparseLinear":
+        """Allow (True) or forbid (False) the cuSPARSELt path; False drops the cuSPARSELt copy of the weight."""
+        self.use_cslt = bool(enabled)
+        self._refresh_derived()
+        return self
+
     @torch.no_grad()
     def _refresh_derived(self) -> None:
         self.dense_weight = self.to_dense() if self.dense_fallback == "cache" else None
@@ -380,7 +391,7 @@ class SparseLinear(nn.Module):
         return self
 
     def _cslt_possible(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return (device.type == "cuda" and self.kind == "nm" and (self.n, self.m) == (2, 4)
+        return (getattr(self, "use_cslt", True) and device.type == "cuda" and self.kind == "nm" and (self.n, self.m) == (2, 4)
                 and dtype in _CSLT_DTYPES and hasattr(torch, "_cslt_sparse_mm")
                 and torch.backends.cusparselt.is_available()
                 and self.out_features % _CSLT_OUT_MULTIPLE == 0 and self.in_features % _CSLT_IN_MULTIPLE == 0)
