@@ -17,7 +17,8 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
   cold weights, 2 threads, quiet machine; ``CPU_SPARSE_MAX_ROWS_ONE_THREAD`` from the 1-thread run, the same
   limits): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 64, 2:4 bfloat16 for M <= 16, bitmap bfloat16
   for M <= 8. With ``dense_fallback="unpack"`` bitmap bfloat16 keeps the kernel up to M = 16
-  (``CPU_SPARSE_MAX_ROWS_UNPACK``): there it is within noise of dense, and faster than decode + BLAS.
+  (``CPU_SPARSE_MAX_ROWS_UNPACK``): there it ran at 0.80-1.47x dense (the least on the 576x576 layer with 1
+  thread) and beat decode + BLAS.
   Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M than 2:4, float16,
   CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed: those layers take the
   fallback at every M. The bfloat16 limits assume the AVX512-BF16 path (``cpu_bf16_dot()``); without it they
@@ -43,7 +44,7 @@ The dense fallback's storage, a trade-off to choose per model:
   (``benchmarks/results/unpack_linear_cpu_1t.md`` / ``_2t.md``, 1 / 2 threads, 2026-11-24 04:39): float32 at
   M >= 128, 2:4 0.92-1.30x and bitmap 50% 0.92-1.35x; bfloat16 at M >= 32, 2:4 0.81-1.25x and bitmap
   0.78-1.27x. So with ``"unpack"`` a layer can be slower than dense above the kernel limits: the worst were the
-  Llama-3-8B down projection in bfloat16 at M = 64 with 2 threads (0.78-0.99x over the runs) and, through
+  Llama-3-8B down projection in bfloat16 at M = 64 with 2 threads (0.78-0.85x in the two tables) and, through
   SparseLinear, SmolLM2's 576x576 layer in bfloat16 at M = 32-64 (0.72-0.92x: ~15 us of decode on a ~50 us
   call). Layers of other N:M patterns or float16 take this path at every M; they were not measured.
   Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
@@ -109,8 +110,8 @@ CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
 # The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md), used when
 # torch.get_num_threads() < 2: 2:4 float32 1.51-1.73x at 64, bitmap float32 1.33-1.55x at 64, 2:4 bfloat16
 # 0.84-1.37x at 16 (0.73-1.04x at 32), bitmap bfloat16 1.12-1.79x at 8 (0.80-1.22x at 16): the same limits as
-# with two threads. The entry below 1x at the limit is the 576x576 layer (0.84x); earlier runs of the same
-# kernel had it at 0.95-1.13x.
+# with two threads. The entry below 1x at the limit is the 576x576 layer (0.84x), which varies from run to run
+# (0.84-1.19x with 1 thread over this day's three runs).
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
     ("2:4", torch.bfloat16): 16,
@@ -120,8 +121,9 @@ CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
 # With dense_fallback="unpack" the alternative to the kernel is decode + BLAS, not dense F.linear, and where
 # both lose to dense the kernel can still be the faster of the two. Larger limits for such layers, at any thread
 # count: bitmap bfloat16 up to M = 16, where the kernel beat decode + BLAS on all six shapes (2 threads, a run
-# with this table empty: 0.86-1.22x dense against 0.59-1.07x) and with 1 thread matched or beat it on the five
-# shapes both 1-thread tables share (0.89-1.15x against 0.86-1.07x, unpack_linear_cpu_1t.md). At M = 32 decode +
+# with this table empty: 0.86-1.22x dense against 0.59-1.07x) and with 1 thread beat it on four of the five
+# shapes both 1-thread tables share (1.04-1.22x against 0.86-1.07x, unpack_linear_cpu_1t.md; SmolLM2 up 1.04x
+# against 1.07x, from different runs). At M = 32 decode +
 # BLAS was as fast or faster on every shape (0.75-1.03x against 0.74-0.91x). Measured after the bitmap decode
 # learnt to prefetch its values (csrc/cpu/expand_row.h); before that, decode + BLAS was slow enough that the
 # limit here was 32.
