@@ -123,10 +123,9 @@ CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
 # count: bitmap bfloat16 up to M = 16, where the kernel beat decode + BLAS on all six shapes (2 threads, a run
 # with this table empty: 0.86-1.22x dense against 0.59-1.07x) and with 1 thread beat it on four of the five
 # shapes both 1-thread tables share (1.04-1.22x against 0.86-1.07x, unpack_linear_cpu_1t.md; SmolLM2 up 1.04x
-# against 1.07x, from different runs). At M = 32 decode +
-# BLAS was as fast or faster on every shape (0.75-1.03x against 0.74-0.91x). Measured after the bitmap decode
-# learnt to prefetch its values (csrc/cpu/expand_row.h); before that, decode + BLAS was slow enough that the
-# limit here was 32.
+# against 1.07x, from different runs). At M = 32 decode + BLAS was as fast or faster on every shape (0.75-1.03x
+# against 0.74-0.91x). Measured after the bitmap decode learnt to prefetch its values (csrc/cpu/expand_row.h);
+# before that, decode + BLAS was slow enough that the limit here was 32.
 CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {("bitmap", torch.bfloat16): 16}
 # The bfloat16 limits above were measured with the kernels' AVX512-BF16 path (vdpbf16ps, with VBMI2). A CPU
 # without it runs their float32-lane path, which was measured only in development runs
@@ -367,34 +366,39 @@ class SparseLinear(nn.Module):
         if mode not in DENSE_FALLBACKS:
             raise ValueError(f"dense_fallback must be one of {DENSE_FALLBACKS}, got {mode!r}")
         self.dense_fallback = mode
-        self._refresh_derived()
+        self._refresh_dense()
         return self.refresh_dispatch()  # the kernel limits depend on the fallback (CPU_SPARSE_MAX_ROWS_UNPACK)
 
     def set_cslt(self, enabled: bool) -> "SparseLinear":
         """Allow (True) or forbid (False) the cuSPARSELt path; False drops the cuSPARSELt copy of the weight."""
         self.use_cslt = bool(enabled)
-        self._refresh_derived()
+        self._refresh_cslt()
         return self
 
-    @torch.no_grad()
     def _refresh_derived(self) -> None:
+        self._refresh_dense()
+        self._refresh_cslt()
+
+    @torch.no_grad()
+    def _refresh_dense(self) -> None:
         self.dense_weight = self.to_dense() if self.dense_fallback == "cache" else None
+
+    @torch.no_grad()
+    def _refresh_cslt(self) -> None:
+        """The cuSPARSELt copy of the weight where the "cslt" path applies (values' device and dtype), else None."""
         self.cslt_weight = None
         if self._cslt_possible(self.values.device, self.values.dtype):
             self.cslt_weight = torch._cslt_compress(self.to_dense())
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        # the cuSPARSELt copy is device-specific: rebuild it for the new device / dtype
-        if self.cslt_weight is not None or self._cslt_possible(self.values.device, self.values.dtype):
-            self.cslt_weight = None
-            if self._cslt_possible(self.values.device, self.values.dtype):
-                self.cslt_weight = torch._cslt_compress(self.to_dense())
+        self._refresh_cslt()  # the cuSPARSELt copy is device-specific: rebuild it for the new device / dtype
         return self
 
     def _cslt_possible(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return (getattr(self, "use_cslt", True) and device.type == "cuda" and self.kind == "nm" and (self.n, self.m) == (2, 4)
-                and dtype in _CSLT_DTYPES and hasattr(torch, "_cslt_sparse_mm")
+        # getattr: a SparseLinear pickled before the cslt option has no use_cslt (it allowed the path)
+        return (getattr(self, "use_cslt", True) and device.type == "cuda" and self.kind == "nm"
+                and (self.n, self.m) == (2, 4) and dtype in _CSLT_DTYPES and hasattr(torch, "_cslt_sparse_mm")
                 and torch.backends.cusparselt.is_available()
                 and self.out_features % _CSLT_OUT_MULTIPLE == 0 and self.in_features % _CSLT_IN_MULTIPLE == 0)
 
