@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/expand_row.h"
 #include "cpu/streamed.h"
 #include "cpu/to_float.h"
 #include "cpu/unpack.h"
@@ -142,6 +143,9 @@ SPARSEKIT_AVX512 const scalar_t* bitmap_row_avx512(const BitmapProblem& p, const
   return v;
 }
 
+// bfloat16 values as the 16-bit lanes load_expand32_vbmi2 (expand_row.h) moves.
+inline const uint16_t* as_bits(const c10::BFloat16* v) { return reinterpret_cast<const uint16_t*>(v); }
+
 // bfloat16 with AVX512-BF16 + VBMI2: each half of a tile expands 32 packed bfloat16 with one vpexpandw and
 // meets x (kept in bfloat16, chunked by 32) in one vdpbf16ps per row of x: products are exact in float32 and
 // summed in pairs into float32 lanes (inputs and results below 2^-126 are flushed to zero by the instruction).
@@ -165,10 +169,8 @@ SPARSEKIT_AVX512_BF16 const c10::BFloat16* bitmap_row_bf16dp(const BitmapProblem
     if (((t - t0) & 7) == 0) streamed::prefetch(pf.mask, (t - t0) * 8);
     const auto lo = static_cast<uint32_t>(bits), hi = static_cast<uint32_t>(bits >> 32);
     const int nlo = __builtin_popcount(lo), nhi = __builtin_popcount(hi);
-    const __m512i w0 = _mm512_maskz_expand_epi16(
-        lo, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << nlo) - 1), v));
-    const __m512i w1 = _mm512_maskz_expand_epi16(
-        hi, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << nhi) - 1), v + nlo));
+    const __m512i w0 = load_expand32_vbmi2(lo, as_bits(v));
+    const __m512i w1 = load_expand32_vbmi2(hi, as_bits(v + nlo));
     v += nlo + nhi;
     const uint16_t* xs = x0 + 2 * t * chunk_stride;
 #define SPARSEKIT_ACC_DP(i)                                                                              \
@@ -225,14 +227,10 @@ SPARSEKIT_AVX512_BF16 void bitmap_row_pair_bf16dp(const BitmapProblem& p, const 
     const auto blo = static_cast<uint32_t>(bits_b), bhi = static_cast<uint32_t>(bits_b >> 32);
     const int nalo = __builtin_popcount(alo), nahi = __builtin_popcount(ahi);
     const int nblo = __builtin_popcount(blo), nbhi = __builtin_popcount(bhi);
-    const __m512i wa0 = _mm512_maskz_expand_epi16(
-        alo, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << nalo) - 1), va));
-    const __m512i wa1 = _mm512_maskz_expand_epi16(
-        ahi, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << nahi) - 1), va + nalo));
-    const __m512i wb0 = _mm512_maskz_expand_epi16(
-        blo, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << nblo) - 1), vb));
-    const __m512i wb1 = _mm512_maskz_expand_epi16(
-        bhi, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << nbhi) - 1), vb + nblo));
+    const __m512i wa0 = load_expand32_vbmi2(alo, as_bits(va));
+    const __m512i wa1 = load_expand32_vbmi2(ahi, as_bits(va + nalo));
+    const __m512i wb0 = load_expand32_vbmi2(blo, as_bits(vb));
+    const __m512i wb1 = load_expand32_vbmi2(bhi, as_bits(vb + nblo));
     va += nalo + nahi;
     vb += nblo + nbhi;
     const uint16_t* xs = x0 + 2 * t * chunk_stride;

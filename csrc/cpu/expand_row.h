@@ -101,10 +101,15 @@ SPARSEKIT_AVX512 inline void expand_row_avx512(const uint64_t* mask, int64_t col
   }
 }
 
-SPARSEKIT_AVX512_VBMI2 inline void expand32_vbmi2(uint32_t bits, const uint16_t* v, uint16_t* out, int64_t width) {
+// The popcount(bits) packed 16-bit values at v spread to the set lanes of 32 (zeros elsewhere): a masked load
+// that reads only those values, then one vpexpandw. Also the bfloat16 bitmap GEMV's tile halves (bitmap_gemv.cpp).
+SPARSEKIT_AVX512_VBMI2 inline __m512i load_expand32_vbmi2(uint32_t bits, const uint16_t* v) {
   const auto first = static_cast<__mmask32>((uint64_t(1) << __builtin_popcount(bits)) - 1);
-  const __m512i packed = _mm512_maskz_loadu_epi16(first, v);
-  const __m512i w = _mm512_maskz_expand_epi16(static_cast<__mmask32>(bits), packed);
+  return _mm512_maskz_expand_epi16(static_cast<__mmask32>(bits), _mm512_maskz_loadu_epi16(first, v));
+}
+
+SPARSEKIT_AVX512_VBMI2 inline void expand32_vbmi2(uint32_t bits, const uint16_t* v, uint16_t* out, int64_t width) {
+  const __m512i w = load_expand32_vbmi2(bits, v);
   if (width >= 32) {
     _mm512_storeu_si512(out, w);
   } else {
