@@ -36,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import device_name  # noqa: E402
+from machine import RESULTS, device_name, doc_parser  # noqa: E402
 
 TARGET = 1.25
 
@@ -80,10 +80,8 @@ def prune_24_(model) -> int:
 
 
 def main(argv=None) -> int:
-    first, _, rest = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(description=first, epilog=rest,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+    parser = doc_parser(__doc__)
+    parser.add_argument("--out", default=RESULTS,
                         help="folder for decode_gpu.md / .json (default: benchmarks/results/)")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (Llama-3-8B: 32, the default)")
     parser.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")

@@ -19,7 +19,6 @@ Every implementation is checked against the reference before it is timed. Writes
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import os
@@ -27,6 +26,9 @@ import subprocess
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import RESULTS, doc_parser  # noqa: E402
 
 # Shapes from real models, by name.
 SHAPES = {
@@ -80,10 +82,8 @@ def _implementations():
 
 
 def main(argv=None) -> int:
-    first, _, rest = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(description=first, epilog=rest,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+    parser = doc_parser(__doc__)
+    parser.add_argument("--out", default=RESULTS,
                         help="folder for bench_ops_gpu.csv and bench_ops_gpu.md (default: benchmarks/results/)")
     parser.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, milliseconds (default 25)")
     parser.add_argument("--rep", type=float, default=200, help="do_bench repetition time, milliseconds (default 200)")

@@ -22,7 +22,6 @@ M=1 >= 1.4x (50%), 2.0x (70%), 2.6x (80%). The summary says which are met on the
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import os
@@ -31,6 +30,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import RESULTS, doc_parser  # noqa: E402
 
 # (out_features, in_features) of Llama-3-8B linear layers; x is (M, in_features).
 SHAPES = {
@@ -42,7 +44,6 @@ FORMATS = ("2:4", "bitmap50", "bitmap70", "bitmap80")
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 TARGETS = {("2:4", 1): 1.5, ("2:4", 16): 1.4, ("2:4", 64): 1.1,
            ("bitmap50", 1): 1.4, ("bitmap70", 1): 2.0, ("bitmap80", 1): 2.6}
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def _driver_version() -> str:
@@ -112,9 +113,7 @@ def time_cold(fns, bench, capturable=True) -> float:
 
 
 def main(argv=None) -> int:
-    first, _, rest = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(description=first, epilog=rest,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser(__doc__)
     parser.add_argument("--out", default=RESULTS, help="folder for the CSV and markdown (default: benchmarks/results)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x (M), comma-separated")

@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 from bench_sparse_linear_cpu import interleaved_medians_ms, l3_bytes  # benchmarks/ (scripts run from there)
-from machine import cpu_name, write_md_csv
+from machine import RESULTS, cpu_name, write_md_csv
 from torch import nn
 
 import sparsekit
@@ -54,7 +54,6 @@ SHAPES = {
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 VARIANTS = ("dense", "op 2:4", "SL 2:4 unpack", "SL 2:4 cache", "op bitmap", "SL bitmap unpack", "SL bitmap cache")
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def make_variants(out_f: int, in_f: int, dtype, device) -> dict:

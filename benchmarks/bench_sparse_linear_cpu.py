@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from machine import cpu_name, write_md_csv  # benchmarks/machine.py (scripts run from their folder)
+from machine import RESULTS, cpu_name, write_md_csv  # benchmarks/machine.py (scripts run from their folder)
 import torch.nn.functional as F
 
 import sparsekit
@@ -39,7 +39,6 @@ SHAPES = {
 }
 FORMATS = ("2:4", "bitmap50", "bitmap70", "bitmap80")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def l3_bytes() -> int:

@@ -15,7 +15,6 @@ Writes sparsegpt_gpu.md and sparsegpt_gpu.csv (device, versions, date) into --ou
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import statistics
@@ -25,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import device_name, write_md_csv  # noqa: E402
+from machine import RESULTS, device_name, doc_parser, write_md_csv  # noqa: E402
 
 SHAPES = {"llama2-7b.mlp.down_proj": (4096, 11008), "llama2-7b.mlp.up_proj": (11008, 4096)}
 SETTINGS = {"50% unstructured": (0.5, None), "2:4": (0.5, (2, 4))}
@@ -33,10 +32,8 @@ TARGET_S = 1.0
 
 
 def main(argv=None) -> int:
-    first, _, rest = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(description=first, epilog=rest,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+    parser = doc_parser(__doc__)
+    parser.add_argument("--out", default=RESULTS,
                         help="folder for sparsegpt_gpu.md / .csv (default: benchmarks/results/)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case, median reported (default 5)")
     parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens behind X^T X (default 4096)")

@@ -37,14 +37,13 @@ from bench_sparse_linear_cpu import (  # benchmarks/ (run from there)
     l3_bytes,
     nbytes,
 )
-from machine import cpu_name, write_md_csv
+from machine import RESULTS, cpu_name, write_md_csv
 
 import sparsekit
 from sparsekit import ops
 from sparsekit.formats import nm_index_codes, pack_bitmap, pack_nm
 
 VARIANTS = ("dense", "unpack_linear", "unpack + F.linear", "streamed", "bitmap unpack_linear")
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def make_cases(out_f: int, in_f: int, dtype) -> dict:

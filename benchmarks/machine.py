@@ -1,10 +1,21 @@
-"""What the benchmark scripts write next to their numbers: the machine they ran on."""
+"""What the benchmark scripts share: where results go, a --help from the script's docstring, and what they write
+next to their numbers (the machine they ran on)."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # benchmarks/results
+
+
+def doc_parser(doc: str) -> argparse.ArgumentParser:
+    """An ArgumentParser whose --help shows the script's docstring: its first paragraph as the description, the
+    rest (usage examples, what is measured) as the epilog, line breaks kept."""
+    first, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def cpu_name() -> str:
