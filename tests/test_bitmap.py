@@ -353,3 +353,52 @@ def test_bitmap_unpack_linear_wrapper_raises_value_error(args, match):
 def test_bitmap_unpack_linear_cpp_raises_runtime_error(args, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.sparsekit.bitmap_unpack_linear(*args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The vector paths load packed values with expand-loads, which read only the values a chunk consumes. A
+# packed weight whose values end on the last byte before an unreadable page must not fault, whatever path
+# reads it (a load of a whole vector there would).
+# ----------------------------------------------------------------------------------------------------
+def before_guard_page(t):
+    """A copy of the 1-D tensor t whose last byte is followed by a page that may not be read (POSIX only)."""
+    mmap = pytest.importorskip("mmap")
+    import ctypes
+
+    import numpy as np
+
+    if sys.platform != "linux":
+        pytest.skip("needs mmap/mprotect (Linux)")
+    prot_none = 0
+    page = mmap.PAGESIZE
+    nbytes = t.numel() * t.element_size()
+    pages = -(-nbytes // page) + 1
+    buf = mmap.mmap(-1, pages * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(base + (pages - 1) * page, page, prot_none) == 0, ctypes.get_errno()
+    raw = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=(pages - 1) * page - nbytes)
+    out = torch.from_numpy(raw).view(t.dtype)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("isa", ["auto", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("rows", [1, 8, 70])  # one row of x, rows of W in pairs (bfloat16 dot path), decode + BLAS
+def test_bitmap_kernels_read_no_value_past_the_end(rows, dtype, isa, monkeypatch):
+    set_isa(isa, monkeypatch)
+    out_f, in_f = 10, 1090  # 17 full tiles and a partial one; >= 1024 columns for the paired-row kernel
+    w = sparse_weight(out_f, in_f, 0.5, dtype)
+    w[-1, :] = 0
+    w[-1, -3] = 1.5  # the last value sits alone in the last row's last tile: every chunk before it is empty
+    p = pack_bitmap(w)
+    values = before_guard_page(p.values)
+    x = torch.randn(rows, in_f).to(dtype)
+    assert torch.equal(ops.bitmap_unpack(p.bitmask, values, p.row_offsets, in_f), w)
+    got = torch.ops.sparsekit.bitmap_linear(x, p.bitmask, values, p.row_offsets, in_f, None)
+    assert_linear_close(got, x, w, None)
+    got = torch.ops.sparsekit.bitmap_unpack_linear(x, p.bitmask, values, p.row_offsets, in_f, None)
+    assert_linear_close(got, x, w, None)

@@ -6,11 +6,11 @@
 // (values are consumed in increasing column order); bits at or past cols must be 0. Only bits move, so a
 // 4-byte element is float32 and a 2-byte one bfloat16 or float16 alike.
 //
-// Vector paths (masked loads read only the values a chunk consumes, masked stores stop at column cols - 1):
+// Vector paths (masked or expand-loads read only the values a chunk consumes, masked stores stop at column cols - 1):
 // * AVX-512, 4-byte: per 16 columns, load popcount(bits) values and spread them with vpexpandd.
 // * AVX-512, 2-byte: the same on values widened to 32-bit lanes, narrowed back.
-// * AVX-512 + VBMI2, 2-byte: per 32 columns, one vpexpandw (2.1x faster than widening on the development
-//   machine's Zen 5).
+// * AVX-512 + VBMI2, 2-byte: per 32 columns, one vpexpandw from memory (2.1x faster than widening on the
+//   development machine's Zen 5; it reads only the values it consumes, as the masked loads do).
 // The vector paths prefetch the values kExpandPrefetchBytes ahead: the hardware prefetcher does not follow
 // masked loads. On the development machine's Zen 5, expanding 4096 rows of 14336 bfloat16 columns at 50%
 // (values read from memory, written to a cache-resident buffer) ran at 6.9 weights/ns without the software
@@ -101,11 +101,15 @@ SPARSEKIT_AVX512 inline void expand_row_avx512(const uint64_t* mask, int64_t col
   }
 }
 
-// The popcount(bits) packed 16-bit values at v spread to the set lanes of 32 (zeros elsewhere): a masked load
-// that reads only those values, then one vpexpandw. Also the bfloat16 bitmap GEMV's tile halves (bitmap_gemv.cpp).
+// The popcount(bits) packed 16-bit values at v spread to the set lanes of 32 (zeros elsewhere): one vpexpandw
+// with a memory source, which reads only those values (like a masked load, it cannot fault past them:
+// tests/test_bitmap.py puts the values before an unreadable page). Also the bfloat16 bitmap GEMV's tile halves
+// (bitmap_gemv.cpp). On the development machine's Zen 5 it replaced a masked load + register vpexpandw: the
+// bfloat16 bitmap GEMV ran 9-16% faster at M = 1-16 on 4096x4096 and 14336x4096 and SmolLM2's 576x1536, 1 thread
+// (A/B, three alternating runs each). The 32-bit paths keep masked loads: vexpandps / vpexpandd from memory made
+// the float32 GEMV 8-19% slower on the Llama-3-8B up and down shapes at M = 1-8.
 SPARSEKIT_AVX512_VBMI2 inline __m512i load_expand32_vbmi2(uint32_t bits, const uint16_t* v) {
-  const auto first = static_cast<__mmask32>((uint64_t(1) << __builtin_popcount(bits)) - 1);
-  return _mm512_maskz_expand_epi16(static_cast<__mmask32>(bits), _mm512_maskz_loadu_epi16(first, v));
+  return _mm512_maskz_expandloadu_epi16(static_cast<__mmask32>(bits), v);
 }
 
 SPARSEKIT_AVX512_VBMI2 inline void expand32_vbmi2(uint32_t bits, const uint16_t* v, uint16_t* out, int64_t width) {
