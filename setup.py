@@ -7,7 +7,8 @@
 Environment:
   SPARSEKIT_NO_EXTENSIONS=1  compile nothing; the package then runs on its plain-PyTorch (and Triton)
                              implementations.
-  TORCH_CUDA_ARCH_LIST       CUDA targets, default "8.0;9.0" (A100 and H100). Never hard-coded below.
+  TORCH_CUDA_ARCH_LIST       CUDA targets, default "8.0;9.0+PTX" (A100 and H100 machine code, and sm_90 PTX
+                             that newer GPUs compile at load time). Never hard-coded below.
   MAX_JOBS                   parallel compile jobs (read by torch's BuildExtension with ninja).
 
 Install with ``pip install -e . --no-build-isolation --no-deps`` so the build sees the torch that will run it.
@@ -55,7 +56,7 @@ def _extensions():
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
     have_nvcc = bool(nvcc) and os.path.exists(nvcc)
     if torch.version.cuda and have_nvcc:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         exts.append(
             CUDAExtension(
                 "sparsekit._C_cuda",

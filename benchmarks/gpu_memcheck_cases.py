@@ -61,6 +61,18 @@ def main() -> int:
                 got = ops.bitmap_linear(x, pb.bitmask, pb.values, pb.row_offsets, in_f, None)
                 good &= check(f"bitmap_linear {out_f}x{in_f} {sparsity:.0%} rows={rows} {dtype}", got, x,
                               unpack_bitmap(pb), None)
+        # bits set past in_features in the last tile (the reference ignores them; the last row's would read
+        # past nnz if a kernel took a value for them)
+        w = torch.randn(12, 100, device=dev)
+        w[torch.rand(12, 100, device=dev) < 0.5] = 0
+        pb = pack_bitmap(w.to(dtype))
+        stray = pb.bitmask.clone()
+        stray[:, -1] |= 1 << 40
+        for rows in (1, 8, 65):
+            x = torch.randn(rows, 100, device=dev).to(dtype)
+            got = ops.bitmap_linear(x, stray, pb.values, pb.row_offsets, 100, None)
+            good &= check(f"bitmap_linear stray bits past in_features rows={rows} {dtype}", got, x,
+                          unpack_bitmap(pb), None)
     # zero-width and empty inputs
     b = torch.randn(5, device=dev).bfloat16()
     x0 = torch.randn(2, 3, 0, device=dev).bfloat16()

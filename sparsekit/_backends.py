@@ -68,9 +68,17 @@ def _register_triton(lib) -> None:
 
     def make(name):
         def impl(*args):
+            import torch
+
             from .kernels.triton import dispatch
 
-            return getattr(dispatch, name)(*args)
+            # Triton launches on the current device and its stream, not on the tensors' device: make that the
+            # inputs' device (a tensor on cuda:1 with cuda:0 current would otherwise be read from device 0).
+            device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+            if device is None:
+                return getattr(dispatch, name)(*args)
+            with torch.cuda.device(device):
+                return getattr(dispatch, name)(*args)
 
         impl.__name__ = f"{name}_triton"
         return impl

@@ -402,3 +402,26 @@ def test_bitmap_kernels_read_no_value_past_the_end(rows, dtype, isa, monkeypatch
     assert_linear_close(got, x, w, None)
     got = torch.ops.sparsekit.bitmap_unpack_linear(x, p.bitmask, values, p.row_offsets, in_f, None)
     assert_linear_close(got, x, w, None)
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("isa", ["auto", "avx512", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("rows", [1, 8, 70])
+def test_bitmap_linear_ignores_bits_past_in_features(rows, dtype, isa, monkeypatch):
+    """As the reference: set bits past in_features in the last tile name no column and take no value (before
+    the kernels cleared them, the last row's took one from past nnz: the guard page turns that into a crash)."""
+    set_isa(isa, monkeypatch)
+    out_f, in_f = 10, 1090  # the last tile holds columns 1088 and 1089
+    w = sparse_weight(out_f, in_f, 0.5, dtype)
+    p = pack_bitmap(w)
+    bitmask = p.bitmask.clone()
+    bitmask[:, -1] |= (1 << 40) | (1 << 5)
+    values = before_guard_page(p.values)
+    x = torch.randn(rows, in_f).to(dtype)
+    b = torch.randn(out_f).to(dtype)
+    want = R.bitmap_linear_reference(x, bitmask, values, p.row_offsets, in_f, b)
+    got = torch.ops.sparsekit.bitmap_linear(x, bitmask, values, p.row_offsets, in_f, b)
+    assert_linear_close(got, x, w, b)
+    assert_linear_close(want, x, w, b)
+    assert torch.equal(bitmask[:, :-1], p.bitmask[:, :-1]) and (bitmask[:, -1] != p.bitmask[:, -1]).all()  # untouched

@@ -40,6 +40,7 @@ from sparsekit.formats import (  # noqa: E402
 from sparsekit.kernels.triton import dispatch  # noqa: E402
 from sparsekit.kernels.triton.sparse_gemv import launch_bitmap_linear, launch_nm_linear  # noqa: E402
 from sparsekit.ops import reference as R  # noqa: E402
+from triton import next_power_of_2 as triton_next_pow2  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
 
@@ -127,6 +128,32 @@ def test_nm_linear_blocks_and_split_k(out_f, in_f, n, m, block_n, block_g, split
         _check(got, x, weight, b, R.nm_linear_reference(x, values, codes, n, m, in_f, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (8, 16), (1, 3)])
+def test_nm_linear_gpu_block_sizes_on_the_interpreter(n, m, dtype):
+    """The blocks a GPU run picks (dispatch.nm_linear_blocks(..., on_gpu=True), the ones
+    .ci/triton_sm90_check.py compiles for sm_90), with split-K, run here against the reference."""
+    out_f, in_f = 40, 48 * m
+    values, codes, weight = nm_args(out_f, in_f, n, m, dtype)
+    b = torch.randn(out_f).to(dtype)
+    for rows in (1, 17):
+        block_n, block_g, warps = dispatch.nm_linear_blocks(rows, m, in_f // m, True, dtype.itemsize)
+        assert block_g * triton_next_pow2(m) >= 16 and block_g & (block_g - 1) == 0
+        x = torch.randn(rows, in_f).to(dtype)
+        got = launch_nm_linear(x, values, codes, n, m, in_f, b, block_n=block_n, block_g=block_g, split_k=2,
+                               num_warps=warps)
+        _check(got, x, weight, b, R.nm_linear_reference(x, values, codes, n, m, in_f, b))
+
+
+def test_launch_nm_linear_rejects_a_dot_under_16():
+    values, codes, _ = nm_args(8, 64, 2, 4, torch.float32)
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="block_g must be a power of two with block_g"):
+        launch_nm_linear(x, values, codes, 2, 4, 64, None, block_n=16, block_g=2, split_k=1)
+    with pytest.raises(ValueError, match="block_g=6"):
+        launch_nm_linear(x, values, codes, 2, 4, 64, None, block_n=16, block_g=6, split_k=1)
+
+
 def test_nm_linear_leading_dims_strided_and_fallback():
     values, codes, weight = nm_args(24, 64, 2, 4, torch.bfloat16)
     b = torch.randn(24).bfloat16()
@@ -203,6 +230,28 @@ def test_bitmap_linear_blocks_and_extreme_rows(block_n, block_t, dtype):
     x = torch.randn(3, in_f).to(dtype)
     b = torch.randn(out_f).to(dtype)
     assert torch.equal(dispatch.bitmap_linear(x, bitmask, values, offsets, in_f, b), b.expand(3, out_f))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # inf * 0 in the dot
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+def test_bitmap_linear_ignores_bits_past_in_features(dtype):
+    """As the reference: set bits past in_features in the last tile name no column and take no value."""
+    weight = bitmap_weight(9, 200, 0.5, dtype)  # the last tile holds columns 192..199
+    bitmask, values, offsets = bitmap_args(weight)
+    stray = bitmask.clone()
+    stray[:, -1] |= (1 << 40) | (1 << 8)
+    x = torch.randn(3, 200).to(dtype)
+    b = torch.randn(9).to(dtype)
+    want = R.bitmap_linear_reference(x, stray, values, offsets, 200, b)
+    _check(dispatch.bitmap_linear(x, stray, values, offsets, 200, b), x, weight, b, want)
+    # Row 4's stray bits would take row 5's first value (times x = 0 past in_features): make it inf, so that
+    # taking it shows as NaN in output feature 4.
+    inf_values = values.clone()
+    inf_values[offsets[5]] = float("inf")
+    want = R.bitmap_linear_reference(x, stray, inf_values, offsets, 200, b)
+    got = dispatch.bitmap_linear(x, stray, inf_values, offsets, 200, b)
+    assert torch.isfinite(want[:, 4]).all() and torch.isfinite(got[:, 4]).all()
+    torch.testing.assert_close(got[:, 4], want[:, 4], rtol=1e-2, atol=1e-2)
 
 
 def test_bitmap_linear_leading_dims_and_fallback():

@@ -372,7 +372,20 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   const at::Tensor xs = x.reshape({rows, in_features});
   const at::Tensor vals = values.contiguous();
-  const at::Tensor mask = bitmask.contiguous();
+  at::Tensor mask = bitmask.contiguous();
+  if (in_features % kTile != 0) {
+    // Bits past in_features in a row's last tile name no column: the reference ignores them, and the kernels
+    // would take one more value each for them (the last row's from past nnz). Packers never set them; such a
+    // mask is cleared in a copy (a scan of one word per row, only for widths that are not a multiple of 64).
+    const uint64_t keep = (uint64_t(1) << (in_features % kTile)) - 1;
+    const auto* words = reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>());
+    bool stray = false;
+    for (int64_t r = 0; r < out_features && !stray; ++r) stray = (words[r * tiles + tiles - 1] & ~keep) != 0;
+    if (stray) {
+      mask = mask.clone();
+      mask.select(1, tiles - 1).bitwise_and_(static_cast<int64_t>(keep));
+    }
+  }
 
   BitmapProblem p{};
   p.out_features = out_features;

@@ -518,6 +518,7 @@ struct BitmapArgs {
   const void* bias;           // (out_features,) or nullptr
   void* y;                    // (rows, out_features) contiguous
   int64_t rows, out_features, in_features, tiles, nnz;
+  bool passes_on_x;  // grid (passes, output blocks): set by launch_bitmap_linear
 };
 
 template <typename T, int MR, bool kVec>
@@ -525,9 +526,14 @@ __global__ void __launch_bounds__(kBitmapWarps * 32) bitmap_gemv_kernel(const Bi
   static_assert(MR * sizeof(T) <= 16 && (MR & (MR - 1)) == 0, "one x load of at most 16 bytes per column");
   __shared__ __align__(16) T xs[kBitmapChunkCols * MR];  // (column, row of x): 32 KB at most
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t o = int64_t(blockIdx.x) * kBitmapWarps + warp;
+  // Passes over the rows of x are the fastest grid dimension where the output blocks fit in grid.y: the CTAs
+  // of one block of weight rows then run together and its weight comes from DRAM once, the other passes
+  // reading it from L2 (with passes slowest, a weight larger than L2 would be streamed from DRAM once per pass).
+  const int64_t out_block = p.passes_on_x ? blockIdx.y : blockIdx.x;
+  const int64_t pass = p.passes_on_x ? blockIdx.x : blockIdx.z;
+  const int64_t o = out_block * kBitmapWarps + warp;
   const bool live = o < p.out_features;
-  const int64_t n0 = int64_t(blockIdx.z) * MR;  // first row of x of this pass
+  const int64_t n0 = pass * MR;  // first row of x of this pass
   const T* x = static_cast<const T*>(p.x);
   const T* values = static_cast<const T*>(p.values);
 
@@ -546,8 +552,11 @@ __global__ void __launch_bounds__(kBitmapWarps * 32) bitmap_gemv_kernel(const Bi
     __syncthreads();
     if (live) {
       const int64_t tile = c0 / kTile + lane;
-      const uint64_t bits =
+      uint64_t bits =
           tile < p.tiles ? __ldcs(reinterpret_cast<const unsigned long long*>(p.bitmask) + o * p.tiles + tile) : 0ull;
+      // bits past in_features name no column and take no value (the reference ignores them; a stray one in the
+      // last row would read past nnz)
+      if (tile == p.tiles - 1 && p.in_features % kTile != 0) bits &= (1ull << (p.in_features % kTile)) - 1;
       const int count = popcount64(bits);
       int inclusive = count;  // warp scan: this lane's tile starts after the lower lanes' non-zeros
 #pragma unroll
@@ -582,16 +591,20 @@ void launch_bitmap_linear(const BitmapArgs& args, cudaStream_t stream) {
   constexpr int kMaxMR = 16 / int(sizeof(T));
   int mr = 1;
   while (mr < kMaxMR && mr < args.rows) mr *= 2;
-  const dim3 grid(static_cast<unsigned>(ceil_div(args.out_features, kBitmapWarps)), 1,
-                  static_cast<unsigned>(ceil_div(args.rows, mr)));
+  const int64_t out_blocks = ceil_div(args.out_features, kBitmapWarps);
+  const int64_t passes = ceil_div(args.rows, mr);
+  BitmapArgs a = args;
+  a.passes_on_x = out_blocks <= 65535;  // grid.y's limit; beyond it (over 1M outputs) the passes go on z
+  const dim3 grid = a.passes_on_x ? dim3(static_cast<unsigned>(passes), static_cast<unsigned>(out_blocks), 1)
+                                  : dim3(static_cast<unsigned>(out_blocks), 1, static_cast<unsigned>(passes));
   const dim3 block(kBitmapWarps * 32);
   const bool vec = is_aligned(args.values, 16);
   auto go = [&](auto mr_tag) {
     constexpr int kMR = decltype(mr_tag)::value;
     if (vec) {
-      bitmap_gemv_kernel<T, kMR, true><<<grid, block, 0, stream>>>(args);
+      bitmap_gemv_kernel<T, kMR, true><<<grid, block, 0, stream>>>(a);
     } else {
-      bitmap_gemv_kernel<T, kMR, false><<<grid, block, 0, stream>>>(args);
+      bitmap_gemv_kernel<T, kMR, false><<<grid, block, 0, stream>>>(a);
     }
   };
   if (mr == 1) {

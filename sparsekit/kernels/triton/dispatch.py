@@ -61,6 +61,59 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
 
+# ----------------------------------------------------------------------------------------------------
+# Block sizes: (block along rows or outputs, block along columns, num_warps) per kernel, on a GPU or under
+# the interpreter. Pure functions, so .ci/triton_sm90_check.py compiles exactly the configurations a GPU
+# run launches.
+# ----------------------------------------------------------------------------------------------------
+def nm_mask_blocks(m: int, num_groups: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_G, num_warps) of nm_mask_kernel."""
+    m_p2 = triton.next_power_of_2(m)
+    block_r, block_g = (4, max(1, 256 // m_p2)) if on_gpu else (16, max(1, 1024 // m_p2))
+    return block_r, min(block_g, triton.next_power_of_2(max(1, num_groups))), 4
+
+
+def wanda_blocks(cols: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) of wanda_score_kernel."""
+    return (8 if on_gpu else 64), min(256, triton.next_power_of_2(max(1, cols))), 4
+
+
+def channel_stats_blocks(channels: int, element_size: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, num_warps) of channel_stats_kernel."""
+    if on_gpu:
+        # (32, 256) bf16 is 16 KB per iteration per program: 8 bf16 (16 bytes) per thread per load.
+        block_t, block_c, num_warps = (32 if element_size == 2 else 16), 256, 8
+    else:
+        block_t, block_c, num_warps = 32, 256, 4
+    return block_t, min(block_c, max(16, triton.next_power_of_2(channels))), num_warps
+
+
+def nm_linear_blocks(rows: int, m: int, num_groups: int, on_gpu: bool,
+                     element_size: int = 2) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_G, num_warps) of nm_linear_kernel; BLOCK_G * next_pow2(m) >= 16 (tl.dot's minimum).
+
+    On a GPU, groups of 8 or 16 (4:8, 8:16) and float32 x (its dot runs on FMA units, in registers) take
+    BLOCK_N = 32 and half the columns per step: the kernel's one-hot tile is (BLOCK_N, BLOCK_G, K_P2, M_P2),
+    and with the bf16 2:4 sizes ptxas spilled 0.3-2.8 KB per thread for 4:8 and 8:16 and 40 KB for float32 at
+    64 rows on sm_90 (.ci/triton_sm90_check.py)."""
+    m_p2 = triton.next_power_of_2(m)
+    if on_gpu:
+        narrow = m_p2 >= 8 or element_size == 4
+        block_n = 32 if rows <= 16 or narrow else 64
+        cols = 128 if not narrow else (32 if m_p2 >= 8 and element_size == 4 else 64)
+    else:
+        block_n, cols = 32, 256
+    block_g = max(max(1, 16 // m_p2), min(max(1, cols // m_p2), triton.next_power_of_2(max(1, num_groups))))
+    return block_n, block_g, 4
+
+
+def bitmap_linear_blocks(num_tiles: int, on_gpu: bool, element_size: int = 2) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_T, num_warps) of bitmap_linear_kernel. float32 on a GPU takes one tile per step (its
+    FMA dot at 64 rows spilled with two on sm_90)."""
+    block_n, block_t = (16, 1 if element_size == 4 else 2) if on_gpu else (32, 4)
+    return block_n, min(block_t, triton.next_power_of_2(max(1, num_tiles))), 4
+
+
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep-mask (bool, True = keep) pruning the ``n`` lowest of every ``m`` consecutive columns per row.
 
@@ -75,12 +128,8 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if keep.numel() == 0:
         return keep
     m_p2 = triton.next_power_of_2(m)
-    if _on_gpu(score):
-        block_r, block_g, num_warps = 4, max(1, 256 // m_p2), 4
-    else:
-        block_r, block_g, num_warps = 16, max(1, 1024 // m_p2), 4
     num_groups = cols // m
-    block_g = min(block_g, triton.next_power_of_2(num_groups))
+    block_r, block_g, num_warps = nm_mask_blocks(m, num_groups, _on_gpu(score))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(num_groups, block_g))
     nm_mask_kernel[grid](
         score, keep.view(torch.uint8), rows, num_groups, score.stride(0), score.stride(1), n,
@@ -101,11 +150,7 @@ def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     sq_norm = sq_norm.contiguous()
-    if _on_gpu(weight):
-        block_r, block_c, num_warps = 8, 256, 4
-    else:
-        block_r, block_c, num_warps = 64, 256, 4
-    block_c = min(block_c, triton.next_power_of_2(cols))
+    block_r, block_c, num_warps = wanda_blocks(cols, _on_gpu(weight))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     wanda_score_kernel[grid](
         weight, sq_norm, out, rows, cols, weight.stride(0), weight.stride(1),
@@ -123,13 +168,7 @@ def _launch_channel_stats(sq_acc: torch.Tensor, abs_acc: torch.Tensor | None, x:
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     tokens = x2d.shape[0]
-    if _on_gpu(x2d):
-        # (32, 256) bf16 is 16 KB per iteration per program: 8 bf16 (16 bytes) per thread per load.
-        block_t = 32 if x2d.element_size() == 2 else 16
-        block_c, num_warps = 256, 8
-    else:
-        block_t, block_c, num_warps = 32, 256, 4
-    block_c = min(block_c, max(16, triton.next_power_of_2(channels)))
+    block_t, block_c, num_warps = channel_stats_blocks(channels, x2d.element_size(), _on_gpu(x2d))
     channel_blocks = triton.cdiv(channels, block_c)
     slabs = triton.cdiv(_num_sms(x2d.device) * _PROGRAMS_PER_SM, channel_blocks)
     slabs = max(1, min(slabs, triton.cdiv(tokens, block_t)))
@@ -189,13 +228,8 @@ def nm_linear(x, values, index_codes, n: int, m: int, in_features: int, bias=Non
     rows = x2d.shape[0]
     if rows > SPARSE_GEMV_MAX_ROWS or in_features == 0:  # in_features == 0: y = bias, from the reference
         return nm_linear_reference(x, values, index_codes, n, m, in_features, bias)
-    m_p2 = triton.next_power_of_2(m)
     num_groups = in_features // m
-    if _on_gpu(x2d):
-        block_n, cols, num_warps = (32 if rows <= 16 else 64), 128, 4
-    else:
-        block_n, cols, num_warps = 32, 256, 4
-    block_g = max(max(1, 16 // m_p2), min(max(1, cols // m_p2), triton.next_power_of_2(max(1, num_groups))))
+    block_n, block_g, num_warps = nm_linear_blocks(rows, m, num_groups, _on_gpu(x2d), x2d.element_size())
     split_k = 1
     if _on_gpu(x2d):
         programs = triton.cdiv(out_features, block_n)
@@ -218,11 +252,7 @@ def bitmap_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) 
     rows = x2d.shape[0]
     if rows > SPARSE_GEMV_MAX_ROWS or in_features == 0:  # in_features == 0: y = bias, from the reference
         return bitmap_linear_reference(x, bitmask, values, row_offsets, in_features, bias)
-    if _on_gpu(x2d):
-        block_n, block_t, num_warps = 16, 2, 4
-    else:
-        block_n, block_t, num_warps = 32, 4, 4
-    block_t = min(block_t, triton.next_power_of_2(max(1, num_tiles)))
+    block_n, block_t, num_warps = bitmap_linear_blocks(num_tiles, _on_gpu(x2d), x2d.element_size())
     y = launch_bitmap_linear(x2d, bitmask.contiguous(), values.contiguous(), row_offsets.contiguous(), in_features,
                              None if bias is None else bias.contiguous(), block_n=block_n, block_t=block_t,
                              num_warps=num_warps)

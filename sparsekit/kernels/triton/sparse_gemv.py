@@ -41,7 +41,9 @@ __all__ = [
 MAX_ROWS = 64
 
 
-@triton.jit
+# do_not_specialize: Triton would otherwise compile a variant for rows == 1 and for rows % 16 == 0, so a decode
+# loop whose batch size changes would stall on compiles (and a CUDA graph capture would need each of them warm).
+@triton.jit(do_not_specialize=["rows"])
 def nm_linear_kernel(
     x_ptr,  # (rows, in_features), unit stride along in_features
     values_ptr,  # (out_features, kept_per_row) contiguous
@@ -122,7 +124,7 @@ def nm_linear_kernel(
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def bitmap_linear_kernel(
     x_ptr,  # (rows, in_features), unit stride along in_features
     bitmask_ptr,  # (out_features, num_tiles) int64 contiguous
@@ -159,6 +161,8 @@ def bitmap_linear_kernel(
                        eviction_policy="evict_first")
         # Bit b of the int64 word (bit 63 is the sign: the arithmetic shift still leaves it in bit 0).
         bits = ((mask[:, :, None] >> b[None, None, :]) & 1).to(tl.int32)  # (BLOCK_N, BLOCK_T, 64)
+        # bits past in_features name no column and take no value (the reference ignores them)
+        bits = tl.where((t[:, None] * 64 + b[None, :] < in_features)[None, :, :], bits, 0)
         count = tl.sum(bits, axis=2)  # popcount per tile
         tile_start = base[:, None] + (tl.cumsum(count, axis=1) - count).to(tl.int64)
         index = tile_start[:, :, None] + (tl.cumsum(bits, axis=2) - bits).to(tl.int64)
@@ -200,6 +204,9 @@ def launch_nm_linear(x2d, values, index_codes, n: int, m: int, in_features: int,
     block_g groups per step (a power of two; block_g * next_pow2(m) >= 16); split_k > 1 splits the groups
     over programs and sums in a float32 workspace (atomics: the last bits may vary from run to run).
     """
+    if block_g < 1 or block_g & (block_g - 1) or block_g * triton.next_power_of_2(m) < 16:
+        raise ValueError(f"launch_nm_linear: block_g must be a power of two with block_g * next_pow2(m) >= 16 "
+                         f"(tl.dot's minimum on a GPU), got block_g={block_g} for m={m}")
     rows = x2d.shape[0]
     out_features, kept_per_row = values.shape
     y = torch.empty((rows, out_features), dtype=x2d.dtype, device=x2d.device)
