@@ -15,10 +15,9 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 * ``"sparse"``: ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` where the packed kernel was measured to beat
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu_dispatch_2t.md``:
   cold weights, 2 threads, quiet machine; ``CPU_SPARSE_MAX_ROWS_ONE_THREAD`` from the 1-thread run, the same
-  limits): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 64, 2:4 bfloat16 for M <= 16, bitmap bfloat16
-  for M <= 8. With ``dense_fallback="unpack"`` bitmap bfloat16 keeps the kernel up to M = 16
-  (``CPU_SPARSE_MAX_ROWS_UNPACK``): there it ran at 0.80-1.47x dense (the least on the 576x576 layer with 1
-  thread) and beat decode + BLAS.
+  limits): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 64, 2:4 and bitmap bfloat16 for M <= 16.
+  ``CPU_SPARSE_MAX_ROWS_UNPACK`` can raise a limit for layers with ``dense_fallback="unpack"`` (where the
+  alternative is decode + BLAS, not dense); it is empty at present.
   Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M than 2:4, float16,
   CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed: those layers take the
   fallback at every M. The bfloat16 limits assume the AVX512-BF16 path (``cpu_bf16_dot()``); without it they
@@ -96,37 +95,38 @@ DENSE_FALLBACKS = ("unpack", "cache")
 
 # Largest M (rows of x) at which the packed CPU kernel beats dense F.linear, per (format, dtype), with two or more
 # torch threads. From benchmarks/results/sparse_linear_cpu_dispatch_2t.md (quiet machine, cold weights, 2
-# threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the speedups over the shapes at the limit, run of
-# 2026-11-24 05:08): 2:4 float32 1.40-2.37x at M = 64, bitmap 50% float32 1.28-2.11x at 64, 2:4 bfloat16
-# 0.98-1.81x at 16 (0.72-1.29x at 32), bitmap bfloat16 1.25-2.46x at 8 (0.94-1.47x at 16). The kernel itself
-# streams at most 64 rows (more: decode + BLAS).
+# threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the op's speedups over the six shapes at the limit, run of
+# 2026-11-24 06:35, after the bf16 bitmap kernel's expand-loads): 2:4 float32 1.40-2.13x at M = 64, bitmap 50%
+# float32 1.28-1.97x at 64, 2:4 bfloat16 0.96-1.37x at 16 (0.75-1.04x at 32), bitmap bfloat16 0.93-1.38x at 16
+# (0.71-1.05x at 32). The entries below 1x at the limit are SmolLM2's 576x576 layer, where the same calls through
+# SparseLinear on its dense path ran at 0.85-0.88x (run-to-run and per-call overhead on a ~50 us call): the
+# kernel was the faster of the two on all six shapes. The kernel itself streams at most 64 rows (more: decode +
+# BLAS). Bitmap bfloat16 was limited to M = 8 before the expand-loads (0.94-1.47x at 16 then).
 # Re-measure with benchmarks/bench_sparse_linear.py before changing.
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
     ("2:4", torch.bfloat16): 16,
     ("bitmap", torch.float32): 64,
-    ("bitmap", torch.bfloat16): 8,
+    ("bitmap", torch.bfloat16): 16,
 }
-# The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md), used when
-# torch.get_num_threads() < 2: 2:4 float32 1.51-1.73x at 64, bitmap float32 1.33-1.55x at 64, 2:4 bfloat16
-# 0.84-1.37x at 16 (0.73-1.04x at 32), bitmap bfloat16 1.12-1.79x at 8 (0.80-1.22x at 16): the same limits as
-# with two threads. The entry below 1x at the limit is the 576x576 layer (0.84x), which varies from run to run
-# (0.84-1.19x with 1 thread over this day's three runs).
+# The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md, 06:40), used when
+# torch.get_num_threads() < 2: 2:4 float32 1.48-1.67x at 64, bitmap float32 1.37-1.50x at 64, 2:4 bfloat16
+# 0.82-1.38x at 16 (0.67-1.02x at 32), bitmap bfloat16 0.78-1.31x at 16 (0.62-1.01x at 32): the same limits as
+# with two threads. At M = 16 the bitmap bfloat16 kernel beat the dense path through SparseLinear on five of
+# six shapes; the sixth is the 576x576 layer (0.78x against 0.89x), which is also the entry below 1x for 2:4
+# bfloat16 (0.82x) and varies from run to run (0.84-1.19x for 2:4 over three earlier runs).
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
     ("2:4", torch.bfloat16): 16,
     ("bitmap", torch.float32): 64,
-    ("bitmap", torch.bfloat16): 8,
+    ("bitmap", torch.bfloat16): 16,
 }
 # With dense_fallback="unpack" the alternative to the kernel is decode + BLAS, not dense F.linear, and where
-# both lose to dense the kernel can still be the faster of the two. Larger limits for such layers, at any thread
-# count: bitmap bfloat16 up to M = 16, where the kernel beat decode + BLAS on all six shapes (2 threads, a run
-# with this table empty: 0.86-1.22x dense against 0.59-1.07x) and with 1 thread beat it on four of the five
-# shapes both 1-thread tables share (1.04-1.22x against 0.86-1.07x, unpack_linear_cpu_1t.md; SmolLM2 up 1.04x
-# against 1.07x, from different runs). At M = 32 decode + BLAS was as fast or faster on every shape (0.75-1.03x
-# against 0.74-0.91x). Measured after the bitmap decode learnt to prefetch its values (csrc/cpu/expand_row.h);
-# before that, decode + BLAS was slow enough that the limit here was 32.
-CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {("bitmap", torch.bfloat16): 16}
+# both lose to dense the kernel can still be the faster of the two: a larger limit per (format, dtype) for such
+# layers, at any thread count. Empty since the expand-loads: its one entry, bitmap bfloat16 up to M = 16 (where
+# the kernel beat decode + BLAS on all six shapes with 2 threads), is now the limit of the tables above. At
+# M = 32 decode + BLAS was as fast or faster (2 threads: 0.74-1.02x dense against the op's 0.71-1.05x).
+CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {}
 # The bfloat16 limits above were measured with the kernels' AVX512-BF16 path (vdpbf16ps, with VBMI2). A CPU
 # without it runs their float32-lane path, which was measured only in development runs
 # (SPARSEKIT_CPU_ISA=avx512, 1 thread, 4096x4096: 2:4 and bitmap won up to M = 4); bfloat16 limits are capped
