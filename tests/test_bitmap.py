@@ -425,3 +425,29 @@ def test_bitmap_linear_ignores_bits_past_in_features(rows, dtype, isa, monkeypat
     assert_linear_close(got, x, w, b)
     assert_linear_close(want, x, w, b)
     assert torch.equal(bitmask[:, :-1], p.bitmask[:, :-1]) and (bitmask[:, -1] != p.bitmask[:, -1]).all()  # untouched
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("isa", ["auto", "avx512", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("rows", [1, 8, 70])
+def test_bitmap_linear_cpp_rejects_offsets_that_disagree_with_the_bits(rows, dtype, isa, monkeypatch):
+    """row_offsets that do not match the rows' popcounts raise (before the fix: a wrong result, or a read past
+    the end of the values for the last rows), whichever path the call takes."""
+    set_isa(isa, monkeypatch)
+    w = sparse_weight(12, 300, 0.5, dtype)
+    p = pack_bitmap(w)
+    values = before_guard_page(p.values)
+    x = torch.randn(rows, 300).to(dtype)
+    shifted = p.row_offsets.clone()
+    shifted[3] += 2  # rows 2 and 3 keep the total but each claims the wrong count
+    with pytest.raises(RuntimeError, match="row 2 has"):
+        torch.ops.sparsekit.bitmap_linear(x, p.bitmask, values, shifted, 300, None)
+    decreasing = p.row_offsets.clone()
+    decreasing[5] = decreasing[7] + 1
+    with pytest.raises(RuntimeError, match="must not decrease|row 4 has"):
+        torch.ops.sparsekit.bitmap_linear(x, p.bitmask, values, decreasing, 300, None)
+    extra = p.bitmask.clone()
+    extra[-1, :] = -1  # every bit of the last row set: 300 bits for the ~150 values it has
+    with pytest.raises(RuntimeError, match="row 11 has"):
+        torch.ops.sparsekit.bitmap_linear(x, extra, values, p.row_offsets, 300, None)

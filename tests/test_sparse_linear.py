@@ -390,3 +390,24 @@ def test_switching_fallback_redecides_the_limits(monkeypatch):
         torch.testing.assert_close(layer(x), F.linear(x, lin.weight), rtol=1.6e-2, atol=1e-2)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_load_state_dict_checks_a_bitmap_against_its_bits():
+    """A checkpoint whose bitmap row_offsets disagree with the bits is refused when loaded (the kernels trust
+    them), naming the row; so are bits past in_features and offsets that do not end at the number of values."""
+    layer = SparseLinear.from_linear(pruned_linear(100, 12, "bitmap"), "bitmap")
+    good = {k: v.clone() for k, v in layer.state_dict().items()}
+    fresh = lambda: SparseLinear(100, 12, "bitmap", bias=layer.bias is not None, nnz=layer.nnz)  # noqa: E731
+    fresh().load_state_dict(good)  # the consistent one loads
+    bad = dict(good, row_offsets=good["row_offsets"].clone())
+    bad["row_offsets"][4] += 1
+    with pytest.raises(ValueError, match="row 3 has .* bits set but row_offsets gives it values"):
+        fresh().load_state_dict(bad)
+    stray = dict(good, bitmask=good["bitmask"].clone())
+    stray["bitmask"][7, -1] |= 1 << 50
+    with pytest.raises(ValueError, match="row 7 has bits set past in_features=100"):
+        fresh().load_state_dict(stray)
+    huge = dict(good, row_offsets=good["row_offsets"].clone())
+    huge["row_offsets"][-1] = 1 << 40
+    with pytest.raises(ValueError, match="row_offsets must run from 0 to the number of values"):
+        fresh().load_state_dict(huge)

@@ -30,6 +30,7 @@
 #include "cpu/unpack.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -49,7 +50,16 @@ struct BitmapProblem {
   const uint16_t* x_bf16;  // the bfloat16 dot path's x instead: bfloat16, zero padded, pass-chunked
   const float* bias;  // (out_features,) float32 or nullptr
   float* y;           // (rows, out_features) float32
+  // The first row whose bits did not consume exactly its row_offsets' values (out_features if none): set by the
+  // kernels after each row, checked once after the parallel region.
+  std::atomic<int64_t>* bad_row;
 };
+
+inline void flag_bad_row(const BitmapProblem& p, int64_t r) {
+  int64_t seen = p.bad_row->load(std::memory_order_relaxed);
+  while (r < seen && !p.bad_row->compare_exchange_weak(seen, r, std::memory_order_relaxed)) {
+  }
+}
 
 template <typename scalar_t>
 void bitmap_row_scalar(const BitmapProblem& p, const scalar_t* values, int64_t r, int64_t i0, int64_t count) {
@@ -67,6 +77,7 @@ void bitmap_row_scalar(const BitmapProblem& p, const scalar_t* values, int64_t r
       }
     }
     p.y[i * p.out_features + r] = acc[0] + acc[1] + b;
+    if (i == i0 && k != p.row_offsets[r + 1] - p.row_offsets[r]) flag_bad_row(p, r);
   }
 }
 
@@ -308,6 +319,9 @@ void bitmap_rows_avx512(const BitmapProblem& p, const scalar_t* values, int64_t 
       }
     }
   }
+  for (int64_t r = r_begin; r < r_end; ++r) {  // each row's bits consumed exactly its row_offsets' values
+    if (cursor[r - r_begin] != values + p.row_offsets[r + 1]) flag_bad_row(p, r);
+  }
 }
 SPARSEKIT_INTRINSICS_END
 #endif
@@ -365,6 +379,12 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   TORCH_CHECK(off[0] == 0 && off[out_features] == values.numel(), "sparsekit::bitmap_linear: row_offsets must run "
               "from 0 to nnz=", values.numel(), ", got ", off[0], " .. ", off[out_features]);
+  // The kernels trust row_offsets to match the bits: check what memory safety needs before they run (O(out)
+  // plus the rows near the end), and the rest as they go (each row's values consumed exactly; checked after).
+  for (int64_t r = 0; r < out_features; ++r) {
+    TORCH_CHECK(off[r] <= off[r + 1], "sparsekit::bitmap_linear: row_offsets must not decrease, got ", off[r],
+                " then ", off[r + 1], " at row ", r);
+  }
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
@@ -385,6 +405,16 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
       mask = mask.clone();
       mask.select(1, tiles - 1).bitwise_and_(static_cast<int64_t>(keep));
     }
+  }
+  // A row that takes more values than row_offsets gives it reads past nnz only if it starts within in_features
+  // values of the end: check those rows' bits exactly before any kernel reads them.
+  const auto* mask_words = reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>());
+  const int64_t nnz = values.numel();
+  for (int64_t r = out_features - 1; r >= 0 && off[r] + in_features > nnz; --r) {
+    int64_t count = 0;
+    for (int64_t t = 0; t < tiles; ++t) count += __builtin_popcountll(mask_words[r * tiles + t]);
+    TORCH_CHECK(count == off[r + 1] - off[r], "sparsekit::bitmap_linear: row ", r, " has ", count,
+                " bits set but row_offsets gives it values ", off[r], " .. ", off[r + 1]);
   }
 
   BitmapProblem p{};
@@ -412,10 +442,15 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   p.y = yf.data_ptr<float>();
   if (rows == 0 || out_features == 0) return yf.to(dt).reshape(out_shape);
 
+  std::atomic<int64_t> bad_row{out_features};
+  p.bad_row = &bad_row;
   AT_DISPATCH_SWITCH(dt, "sparsekit_bitmap_linear",
       AT_DISPATCH_CASE(at::kFloat, [&] { run_streamed(p, vals.const_data_ptr<float>(), path); })
       AT_DISPATCH_CASE(at::kBFloat16, [&] { run_streamed(p, vals.const_data_ptr<c10::BFloat16>(), path); })
       AT_DISPATCH_CASE(at::kHalf, [&] { run_streamed(p, vals.const_data_ptr<c10::Half>(), path); }));
+  const int64_t bad = bad_row.load();
+  TORCH_CHECK(bad == out_features, "sparsekit::bitmap_linear: row ", bad, " has a different number of bits set "
+              "than the values row_offsets gives it (", off[bad], " .. ", off[bad + 1], ")");
   return yf.to(dt).reshape(out_shape);
 }
 

@@ -13,7 +13,7 @@ and ``sparsekit.ops.nm_unpack`` / ``bitmap_unpack`` are the C++ (CPU) versions o
 ``unpack_bitmap`` on the kernels' form (index codes instead of indices).
 """
 
-from .bitmap import BITMAP_TILE, BitmapPacked, pack_bitmap, unpack_bitmap
+from .bitmap import BITMAP_TILE, BitmapPacked, bitmap_row_counts, check_bitmap_packed, pack_bitmap, unpack_bitmap
 from .semi_structured import from_torch_semi_structured, to_sparse_semi_structured_tensor, to_torch_semi_structured
 from .sparse24 import NMPacked, nm_index_bits, nm_index_codes, nm_indices_from_codes, pack_nm, unpack_nm
 
@@ -28,6 +28,8 @@ __all__ = [
     "BitmapPacked",
     "pack_bitmap",
     "unpack_bitmap",
+    "bitmap_row_counts",
+    "check_bitmap_packed",
     "to_torch_semi_structured",
     "from_torch_semi_structured",
     "to_sparse_semi_structured_tensor",

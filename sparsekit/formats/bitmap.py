@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BITMAP_TILE", "BitmapPacked", "pack_bitmap", "unpack_bitmap"]
+__all__ = ["BITMAP_TILE", "BitmapPacked", "pack_bitmap", "unpack_bitmap", "bitmap_row_counts", "check_bitmap_packed"]
 
 # Columns per tile: one 64-bit mask word.
 BITMAP_TILE = 64
@@ -67,3 +67,46 @@ def unpack_bitmap(packed: BitmapPacked) -> torch.Tensor:
     dense = packed.values.new_zeros(rows, cols)
     dense[mask] = packed.values
     return dense
+
+
+_BYTE_POPCOUNT = [bin(i).count("1") for i in range(256)]
+
+
+def bitmap_row_counts(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Bits set per row of ``bitmask`` (int64 (out, T)) in columns below ``in_features``: (out,) int64."""
+    words = bitmask.contiguous()
+    if in_features % BITMAP_TILE and words.shape[1]:
+        words = words.clone()
+        words[:, -1] &= (1 << (in_features % BITMAP_TILE)) - 1
+    lut = torch.tensor(_BYTE_POPCOUNT, dtype=torch.int64, device=words.device)
+    return lut[words.view(torch.uint8).to(torch.int32)].reshape(words.shape[0], -1).sum(1)
+
+
+def check_bitmap_packed(bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor,
+                        in_features: int, what: str = "bitmap weight") -> None:
+    """Raise ValueError, naming the first inconsistency, unless ``row_offsets`` runs from 0 to values.numel()
+    and gives every row exactly as many values as its bits below in_features, with no bit set past them.
+
+    The kernels trust these (a row whose offsets and bits disagree would read another row's values, or past the
+    end of ``values``); packers produce them consistent, so this is for what comes from outside: a checkpoint.
+    O(out * T) on the mask, once, not per call."""
+    out, tiles = bitmask.shape
+    if tiles != -(-in_features // BITMAP_TILE) or row_offsets.shape != (out + 1,):
+        raise ValueError(f"{what}: bitmask {tuple(bitmask.shape)} and row_offsets {tuple(row_offsets.shape)} do "
+                         f"not fit {out} rows of {in_features} columns")
+    offsets = row_offsets.to(torch.int64)
+    nnz = values.numel()
+    if int(offsets[0]) != 0 or int(offsets[-1]) != nnz:
+        raise ValueError(f"{what}: row_offsets must run from 0 to the number of values ({nnz}), got "
+                         f"{int(offsets[0])} .. {int(offsets[-1])}")
+    if in_features % BITMAP_TILE and tiles:
+        stray = (bitmask[:, -1] & ~((1 << (in_features % BITMAP_TILE)) - 1)) != 0
+        if bool(stray.any()):
+            row = int(stray.nonzero()[0, 0])
+            raise ValueError(f"{what}: row {row} has bits set past in_features={in_features}")
+    counts = bitmap_row_counts(bitmask, in_features)
+    bad = (offsets[1:] - offsets[:-1]) != counts
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{what}: row {row} has {int(counts[row])} bits set but row_offsets gives it values "
+                         f"{int(offsets[row])} .. {int(offsets[row + 1])}")

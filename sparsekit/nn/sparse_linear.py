@@ -73,7 +73,7 @@ from torch import nn
 
 from .. import ops
 from ..compressed import register_compressed_module
-from ..formats import BITMAP_TILE, nm_index_bits, nm_index_codes, pack_bitmap, pack_nm
+from ..formats import BITMAP_TILE, check_bitmap_packed, nm_index_bits, nm_index_codes, pack_bitmap, pack_nm
 from ..models import is_linear, linear_weight
 
 __all__ = [
@@ -526,6 +526,12 @@ class SparseLinear(nn.Module):
 
 
 def _refresh_after_load(module: SparseLinear, _incompatible_keys) -> None:
+    # What was loaded came from outside (a checkpoint): the kernels trust a bitmap's row_offsets to match its
+    # bits, so check that before anything reads them (a mismatch would read another row's values or past the end).
+    if module.kind == "bitmap":
+        check_bitmap_packed(module.bitmask, module.values, module.row_offsets, module.in_features,
+                            what=f"SparseLinear({module.in_features} -> {module.out_features}, bitmap) loaded")
+        module.nnz = module.values.numel()
     module._refresh_derived()
 
 
