@@ -1,8 +1,10 @@
 """Write output folders atomically: a crash or Ctrl-C never leaves a half-written checkpoint.
 
 Everything is written into a hidden temporary folder next to the destination (same filesystem), then
-renamed into place with one ``os.rename``. With ``overwrite``, an existing destination is moved aside first
-and deleted only after the new folder is in place.
+renamed into place with one ``os.rename`` after its files are fsynced. With ``overwrite``, an existing
+destination (a folder or a file) is moved aside first and deleted only after the new folder is in place; if
+the rename fails, it is put back. Without ``overwrite``, a destination that appears while the output is being
+written is left alone and the new output is discarded (OutputExistsError).
 """
 
 from __future__ import annotations
@@ -42,23 +44,46 @@ def atomic_output_dir(path: str, overwrite: bool = False):
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder the user makes
     try:
         yield tmp
+        _fsync_tree(tmp)  # the files' data reaches the disk before the rename publishes them
+        if not overwrite and os.path.lexists(path):  # appeared while we wrote: never replace it unasked
+            raise OutputExistsError(f"output folder {path} appeared while writing; pass --overwrite to replace it")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-        os.rmdir(old)
-        os.rename(path, old)
     try:
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(path, old)
         os.rename(tmp, path)
     except BaseException:
-        if old is not None:
-            os.rename(old, path)
+        if old is not None and not os.path.lexists(path):
+            os.rename(old, path)  # put the previous output back
+            old = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if old is not None and os.path.lexists(path):
+            _remove(old)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def _fsync_tree(root: str) -> None:
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def save_pruned_model(model, tokenizer, path: str, report: dict, overwrite: bool = False) -> None:

@@ -56,6 +56,27 @@ def test_overwrite_replaces_only_on_success(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def test_output_that_appears_while_writing_is_never_replaced_unasked(tmp_path):
+    """Without overwrite, a folder another run writes to the same path meanwhile survives; ours is discarded."""
+    out = tmp_path / "ckpt"
+    with pytest.raises(OutputExistsError, match="appeared while writing"):
+        with atomic_output_dir(str(out)) as tmp:
+            open(os.path.join(tmp, "new.txt"), "w").write("new")
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+    assert sorted(os.listdir(out)) == ["theirs.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary folder left
+
+
+def test_overwrite_replaces_a_file_without_leftovers(tmp_path):
+    out = tmp_path / "ckpt"
+    out.write_text("a file where the folder goes")
+    with atomic_output_dir(str(out), overwrite=True) as tmp:
+        open(os.path.join(tmp, "new.txt"), "w").write("new")
+    assert out.is_dir() and (out / "new.txt").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_pruned_model_loads_with_from_pretrained(tmp_path, arch):
     from transformers import AutoModelForCausalLM

@@ -291,7 +291,8 @@ def test_nm_unpack_repeated_position_last_value_wins(n, m, isa, monkeypatch):
 def test_nm_unpack_rejects_a_position_outside_the_group(isa, monkeypatch):
     set_isa(isa, monkeypatch)
     values = torch.randn(2, 4)  # 1:3, in_features 6: two groups of 3 keep 2 each
-    codes = nm_index_codes(torch.tensor([[0, 1, 0, 2], [0, 1, 1, 3]], dtype=torch.uint8), 3)
+    # nm_index_codes refuses a position >= m: encode as for m = 4, whose codes are 2-bit like m = 3's
+    codes = nm_index_codes(torch.tensor([[0, 1, 0, 2], [0, 1, 1, 3]], dtype=torch.uint8), 4)
     with pytest.raises(RuntimeError):  # C++: "index code 3 >= M=3 at row 1"; reference: scatter out of bounds
         ops.nm_unpack(values, codes, 1, 3, 6)
 

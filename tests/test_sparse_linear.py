@@ -411,3 +411,22 @@ def test_load_state_dict_checks_a_bitmap_against_its_bits():
     huge["row_offsets"][-1] = 1 << 40
     with pytest.raises(ValueError, match="row_offsets must run from 0 to the number of values"):
         fresh().load_state_dict(huge)
+
+
+def test_unsupported_dtype_conversion_and_cslt_setting_round_trip():
+    layer = SparseLinear.from_linear(pruned_linear(64, 8, "2:4"), "2:4", cslt=False)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16 values; a conversion made them torch.float64"):
+        layer.double()
+    layer = SparseLinear.from_linear(pruned_linear(64, 8, "2:4"), "2:4", cslt=False)
+    with pytest.raises(ValueError, match=r"x is torch.float64; convert \(x.to\(torch.float32\)\)"):
+        layer(torch.randn(2, 64, dtype=torch.float64))
+    again = SparseLinear.from_compressed_spec(layer.compressed_spec(), torch.float32, "cpu")
+    assert again.use_cslt is False
+
+
+def test_nm_index_codes_rejects_positions_outside_the_group():
+    from sparsekit.formats import nm_index_codes
+
+    with pytest.raises(ValueError, match=r"index 4 at \(0, 1\) is not a position in a group of m=4"):
+        nm_index_codes(torch.tensor([[1, 4, 0, 3]], dtype=torch.uint8), 4)
+    assert nm_index_codes(torch.tensor([[1, 3, 0, 2]], dtype=torch.uint8), 4).shape == (1, 1)

@@ -117,7 +117,13 @@ def nm_index_codes(indices: torch.Tensor, m: int) -> torch.Tensor:
     """Pack uint8 indices (out, kept_total) into the kernels' codes: (out, ceil(kept_total * b / 8)) uint8."""
     bits = nm_index_bits(m)
     per_byte = 8 // bits
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be 2-D (out, kept), got shape {tuple(indices.shape)}")
     rows, count = indices.shape
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= m):
+        bad = ((indices.to(torch.int64) < 0) | (indices.to(torch.int64) >= m)).nonzero()[0].tolist()
+        raise ValueError(f"index {int(indices[bad[0], bad[1]])} at {tuple(bad)} is not a position in a group of "
+                         f"m={m} (0 .. {m - 1}): it would not fit its {bits}-bit code")
     width = -(-count // per_byte)
     padded = indices.new_zeros(rows, width * per_byte, dtype=torch.int32)
     padded[:, :count] = indices.to(torch.int32)

@@ -339,7 +339,8 @@ class SparseLinear(nn.Module):
     # save_compressed / load_compressed (sparsekit.compressed)
     def compressed_spec(self) -> dict:
         spec = {"in_features": self.in_features, "out_features": self.out_features, "format": self.format,
-                "bias": self.bias is not None, "dense_fallback": self.dense_fallback}
+                "bias": self.bias is not None, "dense_fallback": self.dense_fallback,
+                "cslt": getattr(self, "use_cslt", True)}
         if self.kind == "bitmap":
             spec["nnz"] = self.nnz
         return spec
@@ -348,7 +349,7 @@ class SparseLinear(nn.Module):
     def from_compressed_spec(cls, spec: dict, dtype: torch.dtype, device) -> "SparseLinear":
         return cls(spec["in_features"], spec["out_features"], spec["format"], bias=spec["bias"],
                    nnz=spec.get("nnz"), dense_fallback=spec.get("dense_fallback", "unpack"), device=device,
-                   dtype=dtype)
+                   dtype=dtype, cslt=spec.get("cslt", True))
 
     # ------------------------------------------------------------------------------------------------
     # Derived tensors
@@ -392,6 +393,9 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        if self.values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"SparseLinear holds float32, bfloat16 or float16 values; a conversion made them "
+                             f"{self.values.dtype} (the packed kernels have no {self.values.dtype} path)")
         self._refresh_cslt()  # the cuSPARSELt copy is device-specific: rebuild it for the new device / dtype
         return self
 
@@ -473,8 +477,9 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear expects x with in_features={self.in_features} in its last dim, got "
                              f"shape {tuple(x.shape)}")
         if x.dtype != self.values.dtype:
-            raise ValueError(f"SparseLinear holds {self.values.dtype} weights but x is {x.dtype}; convert one of "
-                             f"them (layer.to({x.dtype}) or x.to({self.values.dtype}))")
+            fix = (f"layer.to({x.dtype}) or x.to({self.values.dtype})"
+                   if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else f"x.to({self.values.dtype})")
+            raise ValueError(f"SparseLinear holds {self.values.dtype} weights but x is {x.dtype}; convert ({fix})")
         if x.device != self.values.device:
             raise ValueError(f"SparseLinear's weight is on {self.values.device} but x is on {x.device}")
 
