@@ -209,6 +209,23 @@ def mirror_lower_(xtx: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _group_conflict(name: str, stats: dict) -> ValueError:
+    group = sorted(n for n, s in stats.items() if s is stats.get(name)) or [name]
+    return ValueError(f"linear layers {', '.join(group)} read the very same input tensor in some calibration "
+                      f"windows but not in others (at '{name}'): statistics shared by tensor identity would mix "
+                      "them. Such a layer cannot be calibrated as a group.")
+
+
+def require_stats(stats: dict, linears: dict, layer_idx: int) -> None:
+    """Raise ValueError naming the linears of block ``layer_idx`` that no calibration token reached (an expert
+    no token was routed to, a linear whose weight is used without calling the module)."""
+    missing = [name for name in linears if name not in stats]
+    if missing:
+        raise ValueError(f"decoder block {layer_idx}: no calibration token reached {', '.join(missing)}, so "
+                         "there are no statistics to prune them by; use more or longer calibration windows "
+                         "(--nsamples / --seqlen), or a method without calibration (magnitude)")
+
+
 def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs: LayerInputs,
                         scratch: torch.Tensor | None = None, hessian: bool = False, abs_sum: bool = False
                         ) -> dict[str, LinearStats]:
@@ -226,18 +243,25 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs:
     from .models import linear_weight
 
     stats: dict[str, LinearStats] = {}
-    seen: list[tuple[torch.Tensor, LinearStats]] = []  # inputs of the current forward, kept alive so that
-    handles = []                                        # identity cannot be confused by memory reuse
+    # the inputs of the current forward, each with its stats and the layer that fed it, kept alive so that
+    # identity cannot be confused by memory reuse
+    seen: list[tuple[torch.Tensor, LinearStats, str]] = []
+    handles = []
     xtx_bounds: dict[int, list[tuple[int, int]]] = {}   # in_features -> X^T X column blocks
 
     def make_hook(name: str, in_features: int, device: torch.device):
         def hook(module, args):
             x = args[0]
-            for other, st in seen:
+            for other, st, _ in seen:
                 if other is x:
+                    if stats.get(name, st) is not st:  # grouped with other layers in an earlier window
+                        raise _group_conflict(name, stats)
                     stats[name] = st
                     return
             st = stats.get(name)
+            # a group member reading a different tensor than the member that fed the group in this window
+            if st is not None and any(s is st and owner != name for _, s, owner in seen):
+                raise _group_conflict(name, stats)
             if st is None:
                 st = LinearStats(torch.zeros(in_features, dtype=torch.float32, device=device))
                 if hessian:
@@ -246,7 +270,7 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs:
                 if abs_sum:
                     st.abs_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
                 stats[name] = st
-            seen.append((x, st))
+            seen.append((x, st, name))
             x2 = x.detach().reshape(-1, in_features)
             if abs_sum:  # sum x^2 and sum |x| from one read of x
                 ops.channel_stats_accumulate_(st.sq_norm, st.abs_sum, x2)

@@ -212,6 +212,7 @@ def run_prune(args) -> int:
         print(f"loading {args.model} ({args.dtype}, {args.device})"
               + (f" on {world} ranks" if world > 1 else ""), file=sys.stderr)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
+    check_seqlen_fits(model, args.seqlen)
     calib = data.calibration_windows(data.tokenize(tokenizer, calib_text), args.nsamples, args.seqlen, args.seed,
                                      source=args.calib)
     calib = distributed.shard(calib)
@@ -308,6 +309,7 @@ def _run_prune_offload(args, spec, calib_text: str, eval_text: str, progress: bo
           file=sys.stderr)
     om = OffloadedModel(src.folder, _DTYPES[args.dtype], args.device,
                         activations_device="cpu" if args.activations_on_cpu else None)
+    check_seqlen_fits(om.model, args.seqlen)
     tokenizer = AutoTokenizer.from_pretrained(src.folder)
     calib = data.calibration_windows(data.tokenize(tokenizer, calib_text), args.nsamples, args.seqlen, args.seed,
                                      source=args.calib)
@@ -358,6 +360,8 @@ def run_eval(args) -> int:
             kinds[name] = ("mc", tasks.load_task(name, args.data_dir, args.limit))
     progress = _progress(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
+    if any(kind == "ppl" for kind, _ in kinds.values()):
+        check_seqlen_fits(model, args.seqlen)
     results = {}
     for name, (kind, payload) in kinds.items():
         if kind == "ppl":
@@ -395,6 +399,37 @@ def _terminate_like_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _check_common_args(args) -> None:
+    """--threads and --device, for every command that has them, before anything is loaded."""
+    import torch
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    device = getattr(args, "device", None)
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch has no CUDA" if not torch.version.cuda else "no CUDA device is visible"
+        raise ValueError(f"--device {device}: {why}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
+def check_seqlen_fits(model, seqlen: int, option: str = "--seqlen") -> None:
+    """A window longer than the model's positions fails deep in its embedding: name it instead."""
+    from .data import DataError
+
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise DataError(f"{option} {seqlen} is longer than the model's {limit} positions; pass {option} <= {limit}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -410,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     from .contextual import ContextualError
 
     _terminate_like_interrupt()
+    try:
+        _check_common_args(args)
+    except ValueError as e:
+        return _fail(str(e))
     runners = {"eval": run_eval, "prune": run_prune, "contextual": cli_contextual.run, "bench": cli_bench.run,
                "laser": cli_laser.run}
     try:

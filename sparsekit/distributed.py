@@ -12,6 +12,7 @@ Only rank 0 prints progress and writes the output folder.
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 
@@ -62,9 +63,30 @@ def shard(windows: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks, in place. NCCL takes only CUDA tensors: a CPU tensor (a scalar sum) goes
+    through the current CUDA device there."""
     if is_distributed():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        if t.device.type != "cuda" and torch.distributed.get_backend() == "nccl":
+            buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+            t.copy_(buf)
+        else:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
+
+
+def all_reduce_min_max(t: torch.Tensor) -> tuple[float, float]:
+    """(min, max) over all ranks of a one-element tensor."""
+    low, high = t.clone(), t.clone()
+    if is_distributed():
+        for buf, op in ((low, torch.distributed.ReduceOp.MIN), (high, torch.distributed.ReduceOp.MAX)):
+            if torch.distributed.get_backend() == "nccl":
+                dev = buf.to(torch.device("cuda", torch.cuda.current_device()))
+                torch.distributed.all_reduce(dev, op=op)
+                buf.copy_(dev)
+            else:
+                torch.distributed.all_reduce(buf, op=op)
+    return float(low), float(high)
 
 
 def barrier() -> None:
@@ -76,8 +98,19 @@ def all_reduce_stats_(stats: dict) -> None:
     """Sum every distinct LinearStats of ``stats`` (shared groups once) over all ranks, in place."""
     if not is_distributed():
         return
+    # Pair the ranks' statistics by layer name, never by the order the hooks fired on each rank: check that
+    # every rank has the same layers, grouped the same way, then reduce in name order.
+    names = sorted(stats)
+    layout = "|".join(f"{n}:{names.index(next(m for m in names if stats[m] is stats[n]))}" for n in names)
+    digest = torch.tensor([zlib.crc32(layout.encode())], dtype=torch.float64)
+    low, high = all_reduce_min_max(digest)
+    if low != high:
+        raise RuntimeError("distributed calibration: the ranks collected statistics for different linear layers "
+                           "(or grouped them differently), so their sums cannot be paired; every rank must run "
+                           "the same model on windows that reach the same layers")
     seen = set()
-    for st in stats.values():
+    for name in names:
+        st = stats[name]
         if id(st) in seen:
             continue
         seen.add(id(st))

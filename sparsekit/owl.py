@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
-from .calibrate import InMemoryLayers, collect_input_stats, run_layer
+from .calibrate import InMemoryLayers, collect_input_stats, require_stats, run_layer
 from .models import find_linears, linear_weight
 
 __all__ = ["outlier_ratios", "owl_sparsities"]
@@ -39,6 +39,7 @@ def outlier_ratios(model: nn.Module, layers: nn.ModuleList, calib_windows: torch
         io.load(i)
         linears = find_linears(layer)
         stats = collect_input_stats(layer, linears, inputs, scratch)
+        require_stats(stats, linears, i)
         scores = [ops.wanda_score(linear_weight(lin), stats[name].sq_norm).flatten()
                   for name, lin in linears.items()]
         total = sum(s.numel() for s in scores)

@@ -19,7 +19,9 @@ Only the linear layers inside decoder blocks are pruned: embeddings and the LM h
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -28,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
-from .calibrate import InMemoryLayers, LinearStats, collect_input_stats, run_layer
+from .calibrate import InMemoryLayers, LinearStats, collect_input_stats, require_stats, run_layer
 from .models import find_decoder_layers, find_linears, linear_weight
 
 __all__ = [
@@ -92,6 +94,10 @@ class PruneSpec:
             raise ValueError(f"blocksize must be a positive multiple of M, got {self.blocksize}")
         if not (0.0 <= self.percdamp):
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp}")
+        if not (math.isfinite(self.owl_m) and self.owl_m > 0):
+            raise ValueError(f"OWL's M (--owl-m) must be a finite number > 0, got {self.owl_m}")
+        if not (math.isfinite(self.owl_lambda) and 0 <= self.owl_lambda < 1):
+            raise ValueError(f"OWL's lambda (--owl-lambda) must be in [0, 1), got {self.owl_lambda}")
         if self.profile not in ("uniform", "owl"):
             raise ValueError(f"unknown sparsity profile '{self.profile}', choose uniform or owl")
         if self.profile == "owl" and self.pattern is not None:
@@ -196,6 +202,22 @@ def _check_prunable(layers: nn.ModuleList, spec: PruneSpec) -> list[dict[str, nn
     per_layer = [find_linears(layer) for layer in layers]
     if not any(per_layer):
         raise ValueError("the decoder layers hold no linear layers to prune")
+    dense = _weights_outside_linears(layers[0], per_layer[0])
+    if dense:
+        warnings.warn(f"decoder blocks hold weight matrices that are not linear layers ({', '.join(dense[:4])}"
+                      f"{', ...' if len(dense) > 4 else ''}: fused MoE experts, for example): sparsekit does not "
+                      "prune them, and the report's sparsity counts only the linear layers", stacklevel=3)
+    return _check_patterns(per_layer, spec)
+
+
+def _weights_outside_linears(layer: nn.Module, linears: dict[str, nn.Module]) -> list[str]:
+    """Names and shapes of the block's >= 2-D parameters that belong to none of its linear layers."""
+    owned = {id(p) for lin in linears.values() for p in lin.parameters()}
+    return [f"{name} {tuple(p.shape)}" for name, p in layer.named_parameters()
+            if p.dim() >= 2 and id(p) not in owned]
+
+
+def _check_patterns(per_layer: list[dict[str, nn.Module]], spec: PruneSpec) -> list[dict[str, nn.Module]]:
     if spec.pattern is not None:
         n, m = spec.pattern
         for i, linears in enumerate(per_layer):
@@ -230,6 +252,15 @@ def prune_model(model: nn.Module, spec: PruneSpec, calib_windows: torch.Tensor |
     ``done(i)`` is called when block i is pruned and has produced its outputs (the offload writer saves and
     drops it there), and ``reader()`` gives the access for a pass that reads blocks without writing (OWL).
     """
+    training = model.training
+    model.eval()  # calibration must not run dropout (masks would change from run to run)
+    try:
+        return _prune_model(model, spec, calib_windows, progress, on_layer, layer_io)
+    finally:
+        model.train(training)
+
+
+def _prune_model(model, spec, calib_windows, progress, on_layer, layer_io) -> PruneReport:
     method = METHODS[spec.method]
     layers = find_decoder_layers(model)
     per_layer = _check_prunable(layers, spec)
@@ -260,6 +291,7 @@ def prune_model(model: nn.Module, spec: PruneSpec, calib_windows: torch.Tensor |
         for i, layer in bar:
             io.load(i)
             stats = collect_input_stats(layer, per_layer[i], inputs, scratch, hessian=method.needs_hessian)
+            require_stats(stats, per_layer[i], i)
             if on_layer is not None:
                 on_layer(i, stats)
             _apply(i, per_layer[i], stats, method, block_specs[i], report)

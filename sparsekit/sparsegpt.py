@@ -41,6 +41,9 @@ def prepare_hessian_inverse(xtx: torch.Tensor, tokens: int, weight: torch.Tensor
     # float64: the inverse of an ill-conditioned H in fp32 drifts. Memory: at most three (in, in) float64
     # matrices live at once (H, its factor, the inverse), each 8 * in^2 bytes (134 MB at in = 4096); the
     # damping is written on H's diagonal in place rather than adding a damped copy and an identity.
+    if not bool(torch.isfinite(xtx).all()):
+        raise SparseGPTError("the calibration statistics (X^T X) hold inf or NaN: the layer's inputs overflowed "
+                             "(a float16 model? calibrate in float32 or bfloat16)")
     h = xtx.to(torch.float64, copy=True).mul_(2.0 / tokens)
     diag = torch.diagonal(h)
     dead = diag == 0
@@ -59,7 +62,7 @@ def prepare_hessian_inverse(xtx: torch.Tensor, tokens: int, weight: torch.Tensor
             del hinv
             if int(info2) == 0 and torch.isfinite(upper).all():
                 return upper.to(torch.float32)
-        new_damp = damp * 10 if damp > 0 else 1e-6
+        new_damp = damp * 10 if damp > 0 else 1e-6 * float(diag0.mean())  # relative to H's scale
         warnings.warn(f"SparseGPT: Hessian not positive definite with damping {damp:.3g}; retrying with "
                       f"{new_damp:.3g}", RuntimeWarning, stacklevel=2)
         damp = new_damp

@@ -37,6 +37,10 @@ def run(args, capsys):
     (["--pattern", "2:4", "--sparsity", "0.7"], "contradicts"),
     (["--sparsity", "0.5", "--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--sparsity", "0.5", "--calib", "/no/such/file.txt"], "no such text file"),
+    (["--sparsity", "0.5", "--threads", "-2"], "--threads must be >= 1, got -2"),
+    (["--sparsity", "0.5", "--device", "cudaa"], "--device 'cudaa' is not a torch device"),
+    (["--sparsity", "0.5", "--sparsity-profile", "owl", "--owl-m", "nan"], r"--owl-m\) must be a finite number"),
+    (["--sparsity", "0.5", "--sparsity-profile", "owl", "--owl-lambda", "-0.1"], r"--owl-lambda\) must be in"),
 ])
 def test_bad_input(extra, message, capsys, tmp_path):
     code, _, err = run(["prune", "--method", "wanda", "--output", str(tmp_path / "o")] + extra, capsys)
@@ -85,6 +89,16 @@ def test_too_short_calibration_file(tiny_folder, tmp_path, capsys):
                        capsys)
     assert code == 2 and "too short" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_seqlen_longer_than_the_model_positions(tiny_folder, calib_file, tmp_path, capsys):
+    import json as _json
+
+    limit = _json.load(open(os.path.join(tiny_folder, "config.json")))["max_position_embeddings"]
+    code, _, err = run(["prune", "--model", tiny_folder, "--method", "wanda", "--sparsity", "0.5",
+                        "--calib", calib_file, "--seqlen", str(limit + 1), "--output", str(tmp_path / "o"),
+                        "--no-progress"], capsys)
+    assert code == 2 and f"--seqlen {limit + 1} is longer than the model's {limit} positions" in err, err
 
 
 def test_prune_end_to_end_tiny(tiny_folder, calib_file, tmp_path, capsys):

@@ -65,6 +65,51 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, method):
         torch.testing.assert_close(d, w, rtol=1e-3, atol=1e-4)
 
 
+class _TwoExperts(torch.nn.Module):
+    """Two equal-shape linears called in an order that depends on the data (as routed experts can be)."""
+
+    def __init__(self):
+        super().__init__()
+        self.e1 = torch.nn.Linear(4, 4, bias=False)
+        self.e2 = torch.nn.Linear(4, 4, bias=False)
+
+    def forward(self, h):
+        if h[0, 0, 0] > 0:
+            return self.e1(h) + self.e2(h * 3)
+        return self.e2(h * 3) + self.e1(h)
+
+
+def _order_worker(rank: int, world: int, port: int, h: torch.Tensor, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    from sparsekit import distributed
+    from sparsekit.calibrate import LayerInputs, collect_input_stats
+
+    distributed.init_from_env("cpu")
+    try:
+        torch.manual_seed(0)
+        block = _TwoExperts()
+        mine = h[rank::world]
+        st = collect_input_stats(block, {"e1": block.e1, "e2": block.e2},
+                                 LayerInputs(mine.clone(), [()] * len(mine), [{}] * len(mine)))
+        if rank == 0:
+            torch.save({k: v.sq_norm for k, v in st.items()}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_pair_statistics_by_layer_name_not_call_order(tmp_path):
+    """Rank 0 calls e1 first, rank 1 calls e2 first: the sums must still be e1's with e1's (they were paired by
+    hook order, adding e2's sums into e1's)."""
+    torch.manual_seed(1)
+    h = torch.randn(2, 3, 4)
+    h[0, 0, 0], h[1, 0, 0] = 1.0, -1.0
+    out = str(tmp_path / "stats.pt")
+    torch.multiprocessing.spawn(_order_worker, args=(2, _free_port(), h, out), nprocs=2, join=True)
+    got = torch.load(out)
+    torch.testing.assert_close(got["e1"], (h ** 2).sum((0, 1)))
+    torch.testing.assert_close(got["e2"], ((3 * h) ** 2).sum((0, 1)))
+
+
 def test_shard_needs_a_window_per_rank(monkeypatch):
     from sparsekit import distributed
 

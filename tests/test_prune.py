@@ -182,3 +182,78 @@ def test_zero_sparsity_changes_nothing():
     prune_model(model, PruneSpec("wanda", 0.0), random_windows(2, 16), progress=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+class _SometimesShared(torch.nn.Module):
+    """A and B read the same tensor in some windows, different ones in others."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Linear(4, 4, bias=False)
+        self.B = torch.nn.Linear(4, 4, bias=False)
+
+    def forward(self, h):
+        return self.A(h) + self.B(h if h.flatten()[0] > 0 else 2 * h)
+
+
+@pytest.mark.parametrize("first_shared", [True, False])
+def test_groups_that_change_between_windows_raise(first_shared):
+    from sparsekit.calibrate import LayerInputs, collect_input_stats
+
+    block = _SometimesShared()
+    h = torch.randn(3, 5, 4)
+    h[:, 0, 0] = torch.tensor([1.0, -1.0, 1.0]) * (1 if first_shared else -1)
+    with pytest.raises(ValueError, match="read the very same input tensor in some calibration windows"):
+        collect_input_stats(block, {"A": block.A, "B": block.B}, LayerInputs(h.clone(), [()] * 3, [{}] * 3))
+    h[:, 0, 0] = 1.0  # shared in every window: one group
+    st = collect_input_stats(block, {"A": block.A, "B": block.B}, LayerInputs(h.clone(), [()] * 3, [{}] * 3))
+    assert st["A"] is st["B"] and st["A"].tokens == 15
+
+
+def test_a_linear_no_token_reaches_is_named():
+    from tiny_models import random_windows, tiny_model
+
+    model = tiny_model("llama")
+    block = model.model.layers[0]
+    block.mlp.unused = torch.nn.Linear(8, 8)  # never called by the block's forward
+    with pytest.raises(ValueError, match="decoder block 0: no calibration token reached mlp.unused"):
+        prune_model(model, PruneSpec("wanda", 0.5), random_windows(2, 8), progress=False)
+
+
+def test_calibration_runs_in_eval_mode_and_restores_the_mode():
+    """A model left in train mode (from_config, or after fine-tuning) must not run dropout while calibrating:
+    the masks would change from run to run."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import random_windows, tiny_config
+
+    masks = []
+    for run in range(2):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config("gpt2"))  # train mode, dropout 0.1
+        assert model.training
+        torch.manual_seed(100 + run)  # a different dropout draw each run
+        prune_model(model, PruneSpec("wanda", 0.5), random_windows(4, 64), progress=False)
+        assert model.training  # restored
+        masks.append(torch.cat([(linear_weight(lin) == 0).flatten() for layer in find_decoder_layers(model)
+                                for lin in find_linears(layer).values()]))
+    assert torch.equal(masks[0], masks[1])
+
+
+def test_owl_parameters_are_checked_up_front():
+    with pytest.raises(ValueError, match=r"--owl-m\) must be a finite number > 0"):
+        PruneSpec("wanda", 0.5, profile="owl", owl_m=float("nan"))
+    with pytest.raises(ValueError, match=r"--owl-lambda\) must be in \[0, 1\)"):
+        PruneSpec("wanda", 0.5, profile="owl", owl_lambda=-0.1)
+
+
+def test_weights_outside_linear_layers_are_reported_as_left_dense():
+    """Fused MoE experts (3-D parameters) are not linear layers: a warning names them instead of a report whose
+    sparsity silently covers only part of the block."""
+    from tiny_models import random_windows, tiny_model
+
+    model = tiny_model("llama")
+    model.model.layers[0].mlp.experts = torch.nn.Parameter(torch.randn(4, 8, 8))
+    model.model.layers[1].mlp.experts = torch.nn.Parameter(torch.randn(4, 8, 8))
+    with pytest.warns(UserWarning, match=r"not linear layers \(mlp.experts \(4, 8, 8\)"):
+        prune_model(model, PruneSpec("magnitude", 0.5), random_windows(2, 8), progress=False)

@@ -104,6 +104,23 @@ def test_non_positive_definite_hessian_raises_damping_with_warning():
     assert torch.isfinite(w).all()
 
 
+def test_fallback_damping_follows_the_hessian_scale():
+    """With percdamp 0 the first fallback is relative to mean(diag H): a rank-1 Hessian of activations ~1e4
+    (diag ~1e8) factors after a few tries instead of failing with an absolute 1e-6 that grows to 10."""
+    x = torch.full((1, 16), 1e4) * torch.linspace(0.5, 1.5, 16)
+    w = torch.randn(4, 16)
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        upper = prepare_hessian_inverse(x.t() @ x, 1, w.clone(), percdamp=0.0)
+    assert torch.isfinite(upper).all()
+
+
+def test_non_finite_statistics_are_named():
+    xtx = torch.eye(8)
+    xtx[2, 3] = float("inf")
+    with pytest.raises(SparseGPTError, match="hold inf or NaN"):
+        prepare_hessian_inverse(xtx, 10, torch.randn(4, 8))
+
+
 def test_no_tokens_is_an_error():
     with pytest.raises(SparseGPTError, match="no calibration tokens"):
         prepare_hessian_inverse(torch.zeros(4, 4), 0, torch.zeros(2, 4))
