@@ -208,6 +208,27 @@ def save_compressed(model: nn.Module, path: str, tokenizer=None, report: dict | 
     return manifest
 
 
+def _match_saved_dtypes(model: nn.Module, state: dict) -> None:
+    """Give each floating parameter and buffer the dtype it was saved in (a model is built in one dtype; a
+    float32 head or layer in a bfloat16 model must come back float32, not rounded)."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in named:
+        saved = state.get(name)
+        if saved is not None and saved.is_floating_point() and t.is_floating_point() and saved.dtype != t.dtype:
+            t.data = t.data.to(saved.dtype)
+
+
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Make the parameters saved once (``tied``: dropped name -> kept name) one Parameter again."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for dropped, kept in tied.items():
+        a, b = params.get(dropped), params.get(kept)
+        if a is None or b is None or a is b:
+            continue
+        owner, _, attr = dropped.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, b)
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -248,14 +269,17 @@ def load_compressed(path: str, device: str | torch.device = "cpu", dtype: torch.
         for k, v in attrs.items():
             setattr(mod, k, v)
     state = load_file(os.path.join(path, WEIGHTS))
-    for dropped, kept in manifest.get("tied", {}).items():
+    tied = manifest.get("tied", {})
+    for dropped, kept in tied.items():
         state[dropped] = state[kept]
+    _match_saved_dtypes(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or missing:
         raise ValueError(f"{path}: checkpoint does not match the rebuilt model (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
+    _retie(model, tied)
     if dtype is not None and dtype != saved_dtype:
         model = model.to(dtype)
     return model.to(device).eval()

@@ -430,3 +430,12 @@ def test_nm_index_codes_rejects_positions_outside_the_group():
     with pytest.raises(ValueError, match=r"index 4 at \(0, 1\) is not a position in a group of m=4"):
         nm_index_codes(torch.tensor([[1, 4, 0, 3]], dtype=torch.uint8), 4)
     assert nm_index_codes(torch.tensor([[1, 3, 0, 2]], dtype=torch.uint8), 4).shape == (1, 1)
+
+
+def test_refresh_derived_after_editing_values_in_place():
+    layer = SparseLinear.from_linear(pruned_linear(64, 8, "2:4"), "2:4", dense_fallback="cache")
+    with torch.no_grad():
+        layer.values.mul_(2)
+    assert not torch.equal(layer.dense_weight, layer.to_dense())  # the documented staleness
+    layer.refresh_derived()
+    assert torch.equal(layer.dense_weight, layer.to_dense())

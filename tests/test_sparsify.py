@@ -220,3 +220,25 @@ def test_bench_help_teaches(capsys):
     text = capsys.readouterr().out
     assert "decode tokens/s = batch * (new_tokens - 1)" in text and "sparsekit prune" in text
     assert "--dense-fallback" in text and "--new-tokens" in text
+
+
+def test_load_compressed_keeps_per_tensor_dtypes_and_reties_shared_weights(tmp_path):
+    """A float32 head and a float32 SparseLinear in a bfloat16 model come back float32 and exact; a weight
+    shared by two layers comes back as one Parameter (the manifest's tied map), not two copies."""
+    model = tiny_model("llama", layers=2).bfloat16()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear) and mod is not model.lm_head:
+                mod.weight.mul_((torch.rand_like(mod.weight, dtype=torch.float32) < 0.4).to(mod.weight.dtype))
+    model.model.layers[1].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
+    model.lm_head.float()
+    sparsify_(model, filter_fn=lambda name, mod: "down_proj" in name, format="bitmap")
+    model.model.layers[0].mlp.down_proj.float()
+    save_compressed(model, str(tmp_path / "ck"))
+    back = load_compressed(str(tmp_path / "ck"))
+    assert back.lm_head.weight.dtype == torch.float32 and torch.equal(back.lm_head.weight, model.lm_head.weight)
+    down = back.model.layers[0].mlp.down_proj
+    assert isinstance(down, SparseLinear) and down.values.dtype == torch.float32
+    assert torch.equal(down.values, model.model.layers[0].mlp.down_proj.values)
+    assert back.model.layers[1].mlp.down_proj.values.dtype == torch.bfloat16
+    assert back.model.layers[1].mlp.up_proj.weight is back.model.layers[0].mlp.up_proj.weight

@@ -376,6 +376,13 @@ class SparseLinear(nn.Module):
         self._refresh_cslt()
         return self
 
+    def refresh_derived(self) -> "SparseLinear":
+        """Rebuild the copies derived from the packed buffers (the dense cache of ``dense_fallback="cache"``, the
+        cuSPARSELt copy). Loading, ``.to()`` and the setters do it; call it after editing ``values`` (or the
+        other packed buffers) in place, or calls on the dense / cuSPARSELt paths keep the old weight."""
+        self._refresh_derived()
+        return self
+
     def _refresh_derived(self) -> None:
         self._refresh_dense()
         self._refresh_cslt()
