@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -120,6 +121,7 @@ def run(args) -> int:
     from .compressed import count_parameters, save_compressed
     from .domain import chunk_perplexity, make_eval_chunks, split_documents
     from .finetune import FinetuneConfig, finetune_
+    from .cli import check_seqlen_fits
     from .models import load_model, resolve_model
 
     # --- validate everything cheap before the long work
@@ -127,6 +129,8 @@ def run(args) -> int:
         raise ValueError(f"--target-params is the fraction of parameters to keep, in (0, 1]; got {args.target_params}")
     if args.threshold is not None and args.score == "wanda":
         raise ValueError("--threshold applies to mean |activation|; use --target-params with --score wanda")
+    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold >= 0):
+        raise ValueError(f"--threshold is a mean |activation|, a finite number >= 0; got {args.threshold}")
     if not (0 <= args.heads < 1):
         raise ValueError(f"--heads is a fraction in [0, 1), got {args.heads}")
     if args.vocab_min_count < 1:
@@ -147,6 +151,9 @@ def run(args) -> int:
     t0 = time.perf_counter()
     print(f"loading {args.model}", file=sys.stderr)
     model, tokenizer = load_model(args.model, "float32", args.device)
+    check_seqlen_fits(model, args.seqlen)
+    if args.finetune_steps:
+        check_seqlen_fits(model, args.finetune_seqlen, "--finetune-seqlen")
     calib_ids = data.tokenize(tokenizer, parts["calib"])
     if calib_ids.numel() < args.seqlen + 1:
         raise data.DataError(f"the calibration part of {args.domain} has {calib_ids.numel()} tokens, fewer than "

@@ -370,19 +370,24 @@ def plan_removal(model: nn.Module, stats: DomainStats, *, target_params: float |
             st = stats.attn[i]
             if st is None:
                 raise ContextualError(f"layer {i}: no attention statistics collected")
-            per_group = round(heads * attn.group_size)
-            if per_group >= attn.group_size:
-                raise ContextualError(f"layer {i}: removing {heads:.0%} of heads would remove every query head of a "
-                                      f"key/value group ({attn.group_size} per group)")
+            # With grouped-query attention the same number of query heads goes from every key/value group;
+            # without it (plain multi-head attention) the heads are one group and their k/v rows go with them.
+            gqa = attn.num_kv_heads != attn.num_heads
+            groups, size = (attn.num_kv_heads, attn.group_size) if gqa else (1, attn.num_heads)
+            where = f"{size} query heads per key/value group" if gqa else f"{size} heads"
+            per_group = round(heads * size)
+            if per_group >= size:
+                raise ContextualError(f"layer {i}: removing {heads:.0%} of heads would remove all {where}")
             if per_group == 0:
-                continue
-            sc = head_scores(attn, st, score).reshape(attn.num_kv_heads, attn.group_size)
+                raise ContextualError(f"layer {i}: heads={heads} removes no head of {where} (the smallest step is "
+                                      f"{1 / size:.3g}); pass a larger fraction or 0")
+            sc = head_scores(attn, st, score).reshape(groups, size)
             keep = []
-            for g in range(attn.num_kv_heads):
+            for g in range(groups):
                 order = torch.sort(sc[g], stable=True).indices  # lowest first; ties: lower index removed first
-                keep.append(torch.sort(order[per_group:]).values + g * attn.group_size)
+                keep.append(torch.sort(order[per_group:]).values + g * size)
             head_keep[i] = torch.cat(keep)
-            removed += per_group * attn.num_kv_heads * attn.head_cost()
+            removed += per_group * groups * attn.head_cost()
 
     scores = [mlp_channel_scores(p, stats.mlp[i], score) for i, p in enumerate(mlps)]
     drop = [0] * len(layers)
@@ -614,6 +619,12 @@ def prune_vocabulary_(model: nn.Module, tokenizer, keep: torch.Tensor):
     emb = model.get_input_embeddings()
     if int(keep[-1]) >= emb.num_embeddings:
         raise ContextualError(f"token id {int(keep[-1])} is outside the embedding ({emb.num_embeddings} rows)")
+    head0 = model.get_output_embeddings()
+    for module, plain in ((emb, nn.Embedding), (head0, nn.Linear)):
+        if module is not None and type(module) is not plain:
+            raise ContextualError(f"vocabulary pruning rebuilds the {'embedding' if plain is nn.Embedding else 'LM head'}"
+                                  f" as a plain {plain.__name__}, but this model's is {type(module).__name__}, which "
+                                  "may do more (Gemma3's embedding scales its output); keep the vocabulary (--no-vocab)")
     new_tok = _remap_tokenizer(tokenizer, keep)
     old_to_new = {int(o): n for n, o in enumerate(keep.tolist())}
     head = model.get_output_embeddings()
@@ -685,10 +696,14 @@ def apply_plan(model: nn.Module, tokenizer, plan: ContextualPlan):
             if keep is not None and keep.numel() != attn.num_heads:
                 remove_heads_(attn, keep)
             counts.add(keep.numel() if keep is not None else attn.num_heads)
-        if len(counts) == 1 and hasattr(cfg, "head_dim") and hasattr(cfg, "num_attention_heads"):
+        n = next(iter(counts))
+        # The config can say so only where every layer kept the same count and the architecture's own check
+        # (hidden_size a multiple of the head count) still holds; otherwise the manifest's module attributes carry
+        # the per-layer head counts (sparsekit.load_compressed).
+        if (len(counts) == 1 and hasattr(cfg, "head_dim") and hasattr(cfg, "num_attention_heads")
+                and getattr(cfg, "hidden_size", 0) % n == 0):
             attn0 = find_attention(layers[0], hidden)
             cfg.head_dim = attn0.head_dim
-            n = counts.pop()
             kv = getattr(cfg, "num_key_value_heads", None)
             if kv is not None and kv == cfg.num_attention_heads:  # no GQA: the k/v heads went with the q heads
                 cfg.num_key_value_heads = n

@@ -82,32 +82,36 @@ def finetune_(model, tokenizer, train_ids: torch.Tensor, val: EvalChunks, cfg: F
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    bad, step = 0, 0
-    bar = tqdm(range(cfg.steps), desc="fine-tune", unit="step", disable=not progress, leave=False)
-    for step in bar:
-        model.train()
-        starts = torch.randint(0, train_ids.numel() - cfg.seqlen, (cfg.batch_size,), generator=gen)
-        batch = torch.stack([train_ids[s: s + cfg.seqlen] for s in starts.tolist()]).to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            v = val_nll()
-            history.append({"step": done, "train_loss": float(loss.detach()), "val_nll": v})
-            if v < best:
-                best, best_step, bad = v, done, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    break
+    # The seed covers dropout too (model.train() draws from the global generator), without changing the
+    # caller's random state.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        bad, step = 0, 0
+        bar = tqdm(range(cfg.steps), desc="fine-tune", unit="step", disable=not progress, leave=False)
+        for step in bar:
+            model.train()
+            starts = torch.randint(0, train_ids.numel() - cfg.seqlen, (cfg.batch_size,), generator=gen)
+            batch = torch.stack([train_ids[s: s + cfg.seqlen] for s in starts.tolist()]).to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            done = step + 1
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                v = val_nll()
+                history.append({"step": done, "train_loss": float(loss.detach()), "val_nll": v})
+                if v < best:
+                    best, best_step, bad = v, done, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad += 1
+                    if bad >= cfg.patience:
+                        break
     model.load_state_dict(best_state)
     model.eval()
     return FinetuneResult(step + 1, best_step, best, start, history, time.perf_counter() - t0)

@@ -192,7 +192,8 @@ def test_plan_global_and_threshold_and_wanda():
     ({"target_params": 1.5}, r"in \(0, 1\]"),
     ({"target_params": 0.9, "threshold": 0.1}, "exactly one"),
     ({"target_params": 0.9, "heads": 1.0}, r"in \[0, 1\)"),
-    ({"target_params": 0.9, "heads": 0.9}, "every query head"),
+    ({"target_params": 0.9, "heads": 0.9}, "would remove all"),
+    ({"target_params": 0.9, "heads": 0.2}, "removes no head"),
     ({"target_params": 0.9, "score": "nope"}, "unknown score"),
     ({"threshold": 0.1, "score": "wanda"}, "mean |activation|"),
 ])
@@ -432,9 +433,13 @@ def test_cli_domain_too_short(bpe_folder, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("\n\n".join(["a few words here"] * 8))
     rc = main(["contextual", "--model", bpe_folder, "--domain", str(short), "--target-params", "0.9",
-               "--output", str(tmp_path / "o"), "--no-progress"])
+               "--seqlen", "128", "--output", str(tmp_path / "o"), "--no-progress"])
     assert rc == 2
     assert "too short to calibrate" in capsys.readouterr().err
+    rc = main(["contextual", "--model", bpe_folder, "--domain", str(short), "--target-params", "0.9",
+               "--seqlen", "512", "--output", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2
+    assert "--seqlen 512 is longer than the model's 256 positions" in capsys.readouterr().err
 
 
 def test_plan_summary_counts_untouched_heads():
@@ -469,3 +474,62 @@ def test_cli_keep_text_keeps_those_tokens_whole(bpe_folder, domain_file, tmp_pat
         outs[name] = AutoTokenizer.from_pretrained(str(out))
     assert len(outs["kept"](words, add_special_tokens=False)["input_ids"]) == len(before)
     assert len(outs["plain"](words, add_special_tokens=False)["input_ids"]) > len(before)
+
+
+@pytest.mark.parametrize("arch,kw", [("llama", {"num_key_value_heads": 4}), ("opt", {}), ("phi", {})])
+def test_heads_are_removed_without_grouped_query_attention(tmp_path, arch, kw):
+    """Plain multi-head attention: a quarter of the heads goes, with their k/v rows (it used to remove
+    nothing below 0.5 and refuse above); the model saves and reloads to the same logits."""
+    m = tiny_model(arch, **kw)
+    heads_before = [C.find_attention(layer, m.config.hidden_size).num_heads for layer in find_decoder_layers(m)]
+    plan = C.plan_removal(m, _stats(m), target_params=1.0, heads=0.25)
+    assert [k.numel() for k in plan.head_keep] == [h - round(0.25 * h) for h in heads_before]
+    C.apply_plan(m, None, plan)
+    after = [C.find_attention(layer, m.config.hidden_size).num_heads for layer in find_decoder_layers(m)]
+    assert after == [k.numel() for k in plan.head_keep]
+    save_compressed(m, str(tmp_path / "out"))
+    again = load_compressed(str(tmp_path / "out"), attn_implementation="eager")
+    x = random_windows(1, 13, seed=2)
+    torch.testing.assert_close(_logits(again, x), _logits(m, x))
+
+
+def test_vocab_pruning_refuses_an_embedding_that_does_more_than_look_up(bpe, corpus):
+    """Gemma3's embedding scales its output: rebuilding it as a plain nn.Embedding changed every logit."""
+
+    class ScaledEmbedding(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 8.0
+
+    m = _model_for(bpe)
+    old = m.get_input_embeddings()
+    scaled = ScaledEmbedding(old.num_embeddings, old.embedding_dim)
+    scaled.weight = old.weight
+    m.set_input_embeddings(scaled)
+    with pytest.raises(C.ContextualError, match="this model's is ScaledEmbedding"):
+        C.prune_vocabulary_(m, bpe, torch.arange(len(bpe) - 5))
+
+
+def test_finetune_seed_covers_dropout(bpe, corpus):
+    from sparsekit.domain import make_eval_chunks
+    from sparsekit.finetune import FinetuneConfig, finetune_
+
+    base = tiny_model("opt", vocab=len(bpe))  # dropout 0.1 in train mode
+    ids = torch.tensor(bpe(corpus[:10000], add_special_tokens=False)["input_ids"])
+    val = make_eval_chunks(corpus[10000:14000], bpe, 32, 256)
+    heads = []
+    for _ in range(2):
+        m = copy.deepcopy(base)
+        finetune_(m, bpe, ids, val, FinetuneConfig(steps=3, lr=1e-3, batch_size=2, seqlen=32, eval_every=3, seed=0))
+        heads.append(m.lm_head.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan"])
+def test_cli_checks_threshold_before_loading(tmp_path, capsys, bad):
+    from sparsekit.cli import main
+
+    domain = tmp_path / "d.txt"
+    domain.write_text("x")
+    code = main(["contextual", "--model", "no-such-model", "--domain", str(domain), "--threshold", bad,
+                 "--output", str(tmp_path / "o")])
+    assert code == 2 and "--threshold is a mean |activation|, a finite number >= 0" in capsys.readouterr().err
