@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                "arc_easy, arc_challenge, piqa, siqa, openbook_qa, copa, commonsense_qa, boolq, pubmedqa, "
                "winogrande, logiqa, mmlu, mmlu:<subject>, mmlu:medical|legal|economics, or a .jsonl file.\n"
                "accuracy: argmax of the summed log-probability of ' ' + choice given the query (acc), and of "
-               "that sum per UTF-8 byte of the choice (acc_norm).",
+               "that sum per UTF-8 byte of ' ' + choice (acc_norm; lm-eval-harness divides by the choice's characters).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", default="smollm2-135m", help="local HF folder or built-in name (default %(default)s)")
     ev.add_argument("--tasks", required=True, help="comma-separated tasks (see below)")
@@ -351,6 +351,12 @@ def run_eval(args) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise ValueError("--tasks is empty")
+    if args.seqlen < 2:
+        raise ValueError(f"--seqlen must be >= 2 (a window predicts seqlen - 1 tokens), got {args.seqlen}")
+    if args.eval_tokens < 1:
+        raise ValueError(f"--eval-tokens must be >= 1, got {args.eval_tokens}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1 (omit it for every question), got {args.limit}")
     resolve_model(args.model)
     kinds = {}
     for name in names:  # validate every task before loading the model

@@ -183,7 +183,7 @@ def _check_args(args) -> dict:
             tex = tasks.load_task(args.test_set, args.data_dir, limit=args.test)
             if len(tex) < args.test:
                 raise ValueError(f"{args.test_set} holds only {len(tex)} questions; --test {args.test} needed")
-            loaded["test"] = tex
+            loaded["test"] = tex[: args.test]  # MMLU applies the limit per subject
     else:
         loaded["val_text"] = data.read_text(args.eval_set)
         loaded["test_text"] = data.read_text(args.test_set) if args.test_set else None

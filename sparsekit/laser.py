@@ -338,7 +338,8 @@ class LaserFactors:
                 chunk = members[i: i + per_call]
                 stack = torch.stack([linear_weight(_target(layers, l, n)).detach().float() for l, n in chunk])
                 kw = {} if method == "exact" else {"oversample": oversample, "power_iters": power_iters,
-                                                     "generator": gen if stack.device.type == "cpu" else None}
+                                                     "generator": gen if stack.device.type == "cpu" else
+                                                     torch.Generator(device=stack.device).manual_seed(seed + i)}
                 u, s, v = truncated_svd(stack, rank, method=method, **kw)
                 self.svd_calls += 1
                 for j, key in enumerate(chunk):

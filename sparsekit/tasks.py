@@ -2,8 +2,11 @@
 
 One example = several (context, continuation) pairs and the index of the right one. A choice's score is
 the sum of log p(continuation tokens | context tokens); ``acc`` takes the argmax of that sum, ``acc_norm``
-of the sum divided by the continuation's length in UTF-8 bytes (lm-evaluation-harness's normalisation,
-which removes the bias towards short answers). Continuations are scored as " " + choice text.
+of the sum divided by the continuation's length in UTF-8 bytes, the separating space included (this removes
+the bias towards short answers; lm-evaluation-harness's ``acc_norm`` divides by the choice's characters
+without the space, so its numbers can differ by a few decisions). Continuations are scored as " " + choice
+text; a context's trailing whitespace is dropped first (PIQA, PubMedQA and LogiQA contexts end in a space,
+which would otherwise be a lone space token before the answer).
 
 Native formats read here (see shared/data/MANIFEST.md):
 
@@ -69,16 +72,34 @@ def find_data_dir(explicit: str | None = None) -> str:
     raise FileNotFoundError("shared data folder not found: pass --data-dir or set SPARSEKIT_DATA")
 
 
+def _gold(row: dict, n_choices: int, line: int, path: str) -> int:
+    gold = row.get("gold")
+    if isinstance(gold, bool) or not isinstance(gold, int) or not (0 <= gold < n_choices):
+        raise ValueError(f"{path}:{line}: gold must be a 0-based index below the {n_choices} choices, got {gold!r}")
+    return gold
+
+
+def _choice_list(value, line: int, path: str, key: str) -> list[str]:
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, str) for c in value):
+        raise ValueError(f"{path}:{line}: {key} must be a list of at least 2 strings, got {value!r:.80}")
+    return value
+
+
 def _from_icl_row(row: dict, line: int, path: str) -> MCExample:
+    # Every continuation starts with the space that separates it from its context; a context's own trailing
+    # whitespace is dropped, so that the model is never asked for the answer after a lone space token
+    # (the shipped PubMedQA contexts end in "Answer: ").
     if "choices" in row and "query" in row:
-        q = row["query"]
-        return MCExample([q] * len(row["choices"]), [" " + c for c in row["choices"]], int(row["gold"]))
+        choices = _choice_list(row["choices"], line, path, "choices")
+        q = str(row["query"]).rstrip()
+        return MCExample([q] * len(choices), [" " + c for c in choices], _gold(row, len(choices), line, path))
     if "context_options" in row:  # winogrande: partial scoring of the fixed continuation
-        cont = " " + row["continuation"]
-        return MCExample(list(row["context_options"]), [cont] * len(row["context_options"]), int(row["gold"]))
+        options = _choice_list(row["context_options"], line, path, "context_options")
+        cont = " " + str(row["continuation"]).lstrip()
+        return MCExample([o.rstrip() for o in options], [cont] * len(options), _gold(row, len(options), line, path))
     if "context" in row and row.get("continuation") in ("yes", "no", "maybe"):  # pubmedqa-labelled
         options = ["yes", "no", "maybe"]
-        ctx = row["context"]
+        ctx = str(row["context"]).rstrip()
         return MCExample([ctx] * 3, [" " + o for o in options], options.index(row["continuation"]))
     raise ValueError(f"{path}:{line}: not a multiple-choice row (keys {sorted(row)})")
 
@@ -90,7 +111,10 @@ def _mmlu_examples(data_dir: str, subjects: list[str], split: str) -> list[MCExa
         if not os.path.exists(path):
             raise FileNotFoundError(f"no MMLU file {path}")
         with open(path, newline="", encoding="utf-8") as f:
-            for row in csv.reader(f):
+            for line, row in enumerate(csv.reader(f), 1):
+                if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
+                    raise ValueError(f"{path}:{line}: an MMLU row is question, 4 options, answer letter A-D; got "
+                                     f"{len(row)} fields ending in {row[-1] if row else ''!r:.20}")
                 q, options, answer = row[0], row[1:5], row[5].strip()
                 prompt = q.strip() + "\n" + "\n".join(f"{L}. {o}" for L, o in zip("ABCD", options)) + "\nAnswer:"
                 out.append(MCExample([prompt] * 4, [" A", " B", " C", " D"], "ABCD".index(answer)))
@@ -102,6 +126,8 @@ def load_task(name: str, data_dir: str | None = None, limit: int | None = None, 
     """Examples of a named task (``arc_easy``, ``pubmedqa``, ``mmlu:medical``, ``mmlu:anatomy``, ...) or a
     jsonl file in one of the ICL formats. ``limit`` keeps the first N examples (deterministic; for MMLU, the
     first N of each subject)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for all), got {limit}")
     if name.endswith(".jsonl") and os.path.exists(name):
         path = name
     elif name.startswith("mmlu:") or name == "mmlu":

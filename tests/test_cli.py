@@ -143,3 +143,14 @@ def test_eval_command_tiny(tiny_folder, calib_file, tmp_path, capsys):
 def test_eval_unknown_task(capsys):
     code, _, err = run(["eval", "--tasks", "nope"], capsys)
     assert code == 2 and "unknown task 'nope'" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--seqlen", "1"], "--seqlen must be >= 2"),
+    (["--eval-tokens", "0"], "--eval-tokens must be >= 1"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--limit", "-1"], "--limit must be >= 1"),
+])
+def test_eval_bad_input(extra, message, capsys):
+    code, _, err = run(["eval", "--tasks", "wikitext2-test"] + extra, capsys)
+    assert code == 2 and message in err, err

@@ -87,3 +87,39 @@ def test_one_forward_path_for_shared_context_equals_the_batched_path(tiny):
     assert fast == pytest.approx(slow, rel=1e-5, abs=1e-5)
     assert fast == pytest.approx([naive_loglik(model, tok, c, k) for c, k in zip(ex.contexts, ex.continuations)],
                                  rel=1e-5, abs=1e-5)
+
+
+def _write_jsonl(path, rows):
+    import json as _json
+
+    path.write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"query": "q", "choices": ["a", "b"], "gold": 2}, "gold must be a 0-based index below the 2 choices, got 2"),
+    ({"query": "q", "choices": ["a", "b"], "gold": -1}, "got -1"),
+    ({"query": "q", "choices": ["a", "b"], "gold": 1.9}, "got 1.9"),
+    ({"query": "q", "choices": ["a", "b"]}, "got None"),
+    ({"query": "q", "choices": "yes", "gold": 0}, "choices must be a list of at least 2 strings"),
+])
+def test_bad_rows_are_named_with_file_and_line(tmp_path, row, match):
+    from sparsekit.tasks import load_task
+
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"query": "ok", "choices": ["a", "b"], "gold": 0}, row])
+    with pytest.raises(ValueError, match=match) as e:
+        load_task(path)
+    assert "t.jsonl:2:" in str(e.value)
+
+
+def test_context_trailing_space_is_not_scored_as_a_token(tmp_path):
+    """PIQA / PubMedQA / LogiQA contexts end in a space: it is dropped, so ' ' + choice follows the text."""
+    from sparsekit.tasks import load_task
+
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"query": "Answer: ", "choices": ["yes", "no"], "gold": 0},
+                                              {"context": "Answer: ", "continuation": "no"}])
+    ex = load_task(path)
+    assert ex[0].contexts == ["Answer:", "Answer:"] and ex[0].continuations == [" yes", " no"]
+    assert ex[1].contexts[0] == "Answer:" and ex[1].gold == 1
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        load_task(path, limit=0)
