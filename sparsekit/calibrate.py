@@ -85,6 +85,25 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def _share_equal(value, previous):
+    """``value`` with each tensor replaced by the tensor at the same place in ``previous`` where the two are equal
+    (same shape, dtype, device and values); tuples, lists and dicts are walked in step."""
+    if isinstance(value, torch.Tensor):
+        if (isinstance(previous, torch.Tensor) and previous is not value and previous.shape == value.shape
+                and previous.dtype == value.dtype and previous.device == value.device
+                and bool(torch.equal(previous, value))):
+            return previous
+        return value
+    if isinstance(value, dict):
+        prev = previous if isinstance(previous, dict) else {}
+        return {k: _share_equal(v, prev.get(k)) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        prev = previous if isinstance(previous, (tuple, list)) and len(previous) == len(value) else [None] * len(value)
+        shared = [_share_equal(v, p) for v, p in zip(value, prev)]
+        return tuple(shared) if isinstance(value, tuple) else shared
+    return value
+
+
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor,
                          device: torch.device | None = None) -> LayerInputs:
     """Run ``model`` on each window (n, L) up to ``layers[0]`` and record that layer's inputs.
@@ -106,8 +125,11 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch
         if hidden is None:
             hidden = torch.empty((n,) + tuple(h.shape[1:]), dtype=h.dtype, device=h.device)
         hidden[len(args_list)] = h[0]
-        args_list.append(rest)
-        kwargs_list.append(dict(kwargs))
+        # Windows of one length get equal masks and position embeddings: keep one copy of each (an eager
+        # attention mask is L x L per window, which would make memory grow as n * L^2).
+        previous = (args_list[-1], kwargs_list[-1]) if args_list else None
+        args_list.append(_share_equal(rest, previous[0] if previous else None))
+        kwargs_list.append(_share_equal(dict(kwargs), previous[1] if previous else None))
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)

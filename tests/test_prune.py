@@ -257,3 +257,20 @@ def test_weights_outside_linear_layers_are_reported_as_left_dense():
     model.model.layers[1].mlp.experts = torch.nn.Parameter(torch.randn(4, 8, 8))
     with pytest.warns(UserWarning, match=r"not linear layers \(mlp.experts \(4, 8, 8\)"):
         prune_model(model, PruneSpec("magnitude", 0.5), random_windows(2, 8), progress=False)
+
+
+def test_captured_masks_and_positions_are_kept_once():
+    """Eager attention passes an L x L mask per window: equal ones are stored once (memory n * L^2 before)."""
+    from tiny_models import random_windows, tiny_model
+
+    model = tiny_model("llama")
+    model.config._attn_implementation = "eager"
+    layers = find_decoder_layers(model)
+    inputs = capture_layer_inputs(model, layers, random_windows(3, 16))
+    tensors = [[v for v in kw.values() if isinstance(v, torch.Tensor)] for kw in inputs.kwargs]
+    assert tensors[0], "expected tensor kwargs (mask / positions) for the eager model"
+    for later in tensors[1:]:
+        assert len(later) == len(tensors[0]) and all(a is b for a, b in zip(later, tensors[0]))
+    pos = [kw.get("position_embeddings") for kw in inputs.kwargs]
+    if pos[0] is not None:
+        assert all(p[0] is pos[0][0] and p[1] is pos[0][1] for p in pos[1:])
