@@ -84,7 +84,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def _share_equal(value, previous):
     """``value`` with each tensor replaced by the tensor at the same place in ``previous`` where the two are equal
     (same shape, dtype, device and values); tuples, lists and dicts are walked in step."""
@@ -104,6 +103,7 @@ def _share_equal(value, previous):
     return value
 
 
+@torch.no_grad()
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor,
                          device: torch.device | None = None) -> LayerInputs:
     """Run ``model`` on each window (n, L) up to ``layers[0]`` and record that layer's inputs.
@@ -230,7 +230,6 @@ def mirror_lower_(xtx: torch.Tensor) -> torch.Tensor:
     return xtx.tril_().add_(lower.t())
 
 
-@torch.no_grad()
 def _group_conflict(name: str, stats: dict) -> ValueError:
     group = sorted(n for n, s in stats.items() if s is stats.get(name)) or [name]
     return ValueError(f"linear layers {', '.join(group)} read the very same input tensor in some calibration "
@@ -248,6 +247,7 @@ def require_stats(stats: dict, linears: dict, layer_idx: int) -> None:
                          "(--nsamples / --seqlen), or a method without calibration (magnitude)")
 
 
+@torch.no_grad()
 def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs: LayerInputs,
                         scratch: torch.Tensor | None = None, hessian: bool = False, abs_sum: bool = False
                         ) -> dict[str, LinearStats]:

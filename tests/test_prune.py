@@ -274,3 +274,17 @@ def test_captured_masks_and_positions_are_kept_once():
     pos = [kw.get("position_embeddings") for kw in inputs.kwargs]
     if pos[0] is not None:
         assert all(p[0] is pos[0][0] and p[1] is pos[0][1] for p in pos[1:])
+
+
+def test_calibration_builds_no_autograd_graph():
+    """capture_layer_inputs and collect_input_stats run under no_grad: with trainable weights, neither the
+    captured activations nor the statistics may hold an autograd graph (memory would grow with every window)."""
+    from tiny_models import random_windows, tiny_model
+
+    model = tiny_model("llama")
+    assert any(p.requires_grad for p in model.parameters())
+    layers = find_decoder_layers(model)
+    inputs = capture_layer_inputs(model, layers, random_windows(2, 8))
+    assert not inputs.hidden.requires_grad
+    stats = collect_input_stats(layers[0], find_linears(layers[0]), inputs, hessian=True)
+    assert all(not st.sq_norm.requires_grad and not st.xtx.requires_grad for st in stats.values())
