@@ -62,16 +62,22 @@ def shard(windows: torch.Tensor) -> torch.Tensor:
     return windows[rank()::w]
 
 
+def _all_reduce_(t: torch.Tensor, op) -> torch.Tensor:
+    """All-reduce ``t`` in place. NCCL takes only CUDA tensors: a CPU tensor (a scalar sum) goes through the
+    current CUDA device there."""
+    if t.device.type != "cuda" and torch.distributed.get_backend() == "nccl":
+        buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.all_reduce(buf, op=op)
+        t.copy_(buf)
+    else:
+        torch.distributed.all_reduce(t, op=op)
+    return t
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over all ranks, in place. NCCL takes only CUDA tensors: a CPU tensor (a scalar sum) goes
-    through the current CUDA device there."""
+    """Sum ``t`` over all ranks, in place."""
     if is_distributed():
-        if t.device.type != "cuda" and torch.distributed.get_backend() == "nccl":
-            buf = t.to(torch.device("cuda", torch.cuda.current_device()))
-            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
-            t.copy_(buf)
-        else:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        _all_reduce_(t, torch.distributed.ReduceOp.SUM)
     return t
 
 
@@ -79,13 +85,8 @@ def all_reduce_min_max(t: torch.Tensor) -> tuple[float, float]:
     """(min, max) over all ranks of a one-element tensor."""
     low, high = t.clone(), t.clone()
     if is_distributed():
-        for buf, op in ((low, torch.distributed.ReduceOp.MIN), (high, torch.distributed.ReduceOp.MAX)):
-            if torch.distributed.get_backend() == "nccl":
-                dev = buf.to(torch.device("cuda", torch.cuda.current_device()))
-                torch.distributed.all_reduce(dev, op=op)
-                buf.copy_(dev)
-            else:
-                torch.distributed.all_reduce(buf, op=op)
+        _all_reduce_(low, torch.distributed.ReduceOp.MIN)
+        _all_reduce_(high, torch.distributed.ReduceOp.MAX)
     return float(low), float(high)
 
 
