@@ -379,12 +379,6 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   TORCH_CHECK(off[0] == 0 && off[out_features] == values.numel(), "sparsekit::bitmap_linear: row_offsets must run "
               "from 0 to nnz=", values.numel(), ", got ", off[0], " .. ", off[out_features]);
-  // The kernels trust row_offsets to match the bits: check what memory safety needs before they run (O(out)
-  // plus the rows near the end), and the rest as they go (each row's values consumed exactly; checked after).
-  for (int64_t r = 0; r < out_features; ++r) {
-    TORCH_CHECK(off[r] <= off[r + 1], "sparsekit::bitmap_linear: row_offsets must not decrease, got ", off[r],
-                " then ", off[r + 1], " at row ", r);
-  }
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
@@ -392,6 +386,18 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   const at::Tensor xs = x.reshape({rows, in_features});
   const at::Tensor vals = values.contiguous();
+  // More rows than the streamed kernel takes: decode + BLAS, which checks every row's bits against row_offsets
+  // (and ignores bits past in_features) itself.
+  if (rows > kMaxRowsStreamed) {
+    return bitmap_unpack_linear_cpu(x, bitmask.contiguous(), vals, offsets, in_features, bias);
+  }
+  // The streamed kernels trust row_offsets to match the bits: check what memory safety needs before they run
+  // (O(out) plus the rows near the end), and the rest as they go (each row's values consumed exactly; checked
+  // after).
+  for (int64_t r = 0; r < out_features; ++r) {
+    TORCH_CHECK(off[r] <= off[r + 1], "sparsekit::bitmap_linear: row_offsets must not decrease, got ", off[r],
+                " then ", off[r + 1], " at row ", r);
+  }
   at::Tensor mask = bitmask.contiguous();
   if (in_features % kTile != 0) {
     // Bits past in_features in a row's last tile name no column: the reference ignores them, and the kernels
@@ -411,8 +417,7 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   const auto* mask_words = reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>());
   const int64_t nnz = values.numel();
   for (int64_t r = out_features - 1; r >= 0 && off[r] + in_features > nnz; --r) {
-    int64_t count = 0;
-    for (int64_t t = 0; t < tiles; ++t) count += __builtin_popcountll(mask_words[r * tiles + t]);
+    const int64_t count = popcount_words(mask_words + r * tiles, tiles, unpack_isa());
     TORCH_CHECK(count == off[r + 1] - off[r], "sparsekit::bitmap_linear: row ", r, " has ", count,
                 " bits set but row_offsets gives it values ", off[r], " .. ", off[r + 1]);
   }
@@ -425,8 +430,6 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   p.rows = rows;
   p.bitmask = reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>());
   p.row_offsets = off;
-
-  if (rows > kMaxRowsStreamed) return bitmap_unpack_linear_cpu(x, mask, vals, offsets, in_features, bias);
 
   const streamed::Path path = streamed::choose_path(dt, /*vector_kernel=*/true);
   const at::Tensor xf = streamed::padded_x(xs, p.in_padded, path);
