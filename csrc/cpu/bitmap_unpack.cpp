@@ -114,9 +114,22 @@ at::Tensor bitmap_unpack_linear_cpu(const at::Tensor& x, const at::Tensor& bitma
   check_unpack_linear_input(op, x, values, p.out_features, in_features, bias);
   const at::Tensor vals = values.contiguous();
   const UnpackIsa isa = unpack_isa();
-  return unpack_linear_blocked(x, p.out_features, in_features, bias, [&](int64_t r0, int64_t r1, void* dst) {
-    bitmap_decode(p, vals, dst, r0, r1, isa);
-  });
+  const auto* value_bytes = static_cast<const char*>(vals.const_data_ptr());
+  const int64_t elem = vals.element_size();
+  return unpack_linear_blocked(
+      x, p.out_features, in_features, bias,
+      [&](int64_t r0, int64_t r1, void* dst) { bitmap_decode(p, vals, dst, r0, r1, isa); },
+      [&](int64_t r0, int64_t r1) {
+        // row_offsets is checked row by row only when decoded: clamp, these addresses are only prefetched
+        const int64_t v0 = std::clamp<int64_t>(p.row_offsets[r0], 0, p.nnz);
+        const int64_t v1 = std::clamp<int64_t>(p.row_offsets[r1], v0, p.nnz);
+        panel::Ranges r;
+        r.begin[0] = value_bytes + v0 * elem;
+        r.bytes[0] = (v1 - v0) * elem;
+        r.begin[1] = reinterpret_cast<const char*>(p.bitmask + r0 * p.tiles);
+        r.bytes[1] = (r1 - r0) * p.tiles * 8;
+        return r;
+      });
 }
 
 TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {

@@ -3,14 +3,15 @@
 // M <= 4 and 4 bits for M <= 16, little-endian within a row), and sparsekit::nm_unpack_linear, which feeds
 // the same decode, block by block, to BLAS (unpack_linear.h).
 //
-// * 2:4 with AVX-512: 32 columns per step. Four code bytes give the step's 32-bit column mask from a
-//   256-entry table (one byte = two groups = 8 mask bits); the step's 16 kept values are spread over the
-//   32 columns with expands: one vpexpandw with VBMI2 for 16-bit types, else two vpexpandd.
+// * 2:4 with AVX-512: 32 columns per step, one permute of the step's 16 kept values (vpermw, or two vpermd
+//   for 32-bit values) with indices and a zero mask computed from the codes in registers
+//   (unpack_row24_perm): any order of the two positions of a group decodes as the reference's scatter.
 // * Other patterns, or no AVX-512: the row's column bitmask, one bit per kept value, then expand_row
-//   (expand_row.h), or its portable loop.
-// Both rely on the positions of a group being distinct, as pack_nm makes them (increasing). A row whose mask
-// holds fewer bits than kept values (a repeated position) is written value by value instead, in order, so
-// the last value at a repeated position wins. A position >= M (possible for M = 3, 5..15) is an error.
+//   (expand_row.h), or its portable loop. An expand places values in column order, so this path takes
+//   only rows whose positions increase within every group, as pack_nm writes them.
+// A row that fails those conditions (a repeated position, or for the mask path a decreasing pair) is
+// written value by value instead, in order, so the last value at a repeated position wins, as a sequential
+// scatter does. A position >= M (possible for M = 3, 5..15) is an error.
 // Rows are split over threads with at::parallel_for. Only bits move: float16 and bfloat16 share one path.
 
 #include <ATen/ATen.h>
@@ -45,6 +46,16 @@ constexpr std::array<uint8_t, 256> make_table24() {
 }
 constexpr std::array<uint8_t, 256> kTable24 = make_table24();
 
+// 2:4: whether the code byte's low group has increasing positions (bit 0) and its high group (bit 1).
+constexpr std::array<uint8_t, 256> make_increasing24() {
+  std::array<uint8_t, 256> table{};
+  for (int b = 0; b < 256; ++b) {
+    table[b] = static_cast<uint8_t>(((b & 3) < ((b >> 2) & 3)) | ((((b >> 4) & 3) < ((b >> 6) & 3)) << 1));
+  }
+  return table;
+}
+constexpr std::array<uint8_t, 256> kIncreasing24 = make_increasing24();
+
 struct NMUnpack {
   int64_t out_features, in_features, words, m, kept_per_group, kept_per_row, code_width, bits;
   const uint8_t* codes;
@@ -55,80 +66,106 @@ inline int code_at(const uint8_t* row_codes, int64_t j, int64_t bits) {
   return (row_codes[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
 }
 
-// Step 1: the column mask of row r into mask[0 .. words). Returns its popcount.
+// Step 1: the column mask of row r into mask[0 .. words). Returns its popcount, or -1 when the positions of
+// some group do not increase (the expand of step 2 would misplace its values).
 int64_t nm_row_mask(const NMUnpack& p, int64_t r, uint64_t* mask, UnpackIsa isa) {
   std::fill(mask, mask + p.words, uint64_t(0));
   const uint8_t* c = p.codes + r * p.code_width;
   if (p.m == 4 && p.kept_per_group == 2) {
-    for (int64_t b = 0; b < p.code_width; ++b) mask[b >> 3] |= uint64_t(kTable24[c[b]]) << ((b & 7) * 8);
+    bool increasing = true;
+    for (int64_t b = 0; b < p.code_width; ++b) {
+      mask[b >> 3] |= uint64_t(kTable24[c[b]]) << ((b & 7) * 8);
+      increasing &= (kIncreasing24[c[b]] & 1) != 0;
+    }
     // An odd number of groups leaves half of the last byte as padding: a phantom group past in_features.
+    const int64_t groups = p.in_features / 4;
+    for (int64_t b = 0; b < groups / 2; ++b) increasing &= (kIncreasing24[c[b]] & 2) != 0;
     if (p.in_features % 64) mask[p.words - 1] &= (uint64_t(1) << (p.in_features % 64)) - 1;
+    if (!increasing) return -1;
   } else {
     const int64_t groups = p.in_features / p.m;
+    bool increasing = true;
     for (int64_t g = 0, j = 0; g < groups; ++g) {
+      int previous = -1;
       for (int64_t k = 0; k < p.kept_per_group; ++k, ++j) {
         const int pos = code_at(c, j, p.bits);
         TORCH_CHECK(pos < p.m, "sparsekit::nm_unpack: index code ", pos, " >= M=", p.m, " at row ", r,
                     ", kept value ", j);
+        increasing &= pos > previous;
+        previous = pos;
         const int64_t col = g * p.m + pos;
         mask[col >> 6] |= uint64_t(1) << (col & 63);
       }
     }
+    if (!increasing) return -1;
   }
   return popcount_words(mask, p.words, isa);
 }
 
 #if SPARSEKIT_HAVE_X86
 SPARSEKIT_INTRINSICS_BEGIN
-// 2:4, 32 columns (8 groups, 16 kept values, 4 code bytes) per step: the column mask from kTable24, then the
-// values spread with expands. Columns past the last full step (in_features % 32) are left to the caller.
-// Returns false when a group repeats a position (some step's mask has fewer than 16 bits): the row must
-// then be redone value by value.
-inline uint32_t mask24(const uint8_t* c) {
-  return uint32_t(kTable24[c[0]]) | uint32_t(kTable24[c[1]]) << 8 | uint32_t(kTable24[c[2]]) << 16 |
-         uint32_t(kTable24[c[3]]) << 24;
-}
-
-SPARSEKIT_AVX512 bool unpack_row24_avx512(const uint8_t* c, const uint32_t* v, uint32_t* out, int64_t steps) {
-  bool ok = true;
+// 2:4, 32 columns (8 groups, 16 kept values, 4 code bytes) per step, as a permute: output column l (group
+// g = l / 4, position l % 4) takes the group's first kept value where the first code equals l % 4, its second
+// where the second does, else zero. So the codes of a group may come in any order (pack_nm writes them
+// increasing; a mask + expand decode would swap the two values of a decreasing pair). Columns past the last
+// full step (in_features % 32) are left to the caller. Returns false when a group repeats a position: the row
+// must then be redone value by value.
+SPARSEKIT_AVX512 bool unpack_row24_perm(const uint8_t* c, const uint16_t* v, uint16_t* out, int64_t steps) {
+  alignas(64) static constexpr uint16_t kLane[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
+                                                     16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+  const __m512i lane = _mm512_load_si512(kLane);
+  const __m512i three = _mm512_set1_epi16(3);
+  const __m512i pos = _mm512_and_si512(lane, three);
+  const __m512i group = _mm512_srli_epi16(lane, 2);
+  // groups 0..3 read the low 16 bits of the step's code word, groups 4..7 the high 16 bits
+  const __m512i shift0 = _mm512_slli_epi16(_mm512_and_si512(group, three), 2);
+  const __m512i shift1 = _mm512_add_epi16(shift0, _mm512_set1_epi16(2));
+  const __m512i first = _mm512_slli_epi16(group, 1);  // index of the group's first kept value in the step
+  const __m512i one = _mm512_set1_epi16(1);
+  __mmask32 repeated = 0;
   for (int64_t s = 0; s < steps; ++s, c += 4, v += 16, out += 32) {
-    const uint32_t bits = mask24(c);
-    ok &= __builtin_popcount(bits) == 16;
-    const __m512i h = _mm512_loadu_si512(v);
-    _mm512_storeu_si512(out, _mm512_maskz_expand_epi32(static_cast<__mmask16>(bits), h));
-    _mm512_storeu_si512(out + 16, _mm512_maskz_expand_epi32(static_cast<__mmask16>(bits >> 16),
-                                                            _mm512_shuffle_i64x2(h, h, 0xEE)));
-  }
-  return ok;
-}
-
-SPARSEKIT_AVX512 bool unpack_row24_avx512(const uint8_t* c, const uint16_t* v, uint16_t* out, int64_t steps) {
-  bool ok = true;
-  for (int64_t s = 0; s < steps; ++s, c += 4, v += 16, out += 32) {
-    const uint32_t bits = mask24(c);
-    ok &= __builtin_popcount(bits) == 16;
-    // 8 values each (128-bit loads, never past the step's 16); lanes 8..15 are unused by the expands
-    const __m256i lo8 = _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
-    const __m256i hi8 = _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 8)));
-    const __m512i lo = _mm512_cvtepu16_epi32(lo8);
-    const __m512i hi = _mm512_cvtepu16_epi32(hi8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
-                        _mm512_cvtepi32_epi16(_mm512_maskz_expand_epi32(static_cast<__mmask16>(bits), lo)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16),
-                        _mm512_cvtepi32_epi16(_mm512_maskz_expand_epi32(static_cast<__mmask16>(bits >> 16), hi)));
-  }
-  return ok;
-}
-
-SPARSEKIT_AVX512_VBMI2 bool unpack_row24_vbmi2(const uint8_t* c, const uint16_t* v, uint16_t* out, int64_t steps) {
-  bool ok = true;
-  for (int64_t s = 0; s < steps; ++s, c += 4, v += 16, out += 32) {
-    const uint32_t bits = mask24(c);
-    ok &= __builtin_popcount(bits) == 16;
+    uint32_t w;
+    std::memcpy(&w, c, sizeof(w));
+    const __m512i words = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(static_cast<short>(w & 0xFFFF)),
+                                                  _mm512_set1_epi16(static_cast<short>(w >> 16)));
+    const __mmask32 m0 = _mm512_cmpeq_epi16_mask(_mm512_and_si512(_mm512_srlv_epi16(words, shift0), three), pos);
+    const __mmask32 m1 = _mm512_cmpeq_epi16_mask(_mm512_and_si512(_mm512_srlv_epi16(words, shift1), three), pos);
+    repeated |= m0 & m1;
+    const __m512i idx = _mm512_mask_add_epi16(first, m1, first, one);
     const __m512i h = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
-    _mm512_storeu_si512(out, _mm512_maskz_expand_epi16(static_cast<__mmask32>(bits), h));
+    _mm512_storeu_si512(out, _mm512_maskz_permutexvar_epi16(m0 | m1, idx, h));
   }
-  return ok;
+  return repeated == 0;
+}
+
+// The same for 32-bit values: two halves of 16 columns (4 groups, 8 values) per step.
+SPARSEKIT_AVX512 bool unpack_row24_perm(const uint8_t* c, const uint32_t* v, uint32_t* out, int64_t steps) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i three = _mm512_set1_epi32(3);
+  const __m512i pos = _mm512_and_si512(lane, three);
+  const __m512i group = _mm512_srli_epi32(lane, 2);
+  const __m512i shift0 = _mm512_slli_epi32(group, 2);  // half 0: groups 0..3 at bits 0..15
+  const __m512i first = _mm512_slli_epi32(group, 1);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i two = _mm512_set1_epi32(2);
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  __mmask16 repeated = 0;
+  for (int64_t s = 0; s < steps; ++s, c += 4, v += 16, out += 32) {
+    uint32_t w;
+    std::memcpy(&w, c, sizeof(w));
+    const __m512i words = _mm512_set1_epi32(static_cast<int>(w));
+    for (int half = 0; half < 2; ++half) {
+      const __m512i sh0 = half ? _mm512_add_epi32(shift0, sixteen) : shift0;
+      const __m512i sh1 = _mm512_add_epi32(sh0, two);
+      const __mmask16 m0 = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_srlv_epi32(words, sh0), three), pos);
+      const __mmask16 m1 = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_srlv_epi32(words, sh1), three), pos);
+      repeated |= m0 & m1;
+      const __m512i idx = _mm512_mask_add_epi32(first, m1, first, one);
+      const __m512i h = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 8 * half)));
+      _mm512_storeu_si512(out + 16 * half, _mm512_maskz_permutexvar_epi32(m0 | m1, idx, h));
+    }
+  }
+  return repeated == 0;
 }
 SPARSEKIT_INTRINSICS_END
 #endif
@@ -139,11 +176,8 @@ bool unpack_row24(const NMUnpack& p, const uint8_t* c, const Elem* v, Elem* out,
 #if SPARSEKIT_HAVE_X86
   const int64_t steps = p.in_features / 32;
   bool ok;
-  if constexpr (std::is_same_v<Elem, uint16_t>) {
-    ok = isa == UnpackIsa::kAvx512Vbmi2 ? unpack_row24_vbmi2(c, v, out, steps) : unpack_row24_avx512(c, v, out, steps);
-  } else {
-    ok = unpack_row24_avx512(c, v, out, steps);
-  }
+  (void)isa;  // AVX-512 BW is enough for both widths
+  ok = unpack_row24_perm(c, v, out, steps);
   // the last in_features % 32 columns (0 to 7 groups), value by value
   const int64_t done = steps * 32;
   std::memset(out + done, 0, static_cast<size_t>(p.in_features - done) * sizeof(Elem));
@@ -238,9 +272,19 @@ at::Tensor nm_unpack_linear_cpu(const at::Tensor& x, const at::Tensor& values, c
   const at::Tensor codes = index_codes.contiguous();
   p.codes = codes.const_data_ptr<uint8_t>();
   const UnpackIsa isa = unpack_isa();
-  return unpack_linear_blocked(x, p.out_features, in_features, bias, [&](int64_t r0, int64_t r1, void* dst) {
-    nm_decode(p, vals, dst, r0, r1, isa);
-  });
+  const auto* value_bytes = static_cast<const char*>(vals.const_data_ptr());
+  const int64_t value_row_bytes = p.kept_per_row * vals.element_size();
+  return unpack_linear_blocked(
+      x, p.out_features, in_features, bias,
+      [&](int64_t r0, int64_t r1, void* dst) { nm_decode(p, vals, dst, r0, r1, isa); },
+      [&](int64_t r0, int64_t r1) {
+        panel::Ranges r;
+        r.begin[0] = value_bytes + r0 * value_row_bytes;
+        r.bytes[0] = (r1 - r0) * value_row_bytes;
+        r.begin[1] = reinterpret_cast<const char*>(p.codes + r0 * p.code_width);
+        r.bytes[1] = (r1 - r0) * p.code_width;
+        return r;
+      });
 }
 
 TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {

@@ -22,6 +22,8 @@
 #include <ATen/ThreadLocalState.h>
 #include <c10/util/accumulate.h>
 
+#include "cpu/panel_gemm.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <memory>
@@ -101,9 +103,10 @@ at::Tensor unpack_dense(int64_t out_features, int64_t in_features, const at::Ten
 }
 
 // F.linear(x, W, bias) without materialising W (see the top of this file); decode_rows as for unpack_dense.
-template <typename DecodeRows>
+// ranges_of(r_begin, r_end): where those rows' packed bytes lie (panel::Ranges), for the panel path's prefetch.
+template <typename DecodeRows, typename RangesOf>
 at::Tensor unpack_linear_blocked(const at::Tensor& x, int64_t out_features, int64_t in_features,
-                                 const std::optional<at::Tensor>& bias, DecodeRows decode_rows) {
+                                 const std::optional<at::Tensor>& bias, DecodeRows decode_rows, RangesOf ranges_of) {
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
   const int64_t rows_x = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
@@ -116,6 +119,10 @@ at::Tensor unpack_linear_blocked(const at::Tensor& x, int64_t out_features, int6
     } else {
       y.zero_();
     }
+    return y.reshape(out_shape);
+  }
+  if (panel::applies(x2.scalar_type(), rows_x, in_features)) {
+    panel::linear(x2, y, out_features, in_features, bias, decode_rows, ranges_of);
     return y.reshape(out_shape);
   }
   const int64_t elem = x.element_size();

@@ -1,0 +1,294 @@
+// bfloat16 F.linear(x, W, bias) for a packed W at 17..kPanelMaxRows rows of x on CPUs with AVX512-BF16: the
+// "panel" path of unpack_linear_blocked (unpack_linear.h), used by sparsekit::nm_unpack_linear and
+// sparsekit::bitmap_unpack_linear, and so by nm_linear / bitmap_linear above their streamed limit.
+//
+// Why: at these row counts a bfloat16 layer is compute-bound, so the packed weight saves little time, and the
+// block decode + BLAS path pays the decode on top: it wrote 4-32 MiB blocks of dense weight to memory for
+// oneDNN to read back and repack (Llama-3-8B mlp.down at M = 64, 2 threads: 0.82x dense; SmolLM2's 576x576
+// at M = 32: 0.71x). Here the weight never leaves L2 as dense:
+//
+//   * x is packed once per call into VNNI pairs: panel[k / 2][m][2] (bfloat16), m padded to a multiple of 16
+//     with zeros, in chunks of up to 64 rows of x (one gather per 16 rows and pair of columns);
+//   * the weight is decoded kTileRows (24) rows at a time into a per-thread row-major buffer, by the same
+//     decode_rows callback as the block path (kTileRows * in_features * 2 bytes: 672 KiB at K = 14336);
+//   * a register-blocked micro-kernel multiplies Or decoded rows by a chunk of x: per pair of columns it
+//     loads the chunk's Mz = rows / 16 vectors of x once and, for each of the Or rows, broadcasts the
+//     row's two weights and issues Mz vdpbf16ps (Or * Mz = 12 to 24 float32 accumulators; Or = 12, 12, 8, 6
+//     for Mz = 1..4). The accumulators hold y^T; they are written to y transposed, bias added in float32,
+//     rounded to bfloat16 once (as at::addmm does).
+//
+// The products are those of the dense layer (pruned weights are decoded as zeros), so inf/NaN in x behave as
+// in F.linear; the sums are float32 in a different order than oneDNN's. One parallel region per call, over
+// tiles of output rows (see unpack_linear.h for why only one).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include "cpu/cpu_isa.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <optional>
+
+namespace sparsekit {
+
+inline void* unpack_scratch(size_t bytes);  // unpack_linear.h: the per-thread decode buffer
+
+namespace panel {
+
+constexpr int64_t kTileRows = 24;   // weight rows decoded at once: a multiple of every Or below
+constexpr int64_t kChunkRows = 64;  // rows of x per micro-kernel call (Mz <= 4)
+// Above this many rows of x the block decode + BLAS path is used (see the dispatch benchmark).
+constexpr int64_t kPanelMaxRows = 128;
+
+// Where the packed bytes of some weight rows lie (up to two contiguous ranges: values, and codes or bitmask),
+// so that the next tile's can be prefetched while the current one is multiplied.
+struct Ranges {
+  const char* begin[2] = {nullptr, nullptr};
+  int64_t bytes[2] = {0, 0};
+};
+
+// Part `part` of `parts` of the ranges' cache lines, as one span [begin, begin + 64 * lines) per range.
+struct Span {
+  const char* begin[2] = {nullptr, nullptr};
+  int64_t lines[2] = {0, 0};
+};
+inline Span span_part(const Ranges& r, int64_t part, int64_t parts) {
+  Span s;
+  for (int i = 0; i < 2; ++i) {
+    if (!r.begin[i] || r.bytes[i] <= 0) continue;
+    const int64_t lines = (r.bytes[i] + 63) / 64;
+    const int64_t l0 = lines * part / parts;
+    s.begin[i] = r.begin[i] + l0 * 64;
+    s.lines[i] = lines * (part + 1) / parts - l0;
+  }
+  return s;
+}
+
+// The caller's buffer for the packed x, kept between calls so that its pages stay mapped.
+inline uint16_t* x_panel_buffer(size_t elements) {
+  thread_local std::unique_ptr<uint16_t[]> buffer;
+  thread_local size_t capacity = 0;
+  if (elements > capacity) {
+    buffer.reset(new uint16_t[elements + 32]);
+    capacity = elements;
+  }
+  const auto address = reinterpret_cast<uintptr_t>(buffer.get());
+  return buffer.get() + ((64 - address % 64) % 64) / 2;
+}
+
+#if SPARSEKIT_HAVE_X86
+SPARSEKIT_INTRINSICS_BEGIN
+
+// c[r][0 .. 16 * Mz) (+)= sum over pairs p < pairs of w[r * ldw + 2p .. +2) . xp[p][.][0..2), r < Or: stored,
+// or added to c when `accumulate`.
+// Meanwhile it prefetches the lines of `next` into L2, one per pair of columns (prefetches never fault): a
+// burst of them before the call stalled on the miss queue, and the next tile's decode then waited on memory.
+template <int Mz, int Or>
+SPARSEKIT_AVX512_BF16 __attribute__((noinline)) void micro(const uint16_t* xp, const uint16_t* w, int64_t ldw,
+                                                            int64_t pairs, float* c, bool accumulate,
+                                                            const Span& next) {
+  __m512 acc[Or][Mz];
+  for (int r = 0; r < Or; ++r)
+    for (int j = 0; j < Mz; ++j) acc[r][j] = accumulate ? _mm512_loadu_ps(c + (r * Mz + j) * 16) : _mm512_setzero_ps();
+  const char* pf = next.begin[0];
+  int64_t pf_left = next.lines[0];
+  for (int64_t l = 0; l < next.lines[1]; ++l) __builtin_prefetch(next.begin[1] + l * 64, 0, 2);
+  for (int64_t p = 0; p < pairs; ++p) {
+    if (pf_left > 0) {
+      __builtin_prefetch(pf, 0, 2);
+      pf += 64;
+      --pf_left;
+    }
+    __m512i xv[Mz];
+    for (int j = 0; j < Mz; ++j) xv[j] = _mm512_loadu_si512(xp + (p * Mz * 16 + 16 * j) * 2);
+    for (int r = 0; r < Or; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, w + r * ldw + 2 * p, sizeof(pair));
+      const __m512bh wb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < Mz; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wb, (__m512bh)xv[j]);
+    }
+  }
+  for (int r = 0; r < Or; ++r)
+    for (int j = 0; j < Mz; ++j) _mm512_storeu_ps(c + (r * Mz + j) * 16, acc[r][j]);
+}
+
+// Rows [0, rows) of x (row-major, in_features = 2 * pairs columns) to the VNNI panel xp[p][Mz * 16][2], rows
+// past `rows` zero.
+SPARSEKIT_AVX512_BF16 inline void pack_x(const uint16_t* x, int64_t rows, int64_t pairs, int mz, uint16_t* xp) {
+  const auto* x32 = reinterpret_cast<const int*>(x);
+  auto* xp32 = reinterpret_cast<int*>(xp);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int g = 0; g < mz; ++g) {
+    const int64_t n = std::clamp<int64_t>(rows - 16 * g, 0, 16);
+    const __mmask16 live = static_cast<__mmask16>((uint32_t(1) << n) - 1);
+    // word offsets of rows 16g.. from the chunk's first word; rows * pairs < 2^31 is checked by the caller
+    const __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(16 * g)),
+                                           _mm512_set1_epi32(static_cast<int>(pairs)));
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx, x32 + p, 4);
+      _mm512_storeu_si512(xp32 + p * mz * 16 + 16 * g, v);
+    }
+  }
+}
+
+// 16 floats to bfloat16 as c10::BFloat16(float) rounds them: to nearest even, any NaN to 0x7FC0.
+SPARSEKIT_AVX512_BF16 inline __m256i round_to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
+}
+
+// y[m][r] = bfloat16(c[r * ld + m] + bias[r]) for r < rows, m < cols (y's rows ldy apart): 16 values of c
+// per gather, one store of up to 16 outputs per row of y.
+SPARSEKIT_AVX512_BF16 __attribute__((noinline)) inline void store_tile(const float* c, int64_t ld, int64_t rows,
+                                                                 int64_t cols, const float* bias, c10::BFloat16* y,
+                                                                 int64_t ldy) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(ld)));
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t n = std::min<int64_t>(16, rows - r0);
+    const __mmask16 live = static_cast<__mmask16>((uint32_t(1) << n) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + r0) : _mm512_setzero_ps();
+    const float* cr = c + r0 * ld;
+    for (int64_t m = 0; m < cols; ++m) {
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, offsets, cr + m, 4);
+      _mm256_mask_storeu_epi16(y + m * ldy + r0, live, round_to_bf16(_mm512_add_ps(v, b)));
+    }
+  }
+}
+
+// Rows of the micro-kernel's tile for Mz vectors of x rows (Or * Mz accumulators, 12 to 24 of 32 registers).
+constexpr int64_t or_of(int64_t mz) { return mz <= 2 ? 12 : mz == 3 ? 8 : 6; }
+// Pairs of columns per K block: x's panel block is 256 KiB, a quarter of the 1 MiB L2 of the development machine.
+constexpr int64_t block_pairs(int64_t mz) { return (int64_t(1) << 16) / (mz * 16) / 64 * 64; }
+
+// One chunk of x against the tile's decoded rows: sub-tiles of Or rows into a float32 tile of results, then
+// to y (rows m0.., columns r0..) one row of y at a time, so that each row's kTileRows outputs are written
+// together (storing each sub-tile's Or outputs per row of y touched a cache line per element: a third of
+// the time at K = 4096), bias (float32, or nullptr) added before the rounding.
+template <int Mz, int Or>
+inline void chunk_times_tile(const uint16_t* xp, const uint16_t* tile, int64_t in_features, int64_t rows_in_tile,
+                             int64_t m0, int64_t chunk_rows, int64_t r0, const float* bias, int64_t out_features,
+                             c10::BFloat16* y, const Ranges& next, int64_t& part, int64_t parts) {
+  constexpr int64_t kLd = Mz * 16;
+  alignas(64) float c[kTileRows * kLd];
+  const int64_t pairs = in_features / 2;
+  const int64_t block = block_pairs(Mz);
+  // K blocks outside the sub-tiles: a block of x's panel is read from L2 by every sub-tile
+  for (int64_t p0 = 0; p0 < pairs; p0 += block) {
+    const int64_t n = std::min(block, pairs - p0);
+    for (int64_t s = 0; s * Or < rows_in_tile; ++s) {
+      micro<Mz, Or>(xp + p0 * kLd * 2, tile + s * Or * in_features + 2 * p0, in_features, n, c + s * Or * kLd,
+                    p0 > 0, span_part(next, part++, parts));
+    }
+  }
+  store_tile(c, kLd, rows_in_tile, chunk_rows, bias ? bias + r0 : nullptr, y + m0 * out_features + r0,
+             out_features);
+}
+
+SPARSEKIT_INTRINSICS_END
+#endif  // SPARSEKIT_HAVE_X86
+
+// False when SPARSEKIT_CPU_PANEL=0: the block decode + BLAS path instead (tests and benchmarks compare them).
+inline bool panel_enabled() {
+  const char* v = std::getenv("SPARSEKIT_CPU_PANEL");
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
+// True when the panel path takes x (rows_x x in_features, contiguous) of this dtype on this CPU.
+inline bool applies(at::ScalarType dtype, int64_t rows_x, int64_t in_features) {
+#if SPARSEKIT_HAVE_X86
+  return dtype == at::kBFloat16 && rows_x > 0 && rows_x <= kPanelMaxRows && in_features > 0 &&
+         in_features % 2 == 0 && kChunkRows * (in_features / 2) < (int64_t(1) << 31) && use_avx512_bf16() &&
+         panel_enabled();
+#else
+  (void)dtype, (void)rows_x, (void)in_features;
+  return false;
+#endif
+}
+
+// y (rows_x, out_features), bfloat16, contiguous = x2 @ W^T + bias; applies() must hold.
+// decode_rows(r_begin, r_end, dst): dense rows [r_begin, r_end) of W, row-major, to dst (unpack_linear.h).
+// ranges_of(r_begin, r_end): the Ranges of those rows' packed bytes (only prefetched).
+template <typename DecodeRows, typename RangesOf>
+void linear(const at::Tensor& x2, at::Tensor& y, int64_t out_features, int64_t in_features,
+            const std::optional<at::Tensor>& bias, DecodeRows& decode_rows, RangesOf& ranges_of) {
+#if SPARSEKIT_HAVE_X86
+  const int64_t rows_x = x2.size(0);
+  const int64_t pairs = in_features / 2;
+  const int64_t chunks = (rows_x + kChunkRows - 1) / kChunkRows;
+  // x's chunks, each [pairs][mz * 16][2] with mz = its rows / 16 rounded up
+  int64_t panel_elems = 0;
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t rows = std::min(kChunkRows, rows_x - ch * kChunkRows);
+    panel_elems += pairs * ((rows + 15) / 16) * 32;
+  }
+  uint16_t* xp = x_panel_buffer(static_cast<size_t>(panel_elems));
+  const auto* x = reinterpret_cast<const uint16_t*>(x2.const_data_ptr());
+  {
+    int64_t offset = 0;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t rows = std::min(kChunkRows, rows_x - ch * kChunkRows);
+      const int mz = static_cast<int>((rows + 15) / 16);
+      pack_x(x + ch * kChunkRows * in_features, rows, pairs, mz, xp + offset);
+      offset += pairs * mz * 32;
+    }
+  }
+  at::Tensor bias_f;
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    bias_f = bias->to(at::kFloat).contiguous();
+    b = bias_f.const_data_ptr<float>();
+  }
+  auto* yp = reinterpret_cast<c10::BFloat16*>(y.data_ptr());
+  const int64_t tiles = (out_features + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    auto* tile = static_cast<uint16_t*>(unpack_scratch(static_cast<size_t>(kTileRows * in_features * 2)));
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t r0 = t * kTileRows;
+      const int64_t count = std::min(kTileRows, out_features - r0);
+      decode_rows(r0, r0 + count, tile);
+      // rows past the last weight row: zeros, so the last sub-tile reads defined values (its results for
+      // those rows are not stored)
+      if (count < kTileRows) std::memset(tile + count * in_features, 0, (kTileRows - count) * in_features * 2);
+      // the next tile's packed rows, prefetched a slice before each micro-kernel call of this tile
+      const Ranges next = t + 1 < t_end ? ranges_of(r0 + kTileRows, std::min(out_features, r0 + 2 * kTileRows))
+                                        : Ranges{};
+      int64_t parts = 0;  // micro-kernel calls in this tile
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t mz = (std::min(kChunkRows, rows_x - ch * kChunkRows) + 15) / 16;
+        parts += (count + or_of(mz) - 1) / or_of(mz) * ((pairs + block_pairs(mz) - 1) / block_pairs(mz));
+      }
+      int64_t part = 0;
+      int64_t offset = 0;
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t m0 = ch * kChunkRows;
+        const int64_t rows = std::min(kChunkRows, rows_x - m0);
+        const int mz = static_cast<int>((rows + 15) / 16);
+        const uint16_t* xc = xp + offset;
+        switch (mz) {
+          case 1: chunk_times_tile<1, 12>(xc, tile, in_features, count, m0, rows, r0, b, out_features, yp, next, part, parts); break;
+          case 2: chunk_times_tile<2, 12>(xc, tile, in_features, count, m0, rows, r0, b, out_features, yp, next, part, parts); break;
+          case 3: chunk_times_tile<3, 8>(xc, tile, in_features, count, m0, rows, r0, b, out_features, yp, next, part, parts); break;
+          default: chunk_times_tile<4, 6>(xc, tile, in_features, count, m0, rows, r0, b, out_features, yp, next, part, parts); break;
+        }
+        offset += pairs * mz * 32;
+      }
+    }
+  });
+#else
+  (void)x2, (void)y, (void)out_features, (void)in_features, (void)bias, (void)decode_rows, (void)ranges_of;
+  TORCH_CHECK(false, "sparsekit: the panel path needs x86-64");
+#endif
+}
+
+}  // namespace panel
+}  // namespace sparsekit
