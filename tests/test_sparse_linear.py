@@ -17,11 +17,13 @@ from sparsekit.nn import SparseLinear
 from sparsekit.nn.sparse_linear import (
     BITMAP_MIN_SPARSITY,
     CPU_BF16_MAX_ROWS_WITHOUT_DOT,
+    CPU_BF16_MAX_ROWS_WITHOUT_PANEL,
     CPU_SPARSE_MAX_ROWS,
     CPU_SPARSE_MAX_ROWS_ONE_THREAD,
     CPU_SPARSE_MAX_ROWS_UNPACK,
     auto_format,
     cpu_bf16_dot,
+    cpu_bf16_panel,
     cpu_sparse_kernels_fast,
     parse_format,
 )
@@ -70,6 +72,8 @@ def expected_path(fmt, dtype, rows, fallback, sparsity=0.5):
         limit = max(limit, CPU_SPARSE_MAX_ROWS_UNPACK.get((fmt, dtype), 0))
     if dtype == torch.bfloat16 and not cpu_bf16_dot():
         limit = min(limit, CPU_BF16_MAX_ROWS_WITHOUT_DOT)
+    elif dtype == torch.bfloat16 and not cpu_bf16_panel():
+        limit = min(limit, CPU_BF16_MAX_ROWS_WITHOUT_PANEL)
     wins = FAST and rows <= limit
     if fmt == "bitmap" and sparsity < BITMAP_MIN_SPARSITY:
         wins = False
@@ -82,13 +86,14 @@ def test_dispatch_policy_is_the_measured_one():
     # benchmarks/results/sparse_linear_cpu_dispatch_2t.md and sparse_linear_cpu_dispatch.md (quiet machine, 2 and
     # 1 threads): a change here must come with new measurements (benchmarks/bench_sparse_linear.py).
     f32, bf16 = torch.float32, torch.bfloat16
-    assert CPU_SPARSE_MAX_ROWS == {("2:4", f32): 64, ("2:4", bf16): 16, ("bitmap", f32): 64, ("bitmap", bf16): 16}
+    assert CPU_SPARSE_MAX_ROWS == {("2:4", f32): 64, ("2:4", bf16): 64, ("bitmap", f32): 64, ("bitmap", bf16): 64}
     assert CPU_SPARSE_MAX_ROWS_ONE_THREAD == {
-        ("2:4", f32): 64, ("2:4", bf16): 16, ("bitmap", f32): 64, ("bitmap", bf16): 16,
+        ("2:4", f32): 64, ("2:4", bf16): 64, ("bitmap", f32): 64, ("bitmap", bf16): 64,
     }
-    # with dense_fallback="unpack": no larger limit at present (bitmap bf16's 16 is now in the tables above)
+    # with dense_fallback="unpack": no larger limit at present
     assert CPU_SPARSE_MAX_ROWS_UNPACK == {}
     assert CPU_BF16_MAX_ROWS_WITHOUT_DOT == 4
+    assert CPU_BF16_MAX_ROWS_WITHOUT_PANEL == 16  # the streamed kernels' bfloat16 limit before the panel path
     assert BITMAP_MIN_SPARSITY == 0.5
 
 
@@ -134,7 +139,8 @@ def test_paths_cover_sparse_dense_and_unpack():
     if not FAST:
         pytest.skip(cpu_sparse_kernels_fast()[1])
     threads = torch.get_num_threads()
-    bf16_limit = 16 if cpu_bf16_dot() else CPU_BF16_MAX_ROWS_WITHOUT_DOT
+    bf16_limit = (64 if cpu_bf16_panel() else CPU_BF16_MAX_ROWS_WITHOUT_PANEL) if cpu_bf16_dot() \
+        else CPU_BF16_MAX_ROWS_WITHOUT_DOT
     try:
         torch.set_num_threads(2)  # the limits below are the two-thread table's
         cached = SparseLinear.from_linear(pruned_linear(64, 16, "2:4"), dense_fallback="cache")
@@ -148,9 +154,22 @@ def test_paths_cover_sparse_dense_and_unpack():
     assert [cached.path(m, cpu, bf16) for m in (1, bf16_limit, bf16_limit + 1)] == ["sparse", "sparse", "dense"]
     assert [packed.path(m, cpu, torch.float32) for m in (64, 65, 100)] == ["sparse", "unpack", "unpack"]
     assert cached.path(1, cpu, torch.float16) == "dense"  # no fast float16 kernel
-    if cpu_bf16_dot():  # bitmap bf16: the kernel up to M = 16, then dense (cached) or decode + BLAS
-        assert [bitmap_cached.path(m, cpu, bf16) for m in (16, 17)] == ["sparse", "dense"]
-        assert [bitmap_packed.path(m, cpu, bf16) for m in (9, 16, 17)] == ["sparse", "sparse", "unpack"]
+    if cpu_bf16_panel():  # bitmap bf16: the op (streamed kernel, then panel) up to M = 64, then dense or unpack
+        assert [bitmap_cached.path(m, cpu, bf16) for m in (16, 64, 65)] == ["sparse", "sparse", "dense"]
+        assert [bitmap_packed.path(m, cpu, bf16) for m in (9, 64, 65)] == ["sparse", "sparse", "unpack"]
+
+
+def test_bf16_limit_falls_back_without_the_panel(monkeypatch):
+    """SPARSEKIT_CPU_PANEL=0 leaves the ops their streamed kernels, which lose to dense past M = 16: the bfloat16
+    limit of layers built then is capped there."""
+    if not (FAST and cpu_bf16_dot()):
+        pytest.skip("needs the AVX512-BF16 kernels")
+    monkeypatch.setenv("SPARSEKIT_CPU_PANEL", "0")
+    layer = SparseLinear.from_linear(pruned_linear(64, 16, "2:4", dtype=torch.bfloat16), dense_fallback="cache")
+    cpu = torch.device("cpu")
+    assert [layer.path(m, cpu, torch.bfloat16) for m in (16, 17)] == ["sparse", "dense"]
+    monkeypatch.delenv("SPARSEKIT_CPU_PANEL")
+    assert layer.refresh_dispatch().path(64, cpu, torch.bfloat16) == "sparse"
 
 
 def test_cslt_option_decides_the_cslt_path(monkeypatch):
@@ -204,9 +223,8 @@ def test_one_thread_limits():
         dot = cpu_bf16_dot()
         assert [bitmap.path(m, cpu, f32) for m in (64, 65)] == ["sparse", "dense"]
         assert [two_four.path(m, cpu, f32) for m in (64, 65)] == ["sparse", "dense"]
-        limit = 16 if dot else CPU_BF16_MAX_ROWS_WITHOUT_DOT
+        limit = (64 if cpu_bf16_panel() else CPU_BF16_MAX_ROWS_WITHOUT_PANEL) if dot else CPU_BF16_MAX_ROWS_WITHOUT_DOT
         assert [bitmap.path(m, cpu, bf16) for m in (limit, limit + 1)] == ["sparse", "dense"]
-        limit = 16 if dot else CPU_BF16_MAX_ROWS_WITHOUT_DOT
         assert [two_four.path(m, cpu, bf16) for m in (limit, limit + 1)] == ["sparse", "dense"]
         # the limits are decided when a layer is built: a table change shows only after refresh_dispatch
         saved = dict(CPU_SPARSE_MAX_ROWS)
@@ -298,7 +316,7 @@ def test_to_dtype_and_fallback_switch():
     x = torch.randn(4, 64).to(torch.bfloat16)
     assert_linear_close(layer(x), x, lin.weight.to(torch.bfloat16), lin.bias.to(torch.bfloat16))
     layer.set_dense_fallback("unpack")
-    assert layer.dense_weight is None and layer.path(64, x.device, x.dtype) == "unpack"
+    assert layer.dense_weight is None and layer.path(65, x.device, x.dtype) == "unpack"
 
 
 def test_from_conv1d():
@@ -370,11 +388,12 @@ def test_cuda_2_4_matches_dense(dtype):
 def test_switching_fallback_redecides_the_limits(monkeypatch):
     """CPU_SPARSE_MAX_ROWS_UNPACK (empty today) raises a limit for layers without a dense copy only; switching
     the fallback re-decides the limits. Checked with an entry put in the table for the test."""
-    if not (FAST and cpu_bf16_dot()):
-        pytest.skip("needs the AVX512-BF16 kernels")
+    if not (FAST and cpu_bf16_panel()):
+        pytest.skip("needs the AVX512-BF16 kernels and their panel path")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    monkeypatch.setitem(CPU_SPARSE_MAX_ROWS_UNPACK, ("bitmap", torch.bfloat16), 32)
+    monkeypatch.setitem(CPU_SPARSE_MAX_ROWS_UNPACK, ("bitmap", torch.bfloat16),
+                        CPU_SPARSE_MAX_ROWS[("bitmap", torch.bfloat16)] + 32)
     try:
         lin = nn.Linear(256, 128, bias=False).bfloat16()
         with torch.no_grad():

@@ -14,8 +14,9 @@
 //   SPARSEKIT_CPU_ISA=avx512 forces the float32-lane path (tests).
 // * Otherwise (float16, no AVX-512, SPARSEKIT_CPU_ISA=scalar): walk the set bits with ctz; pruned weights are
 //   skipped, so an inf/NaN of x at a pruned position does not reach y there.
-// * More than kMaxRowsStreamed rows of x: the weight is decoded to dense block by block and
-//   BLAS runs on each block (bitmap_unpack_linear_cpu, bitmap_unpack.cpp).
+// * More than kMaxRowsStreamed rows of x, or bfloat16 with AVX512-BF16 from panel::kPanelMinRowsBitmap rows on
+//   (kPanelMinRowsBitmapSmall for weights of at most panel::kSmallWeight elements):
+//   bitmap_unpack_linear_cpu (bitmap_unpack.cpp), the panel path (panel_gemm.h) or block decode + BLAS.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -24,6 +25,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/panel_gemm.h"
 #include "cpu/expand_row.h"
 #include "cpu/streamed.h"
 #include "cpu/to_float.h"
@@ -388,7 +390,10 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   const at::Tensor vals = values.contiguous();
   // More rows than the streamed kernel takes: decode + BLAS, which checks every row's bits against row_offsets
   // (and ignores bits past in_features) itself.
-  if (rows > kMaxRowsStreamed) {
+  if (rows > kMaxRowsStreamed ||
+      (rows >= (out_features * in_features <= panel::kSmallWeight ? panel::kPanelMinRowsBitmapSmall
+                                                                    : panel::kPanelMinRowsBitmap) &&
+       panel::applies(dt, rows, in_features))) {
     return bitmap_unpack_linear_cpu(x, bitmask.contiguous(), vals, offsets, in_features, bias);
   }
   // The streamed kernels trust row_offsets to match the bits: check what memory safety needs before they run

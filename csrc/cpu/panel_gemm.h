@@ -45,6 +45,15 @@ constexpr int64_t kTileRows = 24;   // weight rows decoded at once: a multiple o
 constexpr int64_t kChunkRows = 64;  // rows of x per micro-kernel call (Mz <= 4)
 // Above this many rows of x the block decode + BLAS path is used (see the dispatch benchmark).
 constexpr int64_t kPanelMaxRows = 128;
+// nm_linear (2:4) and bitmap_linear hand bfloat16 calls with at least this many rows to the panel path instead
+// of their streamed kernels. Development runs (1 and 2 threads, Llama-3-8B and SmolLM2 shapes, 2026-11-24): at
+// M = 12 the 2:4 streamed kernel won on five of six shapes, at M = 16 the panel on five of six with 2 threads; the
+// bitmap streamed kernel kept the Llama-3-8B shapes at M = 16 (1.24-1.31x dense against the panel's 1.06-1.18x,
+// 1 thread) and lost the SmolLM2 ones (576x576: 0.98x against 1.28x), so small bitmap layers switch earlier.
+constexpr int64_t kPanelMinRows24 = 13;
+constexpr int64_t kPanelMinRowsBitmap = 17;
+constexpr int64_t kPanelMinRowsBitmapSmall = 13;  // weights of at most kSmallWeight elements
+constexpr int64_t kSmallWeight = int64_t(1) << 20;
 
 // Where the packed bytes of some weight rows lie (up to two contiguous ranges: values, and codes or bitmask),
 // so that the next tile's can be prefetched while the current one is multiplied.

@@ -12,8 +12,8 @@
 // * 2:4 bfloat16 with AVX512-BF16 + VBMI2: 32 kept values, vpermt2w on bfloat16 inputs and one vdpbf16ps per
 //   row of x (sparse24_row_bf16dp): half the instructions. SPARSEKIT_CPU_ISA=avx512 forces the path above.
 // * Every other case (other N:M, float16, no AVX-512, SPARSEKIT_CPU_ISA=scalar): portable scalar loop.
-// * More than kMaxRowsStreamed rows of x: the weight is decoded to dense block by block and
-//   BLAS runs on each block (nm_unpack_linear_cpu, sparse24_unpack.cpp).
+// * More than kMaxRowsStreamed rows of x, or for 2:4 bfloat16 with AVX512-BF16 from panel::kPanelMinRows24
+//   rows on: nm_unpack_linear_cpu (sparse24_unpack.cpp), the panel path (panel_gemm.h) or block decode + BLAS.
 //
 // Products with pruned weights are skipped, so an inf/NaN of x at a pruned position does not reach y
 // (dense F.linear would give NaN there).
@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/panel_gemm.h"
 #include "cpu/streamed.h"
 #include "cpu/to_float.h"
 #include "cpu/unpack.h"
@@ -276,7 +277,11 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   p.codes = codes.const_data_ptr<uint8_t>();
   p.rows = rows;
 
-  if (rows > kMaxRowsStreamed) return nm_unpack_linear_cpu(x, vals, codes, n, m, in_features, bias);
+  // Many rows: decode + GEMM (the bfloat16 panel path from kPanelMinRows24 rows on, else decode + BLAS).
+  if (rows > kMaxRowsStreamed ||
+      (n == 2 && m == 4 && rows >= panel::kPanelMinRows24 && panel::applies(dt, rows, in_features))) {
+    return nm_unpack_linear_cpu(x, vals, codes, n, m, in_features, bias);
+  }
 
   const streamed::Path path = streamed::choose_path(dt, n == 2 && m == 4);
   const at::Tensor xf = streamed::padded_x(xs, p.in_padded, path);

@@ -15,22 +15,26 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 * ``"sparse"``: ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` where the packed kernel was measured to beat
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu_dispatch_2t.md``:
   cold weights, 2 threads, quiet machine; ``CPU_SPARSE_MAX_ROWS_ONE_THREAD`` from the 1-thread run, the same
-  limits): 2:4 and bitmap (>= 50% sparse) in float32 for M <= 64, 2:4 and bitmap bfloat16 for M <= 16.
+  limits): 2:4 and bitmap (>= 50% sparse) in float32 and bfloat16 for M <= 64. In bfloat16 the ops run their
+  streamed kernels up to 12 (2:4) / 16 (bitmap; 12 for weights of at most 2^20 elements) rows and the panel
+  path above (``csrc/cpu/panel_gemm.h``: the weight decoded 24 rows at a time into L2, a ``vdpbf16ps``
+  micro-kernel), where the CPU has AVX512-BF16.
   ``CPU_SPARSE_MAX_ROWS_UNPACK`` can raise a limit for layers with ``dense_fallback="unpack"`` (where the
-  alternative is decode + BLAS, not dense); it is empty at present.
+  alternative is decode + GEMM, not dense); it is empty at present.
   Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M than 2:4, float16,
   CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed: those layers take the
   fallback at every M. The bfloat16 limits assume the AVX512-BF16 path (``cpu_bf16_dot()``); without it they
-  are capped at M = 4.
+  are capped at M = 4, and with ``SPARSEKIT_CPU_PANEL=0`` (no panel path) at M = 16.
 * ``"cslt"``: CUDA only, 2:4 in float16/bfloat16 where torch exposes cuSPARSELt
   (``torch._cslt_sparse_mm``, ``torch.backends.cusparselt.is_available()``) and the shape fits its limits
   (out % 16 == 0, in % 16 == 0), unless the layer was built with ``cslt=False`` (or ``set_cslt(False)``),
   which also drops the cuSPARSELt copy of the weight. Untested on a device so far.
 * ``"dense"``: ``F.linear`` on a cached dense copy of the weight, when ``dense_fallback="cache"``.
 * ``"unpack"``: everywhere else with ``dense_fallback="unpack"`` (the default): ``sparsekit.ops.nm_unpack_linear``
-  / ``bitmap_unpack_linear``, i.e. ``F.linear`` on the unpacked weight without keeping it: the CPU kernel
-  decodes blocks of 4-32 MiB of dense weight into a per-thread scratch buffer (reused from call to call) and
-  runs one BLAS GEMM per block (``csrc/cpu/unpack_linear.h``). On other devices: decode, then ``F.linear``.
+  / ``bitmap_unpack_linear``, i.e. ``F.linear`` on the unpacked weight without keeping it. On CPU, bfloat16
+  with AVX512-BF16 up to M = 128 takes the panel path above; otherwise the kernel decodes blocks of 4-32 MiB
+  of dense weight into a per-thread scratch buffer (reused from call to call) and runs one BLAS GEMM per
+  block (``csrc/cpu/unpack_linear.h``). On other devices: decode, then ``F.linear``.
 * ``"grad"``: when x requires grad: ``F.linear`` on the unpacked weight (``sparsekit.ops.nm_unpack``), so
   gradients reach x (the ops have no autograd formula). The packed weight itself is frozen.
 
@@ -86,7 +90,9 @@ __all__ = [
     "CPU_SPARSE_MAX_ROWS_ONE_THREAD",
     "CPU_SPARSE_MAX_ROWS_UNPACK",
     "CPU_BF16_MAX_ROWS_WITHOUT_DOT",
+    "CPU_BF16_MAX_ROWS_WITHOUT_PANEL",
     "cpu_bf16_dot",
+    "cpu_bf16_panel",
     "cpu_sparse_kernels_fast",
     "DENSE_FALLBACKS",
 ]
@@ -105,9 +111,9 @@ DENSE_FALLBACKS = ("unpack", "cache")
 # Re-measure with benchmarks/bench_sparse_linear.py before changing.
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
-    ("2:4", torch.bfloat16): 16,
+    ("2:4", torch.bfloat16): 64,
     ("bitmap", torch.float32): 64,
-    ("bitmap", torch.bfloat16): 16,
+    ("bitmap", torch.bfloat16): 64,
 }
 # The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md, 06:40), used when
 # torch.get_num_threads() < 2: 2:4 float32 1.48-1.67x at 64, bitmap float32 1.37-1.50x at 64, 2:4 bfloat16
@@ -117,9 +123,9 @@ CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
 # bfloat16 (0.82x) and varies from run to run (0.84-1.19x for 2:4 over three earlier runs).
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
-    ("2:4", torch.bfloat16): 16,
+    ("2:4", torch.bfloat16): 64,
     ("bitmap", torch.float32): 64,
-    ("bitmap", torch.bfloat16): 16,
+    ("bitmap", torch.bfloat16): 64,
 }
 # With dense_fallback="unpack" the alternative to the kernel is decode + BLAS, not dense F.linear, and where
 # both lose to dense the kernel can still be the faster of the two: a larger limit per (format, dtype) for such
@@ -132,6 +138,10 @@ CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {}
 # (SPARSEKIT_CPU_ISA=avx512, 1 thread, 4096x4096: 2:4 and bitmap won up to M = 4); bfloat16 limits are capped
 # at that there.
 CPU_BF16_MAX_ROWS_WITHOUT_DOT = 4
+# From 13 (2:4) / 17 (bitmap) rows on, the bfloat16 ops run the panel path (csrc/cpu/panel_gemm.h: decode to L2
+# + a vdpbf16ps micro-kernel) instead of their streamed kernels, when cpu_bf16_panel(); the bfloat16 limits above
+# past M = 16 rest on it. Without it (SPARSEKIT_CPU_PANEL=0) they are capped at this, the streamed kernels' limit.
+CPU_BF16_MAX_ROWS_WITHOUT_PANEL = 16
 # The same for sparsekit's CUDA / Triton kernels of nm_linear and bitmap_linear: empty until they are measured
 # on a device (benchmarks/bench_sparse_linear.py --device cuda); fill it from that run.
 CUDA_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {}
@@ -186,6 +196,12 @@ def cpu_bf16_dot() -> bool:
         return False
     flags = _cpu_flags()
     return flags is not None and "avx512_bf16" in flags and "avx512_vbmi2" in flags
+
+
+def cpu_bf16_panel() -> bool:
+    """True when the bfloat16 CPU ops take the panel path for many rows: cpu_bf16_dot() and SPARSEKIT_CPU_PANEL
+    is not "0" (csrc/cpu/panel_gemm.h reads the same switch on every call)."""
+    return cpu_bf16_dot() and os.environ.get("SPARSEKIT_CPU_PANEL", "") != "0"
 
 
 def parse_format(fmt: str) -> tuple[str, int | None, int | None]:
@@ -466,6 +482,8 @@ class SparseLinear(nn.Module):
                     limits[dt] = max(limits.get(dt, 0), rows)
         if torch.bfloat16 in limits and not cpu_bf16_dot():
             limits[torch.bfloat16] = min(limits[torch.bfloat16], CPU_BF16_MAX_ROWS_WITHOUT_DOT)
+        elif torch.bfloat16 in limits and not cpu_bf16_panel():
+            limits[torch.bfloat16] = min(limits[torch.bfloat16], CPU_BF16_MAX_ROWS_WITHOUT_PANEL)
         return limits
 
     def _cuda_sparse_limits(self) -> dict[torch.dtype, int]:

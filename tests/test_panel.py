@@ -1,0 +1,129 @@
+"""The CPU panel path (csrc/cpu/panel_gemm.h) and the 2:4 permute decode (csrc/cpu/sparse24_unpack.cpp).
+
+The panel path runs bfloat16 calls of nm_unpack_linear / bitmap_unpack_linear with 1..128 rows of x, and of
+nm_linear (2:4) / bitmap_linear from 13 / 17 rows on, on CPUs with AVX512-BF16; elsewhere (and with
+SPARSEKIT_CPU_PANEL=0) the same calls take block decode + BLAS. Either way the result must match the exact
+product: the cases below cross its tiles (24 weight rows), chunks of x (64 rows), vector groups of x (16 rows)
+and K blocks (1024 column pairs at 64 rows of x, 4096 at 16).
+"""
+
+import pytest
+import torch
+
+import sparsekit
+from sparsekit import ops
+from sparsekit.formats import NMPacked, nm_index_codes, pack_bitmap, pack_nm, unpack_nm
+from linear_check import assert_linear_close, set_isa
+
+CPP_LIVE = sparsekit.backend_status()["cpu"].live
+
+
+def _nm_weight(out_f, in_f, n, m, dtype):
+    w = torch.randn(out_f, in_f)
+    groups = w.view(out_f, in_f // m, m)
+    drop = groups.abs().topk(n, dim=-1, largest=False).indices
+    groups.scatter_(-1, drop, 0.0)
+    return w.to(dtype)
+
+
+def _bitmap_weight(out_f, in_f, sparsity, dtype):
+    w = torch.randn(out_f, in_f)
+    w[torch.rand(out_f, in_f) < sparsity] = 0.0
+    return w.to(dtype)
+
+
+def _run(fmt, op, x, w, b):
+    """y from the op `op` ("unpack" or "packed") on weight w packed as fmt."""
+    in_f = w.shape[1]
+    if fmt in ("2:4", "4:8"):
+        n, m = (2, 4) if fmt == "2:4" else (4, 8)
+        p = pack_nm(w, n, m)
+        codes = nm_index_codes(p.indices, m)
+        f = ops.nm_unpack_linear if op == "unpack" else ops.nm_linear
+        return f(x, p.values, codes, n, m, in_f, b)
+    p = pack_bitmap(w)
+    f = ops.bitmap_unpack_linear if op == "unpack" else ops.bitmap_linear
+    return f(x, p.bitmask, p.values, p.row_offsets, in_f, b)
+
+
+# (rows, (out, in)): one partial tile; two tiles and a partial one with several K blocks from 33 rows on; one K
+# block at 13..32 rows (4096 pairs) crossed at 8200 columns
+_CASES = ([(rows, shape) for shape in [(5, 64), (50, 2112)] for rows in [13, 16, 17, 33, 48, 64, 65, 100, 128, 129]]
+          + [(rows, (24, 8200)) for rows in [13, 16, 33, 129]])
+
+
+@pytest.mark.parametrize("panel", ["on", "off"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("op", ["unpack", "packed"])
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+@pytest.mark.parametrize("rows,shape", _CASES, ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else str(v))
+def test_bf16_linear_matches_reference_across_panel_boundaries(rows, shape, fmt, op, bias, panel, monkeypatch):
+    if panel == "off":
+        monkeypatch.setenv("SPARSEKIT_CPU_PANEL", "0")
+    torch.manual_seed(rows * 7 + shape[0])
+    out_f, in_f = shape
+    w = _nm_weight(out_f, in_f, 2, 4, torch.bfloat16) if fmt == "2:4" else _bitmap_weight(out_f, in_f, 0.6,
+                                                                                         torch.bfloat16)
+    x = torch.randn(rows, in_f).bfloat16()
+    b = torch.randn(out_f).bfloat16() if bias else None
+    assert_linear_close(_run(fmt, op, x, w, b), x, w, b)
+
+
+@pytest.mark.parametrize("fmt", ["2:4", "4:8", "bitmap"])
+def test_bf16_panel_leading_dims_threads_and_odd_width(fmt):
+    """3-D x through the panel path with 1 and 2 threads gives one result; an odd in_features (no column pairs)
+    takes decode + BLAS and is right too."""
+    torch.manual_seed(0)
+    w = (_bitmap_weight(70, 96, 0.5, torch.bfloat16) if fmt == "bitmap"
+         else _nm_weight(70, 96, *((2, 4) if fmt == "2:4" else (4, 8)), torch.bfloat16))
+    x = torch.randn(2, 20, 96).bfloat16()
+    b = torch.randn(70).bfloat16()
+    previous = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                outs.append(_run(fmt, "unpack", x, w, b))
+    finally:
+        torch.set_num_threads(previous)
+    assert outs[0].shape == (2, 20, 70)
+    assert torch.equal(outs[0], outs[1])  # each output is one thread's sum in a fixed order
+    assert_linear_close(outs[0].reshape(40, 70), x.reshape(40, 96), w, b)
+    if fmt == "bitmap":
+        w_odd = _bitmap_weight(30, 75, 0.5, torch.bfloat16)
+        x_odd = torch.randn(40, 75).bfloat16()
+        assert_linear_close(_run(fmt, "unpack", x_odd, w_odd, None), x_odd, w_odd, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# N:M codes whose positions decrease within a group: the format writes them increasing (pack_nm), but the
+# reference decodes any order as a scatter, and so must every kernel (an expand put them in column order).
+# ----------------------------------------------------------------------------------------------------
+def _decreasing(out_f, in_f, n, m, dtype):
+    """(values, indices) of an N:M weight with the kept positions of every group in decreasing order."""
+    p = pack_nm(_nm_weight(out_f, in_f, n, m, dtype), n, m)
+    kept = m - n
+    indices = p.indices.view(out_f, -1, kept).flip(-1).reshape(out_f, -1).contiguous()
+    values = p.values.view(out_f, -1, kept).flip(-1).reshape(out_f, -1).contiguous()
+    return values, indices
+
+
+@pytest.mark.parametrize("isa", ["auto", "avx512", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)], ids=str)
+@pytest.mark.parametrize("in_f", [96, 100, 104], ids=lambda v: f"in{v}")  # full steps; odd groups; tail groups
+def test_nm_decode_of_decreasing_positions_is_a_scatter(in_f, n, m, dtype, isa, monkeypatch):
+    if in_f % m:
+        pytest.skip(f"M={m} does not divide {in_f}")
+    set_isa(isa, monkeypatch)
+    torch.manual_seed(in_f)
+    values, indices = _decreasing(9, in_f, n, m, dtype)
+    dense = unpack_nm(NMPacked(values, indices, (9, in_f), n, m))
+    assert (dense != 0).sum() == values.count_nonzero()  # the flip kept every value, at its own position
+    codes = nm_index_codes(indices, m)
+    assert torch.equal(ops.nm_unpack(values, codes, n, m, in_f), dense)
+    for rows in (1, 20, 70):
+        x = torch.randn(rows, in_f).to(dtype)
+        for f in (ops.nm_linear, ops.nm_unpack_linear):
+            assert_linear_close(f(x, values, codes, n, m, in_f, None), x, dense, None)
