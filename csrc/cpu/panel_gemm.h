@@ -155,21 +155,51 @@ SPARSEKIT_AVX512_BF16 inline __m256i round_to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
 }
 
-// y[m][r] = bfloat16(c[r * ld + m] + bias[r]) for r < rows, m < cols (y's rows ldy apart): 16 values of c
-// per gather, one store of up to 16 outputs per row of y.
+// v[i] = row i of a 16x16 block of floats -> v[j] = column j (the usual unpack / shuffle transpose).
+SPARSEKIT_AVX512_BF16 inline void transpose16(__m512* v) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    v[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    v[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    v[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    v[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(v[h + i], v[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(v[h + i], v[h + i + 4], 0xDD);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// y[m][r] = bfloat16(c[r * ld + m] + bias[r]) for r < rows, m < cols (y's rows ldy apart): 16x16 blocks of c
+// transposed in registers, then one store of up to 16 outputs per row of y (a gather per row of y cost 10% of
+// the call on a 576x576 layer at M = 64).
 SPARSEKIT_AVX512_BF16 __attribute__((noinline)) inline void store_tile(const float* c, int64_t ld, int64_t rows,
-                                                                 int64_t cols, const float* bias, c10::BFloat16* y,
-                                                                 int64_t ldy) {
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(ld)));
+                                                                        int64_t cols, const float* bias,
+                                                                        c10::BFloat16* y, int64_t ldy) {
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-    const int64_t n = std::min<int64_t>(16, rows - r0);
-    const __mmask16 live = static_cast<__mmask16>((uint32_t(1) << n) - 1);
+    const int64_t nr = std::min<int64_t>(16, rows - r0);
+    const __mmask16 live = static_cast<__mmask16>((uint32_t(1) << nr) - 1);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + r0) : _mm512_setzero_ps();
-    const float* cr = c + r0 * ld;
-    for (int64_t m = 0; m < cols; ++m) {
-      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, offsets, cr + m, 4);
-      _mm256_mask_storeu_epi16(y + m * ldy + r0, live, round_to_bf16(_mm512_add_ps(v, b)));
+    for (int64_t m0 = 0; m0 < cols; m0 += 16) {
+      const int64_t nm = std::min<int64_t>(16, cols - m0);
+      __m512 v[16];
+      for (int64_t i = 0; i < 16; ++i) v[i] = i < nr ? _mm512_loadu_ps(c + (r0 + i) * ld + m0) : _mm512_setzero_ps();
+      transpose16(v);
+      for (int64_t j = 0; j < nm; ++j) {
+        _mm256_mask_storeu_epi16(y + (m0 + j) * ldy + r0, live, round_to_bf16(_mm512_add_ps(v[j], b)));
+      }
     }
   }
 }
