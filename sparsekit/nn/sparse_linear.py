@@ -43,13 +43,13 @@ The dense fallback's storage, a trade-off to choose per model:
 * ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32
   0.53x dense, bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept
   for the life of the thread, shared by all layers). Its calls outside the kernel's region (M above the limits:
-  prefill) cost decode + BLAS, measured against dense ``F.linear`` with cold weights on a quiet machine
-  (``benchmarks/results/unpack_linear_cpu_1t.md`` / ``_2t.md``, 1 / 2 threads, 2026-11-24 04:39): float32 at
-  M >= 128, 2:4 0.92-1.30x and bitmap 50% 0.92-1.35x; bfloat16 at M >= 32, 2:4 0.81-1.25x and bitmap
-  0.78-1.27x. So with ``"unpack"`` a layer can be slower than dense above the kernel limits: the worst were the
-  Llama-3-8B down projection in bfloat16 at M = 64 with 2 threads (0.78-0.85x in the two tables) and, through
-  SparseLinear, SmolLM2's 576x576 layer in bfloat16 at M = 32-64 (0.72-0.92x: ~15 us of decode on a ~50 us
-  call). Layers of other N:M patterns or float16 take this path at every M; they were not measured.
+  prefill) cost decode + GEMM. bfloat16 up to M = 128 (AVX512-BF16): the panel path, 1.02-1.21x dense for 2:4
+  and 0.99-1.21x for bitmap at M = 128 with 2 threads, 0.93-1.05x with 1 thread (sparse_linear_cpu_dispatch
+  runs of 2026-11-24 09:01-09:08). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold
+  weights on a quiet machine (``benchmarks/results/unpack_linear_cpu_1t.md`` / ``_2t.md``, 1 / 2 threads,
+  2026-11-24 04:39): float32 at M >= 128, 2:4 0.92-1.30x and bitmap 50% 0.92-1.35x (bfloat16 at M >= 32,
+  before the panel path: 2:4 0.81-1.25x and bitmap 0.78-1.27x). Layers of other N:M patterns or float16 take
+  this path at every M; they were not measured.
   Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
   tens of MiB is page-faulted on every call (0.11-0.97x dense on the Llama shapes in the same runs).
 * ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer: never
@@ -99,15 +99,13 @@ __all__ = [
 
 DENSE_FALLBACKS = ("unpack", "cache")
 
-# Largest M (rows of x) at which the packed CPU kernel beats dense F.linear, per (format, dtype), with two or more
+# Largest M (rows of x) at which the packed CPU op beats dense F.linear, per (format, dtype), with two or more
 # torch threads. From benchmarks/results/sparse_linear_cpu_dispatch_2t.md (quiet machine, cold weights, 2
-# threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the op's speedups over the six shapes at the limit, run of
-# 2026-11-24 06:35, after the bf16 bitmap kernel's expand-loads): 2:4 float32 1.40-2.13x at M = 64, bitmap 50%
-# float32 1.28-1.97x at 64, 2:4 bfloat16 0.96-1.37x at 16 (0.75-1.04x at 32), bitmap bfloat16 0.93-1.38x at 16
-# (0.71-1.05x at 32). The entries below 1x at the limit are SmolLM2's 576x576 layer, where the same calls through
-# SparseLinear on its dense path ran at 0.85-0.88x (run-to-run and per-call overhead on a ~50 us call): the
-# kernel was the faster of the two on all six shapes. The kernel itself streams at most 64 rows (more: decode +
-# BLAS). Bitmap bfloat16 was limited to M = 8 before the expand-loads (0.94-1.47x at 16 then).
+# threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the op's speedups over the six shapes, run of 2026-11-24
+# 09:01, after the bfloat16 panel path): at M = 64, 2:4 float32 1.41-2.16x, bitmap 50% float32 1.34-1.97x,
+# 2:4 bfloat16 1.10-1.47x, bitmap bfloat16 1.11-1.47x; at M = 128 (decode + GEMM inside the op) 0.99-1.23x, about
+# what the dense fallback gives there. In bfloat16 the ops run their streamed kernels to 12 / 16 rows and the
+# panel path above (csrc/cpu/panel_gemm.h); before it the bfloat16 limit was M = 16 (0.71-1.05x at 32).
 # Re-measure with benchmarks/bench_sparse_linear.py before changing.
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
@@ -115,30 +113,26 @@ CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("bitmap", torch.float32): 64,
     ("bitmap", torch.bfloat16): 64,
 }
-# The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md, 06:40), used when
-# torch.get_num_threads() < 2: 2:4 float32 1.48-1.67x at 64, bitmap float32 1.37-1.50x at 64, 2:4 bfloat16
-# 0.82-1.38x at 16 (0.67-1.02x at 32), bitmap bfloat16 0.78-1.31x at 16 (0.62-1.01x at 32): the same limits as
-# with two threads. At M = 16 the bitmap bfloat16 kernel beat the dense path through SparseLinear on five of
-# six shapes; the sixth is the 576x576 layer (0.78x against 0.89x), which is also the entry below 1x for 2:4
-# bfloat16 (0.82x) and varies from run to run (0.84-1.19x for 2:4 over three earlier runs).
+# The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md, 09:04), used when
+# torch.get_num_threads() < 2: at M = 64, 2:4 float32 1.43-1.67x, bitmap float32 1.30-1.47x, 2:4 bfloat16
+# 0.99-1.14x, bitmap bfloat16 0.97-1.13x. The entries below 1x are SmolLM2's 576x576 layer, whose dense path
+# through SparseLinear would cost the per-call dispatch too; the same limits as with two threads.
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
     ("2:4", torch.bfloat16): 64,
     ("bitmap", torch.float32): 64,
     ("bitmap", torch.bfloat16): 64,
 }
-# With dense_fallback="unpack" the alternative to the kernel is decode + BLAS, not dense F.linear, and where
-# both lose to dense the kernel can still be the faster of the two: a larger limit per (format, dtype) for such
-# layers, at any thread count. Empty since the expand-loads: its one entry, bitmap bfloat16 up to M = 16 (where
-# the kernel beat decode + BLAS on all six shapes with 2 threads), is now the limit of the tables above. At
-# M = 32 decode + BLAS was as fast or faster (2 threads: 0.74-1.02x dense against the op's 0.71-1.05x).
+# With dense_fallback="unpack" the alternative to the op is decode + GEMM, not dense F.linear, and where both
+# lose to dense the op can still be the faster of the two: a larger limit per (format, dtype) for such layers, at
+# any thread count. Empty: the op itself runs decode + GEMM above its streamed kernels' rows.
 CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {}
 # The bfloat16 limits above were measured with the kernels' AVX512-BF16 path (vdpbf16ps, with VBMI2). A CPU
 # without it runs their float32-lane path, which was measured only in development runs
 # (SPARSEKIT_CPU_ISA=avx512, 1 thread, 4096x4096: 2:4 and bitmap won up to M = 4); bfloat16 limits are capped
 # at that there.
 CPU_BF16_MAX_ROWS_WITHOUT_DOT = 4
-# From 13 (2:4) / 17 (bitmap) rows on, the bfloat16 ops run the panel path (csrc/cpu/panel_gemm.h: decode to L2
+# From 13 (2:4) / 17 (bitmap; 13 for weights of at most 2^20 elements) rows on, the bfloat16 ops run the panel path (csrc/cpu/panel_gemm.h: decode to L2
 # + a vdpbf16ps micro-kernel) instead of their streamed kernels, when cpu_bf16_panel(); the bfloat16 limits above
 # past M = 16 rest on it. Without it (SPARSEKIT_CPU_PANEL=0) they are capped at this, the streamed kernels' limit.
 CPU_BF16_MAX_ROWS_WITHOUT_PANEL = 16
