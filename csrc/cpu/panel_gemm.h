@@ -123,6 +123,7 @@ SPARSEKIT_AVX512_BF16 __attribute__((noinline)) void micro(const uint16_t* xp, c
       for (int j = 0; j < Mz; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wb, (__m512bh)xv[j]);
     }
   }
+  for (; pf_left > 0; --pf_left, pf += 64) __builtin_prefetch(pf, 0, 2);  // a short K block: the rest now
   for (int r = 0; r < Or; ++r)
     for (int j = 0; j < Mz; ++j) _mm512_storeu_ps(c + (r * Mz + j) * 16, acc[r][j]);
 }

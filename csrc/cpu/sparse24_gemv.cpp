@@ -15,8 +15,10 @@
 // * More than kMaxRowsStreamed rows of x, or for 2:4 bfloat16 with AVX512-BF16 from panel::kPanelMinRows24
 //   rows on: nm_unpack_linear_cpu (sparse24_unpack.cpp), the panel path (panel_gemm.h) or block decode + BLAS.
 //
-// Products with pruned weights are skipped, so an inf/NaN of x at a pruned position does not reach y
-// (dense F.linear would give NaN there).
+// In the streamed kernels products with pruned weights are skipped, so an inf/NaN of x at a pruned position
+// does not reach y (dense F.linear would give NaN there). The decode + GEMM paths (above kMaxRowsStreamed
+// rows, and bfloat16 2:4 from panel::kPanelMinRows24 rows with AVX512-BF16) multiply by the decoded zeros, as
+// F.linear does.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
