@@ -27,17 +27,16 @@
 #include <c10/util/BFloat16.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/thread_buffer.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <optional>
 
 namespace sparsekit {
-
-inline void* unpack_scratch(size_t bytes);  // unpack_linear.h: the per-thread decode buffer
 
 namespace panel {
 
@@ -79,17 +78,8 @@ inline Span span_part(const Ranges& r, int64_t part, int64_t parts) {
   return s;
 }
 
-// The caller's buffer for the packed x, kept between calls so that its pages stay mapped.
-inline uint16_t* x_panel_buffer(size_t elements) {
-  thread_local std::unique_ptr<uint16_t[]> buffer;
-  thread_local size_t capacity = 0;
-  if (elements > capacity) {
-    buffer.reset(new uint16_t[elements + 32]);
-    capacity = elements;
-  }
-  const auto address = reinterpret_cast<uintptr_t>(buffer.get());
-  return buffer.get() + ((64 - address % 64) % 64) / 2;
-}
+// The caller's buffer for the packed x (thread_buffer.h).
+struct XPanelTag;
 
 #if SPARSEKIT_HAVE_X86
 SPARSEKIT_INTRINSICS_BEGIN
@@ -264,23 +254,23 @@ void linear(const at::Tensor& x2, at::Tensor& y, int64_t out_features, int64_t i
 #if SPARSEKIT_HAVE_X86
   const int64_t rows_x = x2.size(0);
   const int64_t pairs = in_features / 2;
+  // x in chunks of up to kChunkRows rows, each packed as [pairs][mz * 16][2] (mz = its rows / 16 rounded up)
+  struct Chunk {
+    int64_t m0, rows, mz, offset;
+  };
+  std::array<Chunk, (kPanelMaxRows + kChunkRows - 1) / kChunkRows> chunk{};
   const int64_t chunks = (rows_x + kChunkRows - 1) / kChunkRows;
-  // x's chunks, each [pairs][mz * 16][2] with mz = its rows / 16 rounded up
   int64_t panel_elems = 0;
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t rows = std::min(kChunkRows, rows_x - ch * kChunkRows);
-    panel_elems += pairs * ((rows + 15) / 16) * 32;
+    chunk[ch] = {ch * kChunkRows, rows, (rows + 15) / 16, panel_elems};
+    panel_elems += pairs * chunk[ch].mz * 32;
   }
-  uint16_t* xp = x_panel_buffer(static_cast<size_t>(panel_elems));
+  auto* xp = static_cast<uint16_t*>(thread_buffer<XPanelTag>(static_cast<size_t>(panel_elems) * 2));
   const auto* x = reinterpret_cast<const uint16_t*>(x2.const_data_ptr());
-  {
-    int64_t offset = 0;
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const int64_t rows = std::min(kChunkRows, rows_x - ch * kChunkRows);
-      const int mz = static_cast<int>((rows + 15) / 16);
-      pack_x(x + ch * kChunkRows * in_features, rows, pairs, mz, xp + offset);
-      offset += pairs * mz * 32;
-    }
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const Chunk& c = chunk[ch];
+    pack_x(x + c.m0 * in_features, c.rows, pairs, static_cast<int>(c.mz), xp + c.offset);
   }
   at::Tensor bias_f;
   const float* b = nullptr;
@@ -304,23 +294,19 @@ void linear(const at::Tensor& x2, at::Tensor& y, int64_t out_features, int64_t i
                                         : Ranges{};
       int64_t parts = 0;  // micro-kernel calls in this tile
       for (int64_t ch = 0; ch < chunks; ++ch) {
-        const int64_t mz = (std::min(kChunkRows, rows_x - ch * kChunkRows) + 15) / 16;
+        const int64_t mz = chunk[ch].mz;
         parts += (count + or_of(mz) - 1) / or_of(mz) * ((pairs + block_pairs(mz) - 1) / block_pairs(mz));
       }
       int64_t part = 0;
-      int64_t offset = 0;
       for (int64_t ch = 0; ch < chunks; ++ch) {
-        const int64_t m0 = ch * kChunkRows;
-        const int64_t rows = std::min(kChunkRows, rows_x - m0);
-        const int mz = static_cast<int>((rows + 15) / 16);
-        const uint16_t* xc = xp + offset;
-        switch (mz) {
-          case 1: chunk_times_tile<1, 12>(xc, tile, in_features, count, m0, rows, r0, b, out_features, yp, next, part, parts); break;
-          case 2: chunk_times_tile<2, 12>(xc, tile, in_features, count, m0, rows, r0, b, out_features, yp, next, part, parts); break;
-          case 3: chunk_times_tile<3, 8>(xc, tile, in_features, count, m0, rows, r0, b, out_features, yp, next, part, parts); break;
-          default: chunk_times_tile<4, 6>(xc, tile, in_features, count, m0, rows, r0, b, out_features, yp, next, part, parts); break;
+        const Chunk& c = chunk[ch];
+        const uint16_t* xc = xp + c.offset;
+        switch (c.mz) {
+          case 1: chunk_times_tile<1, 12>(xc, tile, in_features, count, c.m0, c.rows, r0, b, out_features, yp, next, part, parts); break;
+          case 2: chunk_times_tile<2, 12>(xc, tile, in_features, count, c.m0, c.rows, r0, b, out_features, yp, next, part, parts); break;
+          case 3: chunk_times_tile<3, 8>(xc, tile, in_features, count, c.m0, c.rows, r0, b, out_features, yp, next, part, parts); break;
+          default: chunk_times_tile<4, 6>(xc, tile, in_features, count, c.m0, c.rows, r0, b, out_features, yp, next, part, parts); break;
         }
-        offset += pairs * mz * 32;
       }
     }
   });

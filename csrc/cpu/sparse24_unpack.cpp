@@ -72,14 +72,15 @@ int64_t nm_row_mask(const NMUnpack& p, int64_t r, uint64_t* mask, UnpackIsa isa)
   std::fill(mask, mask + p.words, uint64_t(0));
   const uint8_t* c = p.codes + r * p.code_width;
   if (p.m == 4 && p.kept_per_group == 2) {
+    // Byte b holds groups 2b and 2b + 1; an odd number of groups leaves the last byte's high half as padding:
+    // a phantom group past in_features, whose order is not checked.
+    const int64_t groups = p.in_features / 4;
     bool increasing = true;
     for (int64_t b = 0; b < p.code_width; ++b) {
       mask[b >> 3] |= uint64_t(kTable24[c[b]]) << ((b & 7) * 8);
-      increasing &= (kIncreasing24[c[b]] & 1) != 0;
+      const uint8_t real = 2 * b + 1 < groups ? 3 : 1;
+      increasing &= (kIncreasing24[c[b]] & real) == real;
     }
-    // An odd number of groups leaves half of the last byte as padding: a phantom group past in_features.
-    const int64_t groups = p.in_features / 4;
-    for (int64_t b = 0; b < groups / 2; ++b) increasing &= (kIncreasing24[c[b]] & 2) != 0;
     if (p.in_features % 64) mask[p.words - 1] &= (uint64_t(1) << (p.in_features % 64)) - 1;
     if (!increasing) return -1;
   } else {

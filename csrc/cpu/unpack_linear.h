@@ -23,10 +23,10 @@
 #include <c10/util/accumulate.h>
 
 #include "cpu/panel_gemm.h"
+#include "cpu/thread_buffer.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
 #include <optional>
 #include <vector>
 
@@ -51,20 +51,6 @@ inline int64_t unpack_block_rows(int64_t rows_x, int64_t out_features, int64_t i
   const int64_t blocks = std::max<int64_t>(1, std::min(wanted, out_features / 16));
   const int64_t rows = ((out_features + blocks - 1) / blocks + 15) / 16 * 16;
   return std::min(rows, out_features);
-}
-
-// A per-thread buffer that grows to the largest block seen and is kept, so its pages stay mapped: at most
-// kUnpackMaxBlockBytes (+ 64) per thread that runs these kernels.
-inline void* unpack_scratch(size_t bytes) {
-  thread_local std::unique_ptr<unsigned char[]> buffer;
-  thread_local size_t capacity = 0;
-  if (bytes > capacity) {
-    buffer.reset(new unsigned char[bytes + 64]);
-    capacity = bytes;
-  }
-  // 64-byte alignment for the vector stores and the GEMM's loads
-  const auto address = reinterpret_cast<uintptr_t>(buffer.get());
-  return buffer.get() + ((64 - address % 64) % 64);
 }
 
 // x and bias as nm_linear / bitmap_linear take them; values: the packed weight's values (x's dtype).
