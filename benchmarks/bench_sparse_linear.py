@@ -5,13 +5,13 @@ process, on the linear shapes of Llama-3-8B and SmolLM2-135M, for M = 1..128 row
     python benchmarks/bench_sparse_linear.py --shapes smollm2-135m.mlp.up --rows 1 8 64 --dtypes float32
     python benchmarks/bench_sparse_linear.py --device cuda             # on a GPU machine
 
-Variants, every one on the same pruned weight (2:4 for the N:M ones, 50% unstructured by |W| per row for the
-bitmap ones; the dense baseline is the pruned weight stored dense, since F.linear's time does not depend on
-zeros):
+Variants, every one on the same random weight pruned three ways (2:4 and 4:8 by |W| per group, 50% unstructured
+by |W| per row for the bitmap ones; the dense baseline is the 2:4-pruned weight stored dense, since F.linear's
+time does not depend on zeros):
 
-* ``op 2:4`` / ``op bitmap``: ``torch.ops.sparsekit.nm_linear`` / ``bitmap_linear`` called directly;
-* ``SL 2:4 unpack`` / ``SL bitmap unpack``: ``SparseLinear`` with ``dense_fallback="unpack"`` (packed
-  weight only);
+* ``op 2:4`` / ``op 4:8`` / ``op bitmap``: ``torch.ops.sparsekit.nm_linear`` / ``bitmap_linear`` called directly;
+* ``SL 2:4 unpack`` / ``SL 4:8 unpack`` / ``SL bitmap unpack``: ``SparseLinear`` with ``dense_fallback="unpack"``
+  (packed weight only);
 * ``SL 2:4 cache`` / ``SL bitmap cache``: ``SparseLinear`` with ``dense_fallback="cache"`` (plus a dense
   copy for the calls outside the measured sparse region).
 
@@ -51,24 +51,24 @@ SHAPES = {
     "smollm2-135m.mlp.up/gate": (1536, 576),
     "smollm2-135m.mlp.down": (576, 1536),
 }
-ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
+ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 64, 128)  # 12: the streamed kernels' last bfloat16 M; 24: between
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-VARIANTS = ("dense", "op 2:4", "SL 2:4 unpack", "SL 2:4 cache", "op bitmap", "SL bitmap unpack", "SL bitmap cache")
+VARIANTS = ("dense", "op 2:4", "SL 2:4 unpack", "SL 2:4 cache", "op 4:8", "SL 4:8 unpack", "op bitmap",
+            "SL bitmap unpack", "SL bitmap cache")
 
 
 def make_variants(out_f: int, in_f: int, dtype, device) -> dict:
     """{variant: (object holding the weights, bytes held, fn(obj, x))}, all from one random weight."""
     w = torch.randn(out_f, in_f, device=device)
     w24 = (w * ops.nm_mask(w.abs(), 2, 4)).to(dtype)
-    wbm = (w * ops.rowwise_prune_mask(w.abs(), in_f // 2)).to(dtype)
-    lin24, linbm = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype), \
-        nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
-    with torch.no_grad():
-        lin24.weight.copy_(w24)
-        linbm.weight.copy_(wbm)
+    pruned = {"2:4": w24, "4:8": (w * ops.nm_mask(w.abs(), 4, 8)).to(dtype),
+              "bitmap": (w * ops.rowwise_prune_mask(w.abs(), in_f // 2)).to(dtype)}
     out = {"dense": (w24, w24.numel() * w24.element_size(), lambda t, x: F.linear(x, t))}
-    for fmt, lin in (("2:4", lin24), ("bitmap", linbm)):
-        for fallback in ("unpack", "cache"):
+    for fmt, weight in pruned.items():
+        lin = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+        for fallback in ("unpack", "cache") if fmt != "4:8" else ("unpack",):
             layer = SparseLinear.from_linear(lin, fmt, dense_fallback=fallback)
             held = sum(b.numel() * b.element_size() for b in layer.buffers())
             out[f"SL {fmt} {fallback}"] = (layer, held, lambda t, x: t(x))
@@ -98,7 +98,7 @@ def cuda_medians_ms(fns: dict, reps: int) -> dict:
 def render_markdown(rows: list[dict], header: list[str]) -> str:
     lines = header + [
         "| shape | out x in | dtype | M | dense ms | " + " | ".join(f"{v} (x)" for v in VARIANTS[1:])
-        + " | SL path 2:4 / bitmap |",
+        + " | SL path 2:4 / 4:8 / bitmap |",
         "|---|---|---|---|---|" + "---|" * (len(VARIANTS) - 1) + "---|",
     ]
     table: dict[tuple, dict] = {}
@@ -106,7 +106,7 @@ def render_markdown(rows: list[dict], header: list[str]) -> str:
         table.setdefault((r["shape"], r["out_features"], r["in_features"], r["dtype"], r["M"]), {})[r["variant"]] = r
     for (name, out_f, in_f, dt, m), vr in table.items():
         cells = [f"{vr['dense']['ms']:.3f}"] + [f"{vr[v]['ms']:.3f} ({vr[v]['speedup']:.2f}x)" for v in VARIANTS[1:]]
-        cells.append(f"{vr['SL 2:4 cache']['path']} / {vr['SL bitmap cache']['path']}")
+        cells.append(f"{vr['SL 2:4 cache']['path']} / {vr['SL 4:8 unpack']['path']} / {vr['SL bitmap cache']['path']}")
         lines.append(f"| {name} | {out_f}x{in_f} | {dt} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -140,6 +140,7 @@ def plot(rows: list[dict], path: str, title: str) -> str:
     fig, axes = plt.subplots(len(dtypes), len(shapes), figsize=(3.4 * len(shapes), 3.2 * len(dtypes)),
                              squeeze=False, sharex=True)
     styles = {"op 2:4": ("tab:blue", ":"), "SL 2:4 unpack": ("tab:blue", "--"), "SL 2:4 cache": ("tab:blue", "-"),
+              "op 4:8": ("tab:green", ":"), "SL 4:8 unpack": ("tab:green", "--"),
               "op bitmap": ("tab:orange", ":"), "SL bitmap unpack": ("tab:orange", "--"),
               "SL bitmap cache": ("tab:orange", "-")}
     for i, dt in enumerate(dtypes):
@@ -200,7 +201,10 @@ def main() -> None:
             variants = make_variants(out_f, in_f, dtype, device)
             copies = {}
             for v, (obj, held, _) in variants.items():
-                n = max(1, min(16, -(-cold // max(1, held)))) if cold else 1
+                # a cache layer reads either its packed or its dense weight in a call: enough copies of the
+                # smaller one to be cold (counting both would leave the packed one warm in L3)
+                read = obj.packed_bytes() if v.startswith("SL") and v.endswith("cache") else held
+                n = max(1, min(16, -(-cold // max(1, read)))) if cold else 1
                 copies[v] = [obj] + [copy.deepcopy(obj) for _ in range(n - 1)]
             for m in args.rows:
                 x = torch.randn(m, in_f, device=device).to(dtype)
@@ -246,9 +250,10 @@ def main() -> None:
            if max(load_before, load_after) > 2.5 and device.type == "cpu" else ""),
         "- dense = F.linear on the pruned weight stored dense; (x) = dense ms / variant ms; op = the packed op "
         "called directly; SL = SparseLinear (checks and dispatch included) with dense_fallback unpack or cache; "
-        "weights: 2:4 by |W| per group, bitmap 50% by |W| per row; no bias",
-        "- SL path: the path SparseLinear (cache) takes for that M: sparse = packed kernel, dense = cached F.linear "
-        "(with unpack those calls run the decode + BLAS op, nm_unpack_linear / bitmap_unpack_linear)",
+        "weights: 2:4 and 4:8 by |W| per group, bitmap 50% by |W| per row; no bias",
+        "- SL path: the path SparseLinear takes for that M (2:4 and bitmap: the cache layer; 4:8: the unpack one): "
+        "sparse = packed kernel, dense = cached F.linear, unpack = the decode + GEMM op (nm_unpack_linear / "
+        "bitmap_unpack_linear; the layers with unpack take it wherever the cache ones take dense)",
     ] + ([f"- note: {args.note}"] if args.note else []) + [""]
     md = render_markdown(rows_out, header) + "\n".join(summary_lines(rows_out)) + "\n"
     write_md_csv(out, md, rows_out)

@@ -1,7 +1,8 @@
-"""The CPU panel path (csrc/cpu/panel_gemm.h) and the 2:4 permute decode (csrc/cpu/sparse24_unpack.cpp).
+"""The CPU panel path (csrc/cpu/panel_gemm.h) and the N:M decode paths (csrc/cpu/sparse24_unpack.cpp).
 
 The panel path runs bfloat16 calls of nm_unpack_linear / bitmap_unpack_linear with 1..128 rows of x, and of
-nm_linear (2:4) / bitmap_linear from 13 / 17 rows on, on CPUs with AVX512-BF16; elsewhere (and with
+nm_linear (half-density N:M: 1:2, 2:4, 4:8, 8:16) / bitmap_linear from 13 / 17 rows on (9 for weights of at most
+2^20 elements), on CPUs with AVX512-BF16; elsewhere (and with
 SPARSEKIT_CPU_PANEL=0) the same calls take block decode + BLAS. Either way the result must match the exact
 product: the cases below cross its tiles (24 weight rows), chunks of x (64 rows), vector groups of x (16 rows)
 and K blocks (1024 column pairs at 64 rows of x, 4096 at 16).
@@ -48,7 +49,8 @@ def _run(fmt, op, x, w, b):
 
 # (rows, (out, in)): one partial tile; two tiles and a partial one with several K blocks from 33 rows on; one K
 # block at 13..32 rows (4096 pairs) crossed at 8200 columns
-_CASES = ([(rows, shape) for shape in [(5, 64), (50, 2112)] for rows in [13, 16, 17, 33, 48, 64, 65, 100, 128, 129]]
+_CASES = ([(rows, shape) for shape in [(5, 64), (50, 2112)]
+           for rows in [9, 12, 13, 16, 17, 33, 48, 64, 65, 100, 128, 129]]
           + [(rows, (24, 8200)) for rows in [13, 16, 33, 129]])
 
 
@@ -100,25 +102,30 @@ def test_bf16_panel_leading_dims_threads_and_odd_width(fmt):
 # N:M codes whose positions decrease within a group: the format writes them increasing (pack_nm), but the
 # reference decodes any order as a scatter, and so must every kernel (an expand put them in column order).
 # ----------------------------------------------------------------------------------------------------
-def _decreasing(out_f, in_f, n, m, dtype):
-    """(values, indices) of an N:M weight with the kept positions of every group in decreasing order."""
+def _decreasing(out_f, in_f, n, m, dtype, every_row=True):
+    """(values, indices) of an N:M weight with the kept positions of every group in decreasing order (of the
+    odd rows only when not every_row: rows of both kinds in one call)."""
     p = pack_nm(_nm_weight(out_f, in_f, n, m, dtype), n, m)
     kept = m - n
     indices = p.indices.view(out_f, -1, kept).flip(-1).reshape(out_f, -1).contiguous()
     values = p.values.view(out_f, -1, kept).flip(-1).reshape(out_f, -1).contiguous()
+    if not every_row:
+        indices[::2], values[::2] = p.indices[::2], p.values[::2]
     return values, indices
 
 
+# 2:4 and 4:8 have their own decode paths (a permute; a vector-built mask + expand, then a permute for rows
+# whose positions do not increase); the other power-of-two patterns share a permute path.
 @pytest.mark.parametrize("isa", ["auto", "avx512", "scalar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)], ids=str)
-@pytest.mark.parametrize("in_f", [96, 100, 104], ids=lambda v: f"in{v}")  # full steps; odd groups; tail groups
-def test_nm_decode_of_decreasing_positions_is_a_scatter(in_f, n, m, dtype, isa, monkeypatch):
-    if in_f % m:
-        pytest.skip(f"M={m} does not divide {in_f}")
+# widths: full steps; odd groups; tail groups; a 16-column tail after 32-column steps (those M divides)
+@pytest.mark.parametrize("n,m,in_f", [(n, m, in_f) for n, m in [(2, 4), (4, 8), (8, 16), (1, 2), (2, 8), (6, 8)]
+                                      for in_f in (96, 100, 104, 144) if in_f % m == 0], ids=str)
+@pytest.mark.parametrize("every_row", [True, False], ids=["all-rows", "odd-rows"])
+def test_nm_decode_of_decreasing_positions_is_a_scatter(every_row, in_f, n, m, dtype, isa, monkeypatch):
     set_isa(isa, monkeypatch)
     torch.manual_seed(in_f)
-    values, indices = _decreasing(9, in_f, n, m, dtype)
+    values, indices = _decreasing(9, in_f, n, m, dtype, every_row)
     dense = unpack_nm(NMPacked(values, indices, (9, in_f), n, m))
     assert (dense != 0).sum() == values.count_nonzero()  # the flip kept every value, at its own position
     codes = nm_index_codes(indices, m)

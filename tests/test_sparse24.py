@@ -109,10 +109,11 @@ def weight_of(values, codes, n, m, in_f):
     return unpack_nm(NMPacked(values, indices, (values.shape[0], in_f), n, m))
 
 
-# (n, m, isa): "scalar" sets SPARSEKIT_CPU_ISA=scalar, which moves 2:4 off the AVX-512 path; "avx512" keeps
-# AVX-512 but not its BF16/VBMI2 extensions (bfloat16 2:4 then takes the float32-lane path instead of vdpbf16ps);
-# other patterns always take the portable path.
-NM_LINEAR_CASES = [(2, 4, "auto"), (2, 4, "avx512"), (2, 4, "scalar"), (4, 8, "auto"), (1, 4, "auto")]
+# (n, m, isa): "scalar" sets SPARSEKIT_CPU_ISA=scalar, which moves the half-density patterns (K = M / 2 kept:
+# 1:2, 2:4, 4:8, 8:16) off the AVX-512 path; "avx512" keeps AVX-512 but not its BF16/VBMI2 extensions (bfloat16
+# then takes the float32-lane path instead of vdpbf16ps); other patterns (1:4) always take the portable path.
+NM_LINEAR_CASES = [(2, 4, "auto"), (2, 4, "avx512"), (2, 4, "scalar"), (4, 8, "auto"), (4, 8, "avx512"),
+                   (4, 8, "scalar"), (8, 16, "auto"), (1, 2, "auto"), (1, 4, "auto")]
 
 
 # K blocks of the streamed kernel (streamed.h): 24x2600 has several from 4 rows up and a last one ending in a
@@ -228,9 +229,11 @@ def test_nm_packed_is_plain_data():
 # nm_unpack (packed -> dense) and nm_unpack_linear (decode + BLAS), against the reference
 # ----------------------------------------------------------------------------------------------------
 # "auto": the fastest path here (AVX-512 with VBMI2 where the CPU has it); "avx512": AVX-512 without VBMI2;
-# "scalar": the portable path. 2:4 has its own vector path; other patterns share the bitmask + expand one.
+# "scalar": the portable path. 2:4 and the other power-of-two patterns have permute paths (4:8 a vector-built
+# bitmask + expand first); other M share the bitmask + expand one.
 ISAS = ["auto", "avx512", "scalar"]
-UNPACK_PATTERNS = [(2, 4), (4, 8), (1, 4), (3, 4), (0, 4), (1, 2), (2, 3), (6, 8), (5, 16), (0, 1)]
+UNPACK_PATTERNS = [(2, 4), (4, 8), (1, 4), (3, 4), (0, 4), (1, 2), (2, 3), (6, 8), (5, 16), (0, 1), (8, 16), (1, 8),
+                   (7, 8), (0, 8)]
 
 
 def exact(t):
@@ -285,6 +288,26 @@ def test_nm_unpack_repeated_position_last_value_wins(n, m, isa, monkeypatch):
     want = torch.zeros(rows, groups, m)
     want[:, :, 0] = values.reshape(rows, groups, kept)[:, :, -1]
     assert torch.equal(ops.nm_unpack(values, codes, n, m, groups * m), want.reshape(rows, -1))
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("n,m,in_f", [(4, 8, 128), (4, 8, 72), (1, 2, 64), (2, 8, 96), (3, 6, 36)], ids=str)
+# the streamed kernels (1, 8 rows), the bfloat16 panel path (20), decode + BLAS (70)
+@pytest.mark.parametrize("rows", [1, 8, 20, 70])
+def test_nm_linear_rejects_a_position_outside_the_group(rows, n, m, in_f, dtype, isa, monkeypatch):
+    """A code >= M (4-bit codes hold up to 15, 2-bit up to 3) would read another group's input, or past the
+    row: every path raises, in the middle of a row and in the scalar tail after the last vector step."""
+    set_isa(isa, monkeypatch)
+    values, codes = packed_args(5, in_f, n, m, dtype)
+    bits = nm_index_bits(m)
+    for j in (1, values.shape[1] - 1):  # a kept value early in the row, and the row's last one
+        bad = codes.clone()
+        bad[3, j * bits // 8] |= ((1 << bits) - 1) << (j * bits % 8)  # the largest code the field holds
+        x = torch.randn(rows, in_f).to(dtype)
+        with pytest.raises(RuntimeError, match=f">= M={m} at row 3"):
+            torch.ops.sparsekit.nm_linear(x, values, bad, n, m, in_f, None)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -12,6 +12,7 @@ from torch import nn
 
 from sparsekit import load_compressed, save_compressed
 from sparsekit.nn import SparseLinear
+from sparsekit.nn.sparse_linear import cpu_sparse_kernels_fast
 from sparsekit.prune import PruneSpec, prune_model
 from sparsekit.sparsify import sparsify_
 from tiny_models import tiny_model
@@ -57,6 +58,20 @@ def test_generate_matches_masked_dense(kind, fallback):
     assert report.bytes_after < 0.6 * report.bytes_before
     assert (report.cache_bytes > 0) == (fallback == "cache")
     torch.testing.assert_close(model(ids).logits, logits_before, rtol=1e-4, atol=1e-4)
+    assert torch.equal(greedy(model, ids), want)
+
+
+def test_generate_4_8_matches_masked_dense():
+    """4:8 layers take the same kernels as 2:4 ones (the streamed ones at decode, 1 row; the fallback at prefill)."""
+    model = tiny_model("llama", layers=2)
+    prune_model(model, PruneSpec("magnitude", pattern=(4, 8)), progress=False)
+    ids = prompt()
+    want = greedy(model, ids)
+    sparsify_(model, format="4:8")
+    layers = sparse_layers(model)
+    assert len(layers) == 14 and {m.format for m in layers.values()} == {"4:8"}
+    assert {m.path(1, torch.device("cpu"), torch.float32) for m in layers.values()} == {
+        "sparse" if cpu_sparse_kernels_fast()[0] else "unpack"}
     assert torch.equal(greedy(model, ids), want)
 
 

@@ -49,9 +49,16 @@ constexpr int64_t kPanelMaxRows = 128;
 // M = 12 the 2:4 streamed kernel won on five of six shapes, at M = 16 the panel on five of six with 2 threads; the
 // bitmap streamed kernel kept the Llama-3-8B shapes at M = 16 (1.24-1.31x dense against the panel's 1.06-1.18x,
 // 1 thread) and lost the SmolLM2 ones (576x576: 0.98x against 1.28x), so small bitmap layers switch earlier.
+// Sixth session (2 threads, warm-ish weights, development runs over M = 8..13): for weights of at most
+// kSmallWeight elements the panel matched or beat the streamed kernels from M = 9 on (a 9-row call is two passes
+// over the weight; 576x576 2:4 at M = 12: 1.48x dense against 1.05x, bitmap 1.58x against 1.13x), while on
+// 4096x4096 the 2:4 streamed kernel still won at M = 12 (1.32x against 1.21x); the dispatch benchmark had shown
+// 576x576 bfloat16 at M = 12 at 0.72-0.92x through the streamed kernels. Half-density N:M (2:4, 4:8, 1:2, 8:16)
+// share the 2:4 limits.
 constexpr int64_t kPanelMinRows24 = 13;
+constexpr int64_t kPanelMinRows24Small = 9;  // weights of at most kSmallWeight elements
 constexpr int64_t kPanelMinRowsBitmap = 17;
-constexpr int64_t kPanelMinRowsBitmapSmall = 13;  // weights of at most kSmallWeight elements
+constexpr int64_t kPanelMinRowsBitmapSmall = 9;  // weights of at most kSmallWeight elements
 constexpr int64_t kSmallWeight = int64_t(1) << 20;
 
 // Where the packed bytes of some weight rows lie (up to two contiguous ranges: values, and codes or bitmask),

@@ -6,12 +6,20 @@
 // * 2:4 with AVX-512: 32 columns per step, one permute of the step's 16 kept values (vpermw, or two vpermd
 //   for 32-bit values) with indices and a zero mask computed from the codes in registers
 //   (unpack_row24_perm): any order of the two positions of a group decodes as the reference's scatter.
-// * Other patterns, or no AVX-512: the row's column bitmask, one bit per kept value, then expand_row
-//   (expand_row.h), or its portable loop. An expand places values in column order, so this path takes
-//   only rows whose positions increase within every group, as pack_nm writes them.
-// A row that fails those conditions (a repeated position, or for the mask path a decreasing pair) is
+// * 4:8 with AVX-512: the row's column bitmask built in registers from 64 code bytes (256 columns) at a time
+//   (a nibble -> bit table with vpshufb; nm_row_mask48), then expand_row, for rows whose positions increase
+//   within every group (as pack_nm writes them); other rows take the permute path below. On the development
+//   machine's Zen 5 (1 thread, bfloat16 4096x4096 through the panel path at M = 1-16) this decoded 7.9
+//   weights/ns against 5.3 for the permute path and 8.7 for 2:4's.
+// * Other power-of-two M (2, 8, 16; any N) with AVX-512: 32 columns per step; the step's code fields widened to
+//   16-bit lanes, K compares per output column against the group's fields, one permute of the values
+//   (unpack_row_perm): any order decodes as the scatter.
+// * Other M (3, 5, 6, 7, 9..15), or no AVX-512: the row's column bitmask, one bit per kept value from a scalar
+//   loop (nm_row_mask), then expand_row (expand_row.h), or its portable loop. An expand places values in column
+//   order, so this path takes only rows whose positions increase within every group.
+// A row that fails those conditions (a repeated position, or for the mask paths a decreasing pair) is
 // written value by value instead, in order, so the last value at a repeated position wins, as a sequential
-// scatter does. A position >= M (possible for M = 3, 5..15) is an error.
+// scatter does. A position >= M (possible for M = 2, 3, 5..15) is an error on every path.
 // Rows are split over threads with at::parallel_for. Only bits move: float16 and bfloat16 share one path.
 
 #include <ATen/ATen.h>
@@ -168,6 +176,128 @@ SPARSEKIT_AVX512 bool unpack_row24_perm(const uint8_t* c, const uint32_t* v, uin
   }
   return repeated == 0;
 }
+
+// Other N:M with M a power of two from 2 to 16 (2-bit codes for M <= 4, 4-bit above) and any K kept per group:
+// 32 columns (G = 32 / M groups, G * K <= 30 kept values, 4Kb / M code bytes) per step. The step's code
+// fields are widened to 16-bit lanes; output column l (group g, position l % M) takes kept value g * K + k where
+// field g * K + k equals l % M: K compares of a permuted copy of the fields, then one permute of the values.
+// Any order within a group decodes as the reference's scatter. Returns false, before writing past the step it
+// is at, when a group repeats a position or a code is >= M: the caller redoes the row (value by value, or
+// raising on the bad code).
+struct PermSteps {
+  __m512i word_idx, shifts, field_mask, pos, first, m_lanes;
+  int bytes, kept, vals;  // per step: code bytes, kept per group, values
+};
+
+SPARSEKIT_AVX512 inline PermSteps perm_steps(const NMUnpack& p) {
+  alignas(64) static constexpr uint16_t kLane[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
+                                                     16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+  const __m512i lane = _mm512_load_si512(kLane);
+  const int log2_m = __builtin_ctzll(static_cast<uint64_t>(p.m));
+  const __m512i bit = _mm512_mullo_epi16(lane, _mm512_set1_epi16(static_cast<short>(p.bits)));  // field f's bit
+  PermSteps s;
+  s.word_idx = _mm512_srli_epi16(bit, 4);
+  s.shifts = _mm512_and_si512(bit, _mm512_set1_epi16(15));
+  s.field_mask = _mm512_set1_epi16(static_cast<short>((1 << p.bits) - 1));
+  s.pos = _mm512_and_si512(lane, _mm512_set1_epi16(static_cast<short>(p.m - 1)));
+  s.first = _mm512_mullo_epi16(_mm512_srl_epi16(lane, _mm_cvtsi32_si128(log2_m)),
+                               _mm512_set1_epi16(static_cast<short>(p.kept_per_group)));
+  s.m_lanes = _mm512_set1_epi16(static_cast<short>(p.m));
+  s.kept = static_cast<int>(p.kept_per_group);
+  s.vals = static_cast<int>(32 / p.m * p.kept_per_group);
+  s.bytes = s.vals * static_cast<int>(p.bits) / 8;
+  return s;
+}
+
+// One step: the permute indices into the step's values and the lanes that take one (zero elsewhere); false on a
+// repeated position or a code >= M.
+SPARSEKIT_AVX512 inline bool perm_step(const PermSteps& s, const uint8_t* c, __m512i* idx, __mmask32* take) {
+  const __m128i raw = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << s.bytes) - 1), c);
+  const __m512i fields = _mm512_and_si512(
+      _mm512_srlv_epi16(_mm512_permutexvar_epi16(s.word_idx, _mm512_castsi128_si512(raw)), s.shifts), s.field_mask);
+  const __mmask32 real = static_cast<__mmask32>((uint64_t(1) << s.vals) - 1);
+  __mmask32 bad = _mm512_mask_cmpge_epu16_mask(real, fields, s.m_lanes), taken = 0;
+  __m512i at = s.first, out = s.first;
+  const __m512i one = _mm512_set1_epi16(1);
+  for (int k = 0; k < s.kept; ++k, at = _mm512_add_epi16(at, one)) {
+    const __mmask32 hit = _mm512_cmpeq_epi16_mask(_mm512_permutexvar_epi16(at, fields), s.pos);
+    bad |= hit & taken;
+    taken |= hit;
+    out = _mm512_mask_mov_epi16(out, hit, at);
+  }
+  *idx = out;
+  *take = taken;
+  return bad == 0;
+}
+
+SPARSEKIT_AVX512 bool unpack_row_perm(const NMUnpack& p, const uint8_t* c, const uint16_t* v, uint16_t* out) {
+  const PermSteps s = perm_steps(p);
+  const int64_t steps = p.in_features / 32;
+  const __mmask32 vals = static_cast<__mmask32>((uint64_t(1) << s.vals) - 1);
+  for (int64_t t = 0; t < steps; ++t, c += s.bytes, v += s.vals, out += 32) {
+    __m512i idx;
+    __mmask32 take;
+    prefetch_values_ahead<1>(v);  // the hardware prefetcher does not follow masked loads
+    prefetch_values_ahead<1>(c);
+    if (!perm_step(s, c, &idx, &take)) return false;
+    _mm512_storeu_si512(out, _mm512_maskz_permutexvar_epi16(take, idx, _mm512_maskz_loadu_epi16(vals, v)));
+  }
+  return true;
+}
+
+SPARSEKIT_AVX512 bool unpack_row_perm(const NMUnpack& p, const uint8_t* c, const uint32_t* v, uint32_t* out) {
+  const PermSteps s = perm_steps(p);
+  const int64_t steps = p.in_features / 32;
+  const int lo_vals = std::min(s.vals, 16);
+  const __mmask16 lo = static_cast<__mmask16>((1u << lo_vals) - 1);
+  const __mmask16 hi = static_cast<__mmask16>((1u << (s.vals - lo_vals)) - 1);
+  for (int64_t t = 0; t < steps; ++t, c += s.bytes, v += s.vals, out += 32) {
+    __m512i idx;
+    __mmask32 take;
+    prefetch_values_ahead<2>(v);
+    prefetch_values_ahead<1>(c);
+    if (!perm_step(s, c, &idx, &take)) return false;
+    const __m512i a = _mm512_maskz_loadu_epi32(lo, v), b = _mm512_maskz_loadu_epi32(hi, v + 16);
+    const __m512i idx_lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx));
+    const __m512i idx_hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1));
+    _mm512_storeu_si512(out, _mm512_maskz_permutex2var_epi32(static_cast<__mmask16>(take), a, idx_lo, b));
+    _mm512_storeu_si512(out + 16, _mm512_maskz_permutex2var_epi32(static_cast<__mmask16>(take >> 16), a, idx_hi, b));
+  }
+  return true;
+}
+
+// 4:8: the row's column mask from its 4-bit codes, 64 code bytes (32 groups, 256 columns) per step: each nibble
+// picks its column's bit from a 16-entry table (codes 8..15 pick none), the two bytes of a group are ORed into
+// its 8 mask bits. True when every code is < 8 and the positions of every group increase, so that an expand
+// (expand_row) places the values right; false otherwise (the caller then takes another path). mask: words
+// zeroed 64-bit words.
+SPARSEKIT_AVX512 bool nm_row_mask48(const uint8_t* c, int64_t code_width, uint64_t* mask) {
+  const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0));
+  const __m512i nibble = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi16(0x00FF);
+  auto* out = reinterpret_cast<uint8_t*>(mask);
+  bool ok = true;
+  for (int64_t b = 0; b < code_width; b += 64, out += 32) {
+    const int64_t left = std::min<int64_t>(64, code_width - b);  // even: 2 code bytes per group
+    const __mmask64 real = left == 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+    const __m512i codes = _mm512_maskz_loadu_epi8(real, c + b);
+    const __m512i lo = _mm512_and_si512(codes, nibble);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
+    const __m512i bits = _mm512_or_si512(_mm512_shuffle_epi8(table, lo), _mm512_shuffle_epi8(table, hi));
+    // group mask byte in the low byte of each 16-bit lane: byte 2i | byte 2i + 1
+    const __m512i groups = _mm512_and_si512(_mm512_or_si512(bits, _mm512_srli_epi16(bits, 8)), byte);
+    // increasing: the low code of a byte below its high one, and a group's second byte's low code above the
+    // first byte's high one
+    const __mmask64 within = _mm512_cmplt_epu8_mask(lo, hi);
+    const __m512i low4 = _mm512_set1_epi16(0x0F);
+    const __mmask32 across = _mm512_cmplt_epu16_mask(_mm512_and_si512(_mm512_srli_epi16(codes, 4), low4),
+                                                     _mm512_and_si512(_mm512_srli_epi16(codes, 8), low4));
+    const __mmask64 bad = _mm512_test_epi8_mask(codes, _mm512_set1_epi8(static_cast<char>(0x88)));
+    const __mmask32 real_groups = left == 64 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (left / 2)) - 1);
+    ok &= ((within & real) == real) && ((across & real_groups) == real_groups) && (bad & real) == 0;
+    _mm256_mask_storeu_epi8(out, real_groups, _mm512_cvtepi16_epi8(groups));
+  }
+  return ok;
+}
 SPARSEKIT_INTRINSICS_END
 #endif
 
@@ -190,21 +320,65 @@ bool unpack_row24(const NMUnpack& p, const uint8_t* c, const Elem* v, Elem* out,
 #endif
 }
 
+// The permute path of another power-of-two pattern for a whole row; false when the row must be redone (a repeated
+// position, or a code >= M).
+template <typename Elem>
+bool unpack_row_pow2(const NMUnpack& p, const uint8_t* c, const Elem* v, Elem* out) {
+#if SPARSEKIT_HAVE_X86
+  if (!unpack_row_perm(p, c, v, out)) return false;
+  // the last in_features % 32 columns, value by value (a repeated position there: the last value wins)
+  const int64_t done = p.in_features / 32 * 32;
+  std::memset(out + done, 0, static_cast<size_t>(p.in_features - done) * sizeof(Elem));
+  for (int64_t j = done / p.m * p.kept_per_group; j < p.kept_per_row; ++j) {
+    const int code = code_at(c, j, p.bits);
+    if (code >= p.m) return false;
+    out[(j / p.kept_per_group) * p.m + code] = v[j];
+  }
+  return true;
+#else
+  (void)p, (void)c, (void)v, (void)out;
+  return false;
+#endif
+}
+
+// Which vector decode a row takes: the 2:4 permute, the other power-of-two patterns' permute, or the column mask
+// + expand (other M, or no AVX-512: expand_row's portable loop).
+enum class NMDecode { kPerm24, kMask48, kPermPow2, kMask };
+inline NMDecode nm_decode_kind(const NMUnpack& p, UnpackIsa isa) {
+  if (isa == UnpackIsa::kScalar) return NMDecode::kMask;
+  if (p.m == 4 && p.kept_per_group == 2) return NMDecode::kPerm24;
+  if (p.m == 8 && p.kept_per_group == 4) return NMDecode::kMask48;
+  return (p.m & (p.m - 1)) == 0 && p.m >= 2 ? NMDecode::kPermPow2 : NMDecode::kMask;
+}
+
 // Dense rows [r_begin, r_end) to dst (row r_begin first).
 template <typename Elem>
 void nm_unpack_rows(const NMUnpack& p, const Elem* values, Elem* dst, int64_t r_begin, int64_t r_end,
                     UnpackIsa isa) {
-  const bool fast24 = isa != UnpackIsa::kScalar && p.m == 4 && p.kept_per_group == 2;
-  std::vector<uint64_t> mask(fast24 ? 0 : static_cast<size_t>(std::max<int64_t>(1, p.words)));
+  const NMDecode kind = nm_decode_kind(p, isa);
+  std::vector<uint64_t> mask(static_cast<size_t>(std::max<int64_t>(1, p.words)));
   for (int64_t r = r_begin; r < r_end; ++r) {
     const Elem* v = values + r * p.kept_per_row;
     const uint8_t* c = p.codes + r * p.code_width;
     Elem* d = dst + (r - r_begin) * p.in_features;
-    if (fast24 ? unpack_row24(p, c, v, d, isa) : nm_row_mask(p, r, mask.data(), isa) == p.kept_per_row) {
-      if (!fast24) expand_row(mask.data(), p.in_features, v, d, isa);
+    if (kind == NMDecode::kPerm24 && unpack_row24(p, c, v, d, isa)) continue;
+#if SPARSEKIT_HAVE_X86
+    if (kind == NMDecode::kMask48) {
+      std::fill(mask.begin(), mask.end(), uint64_t(0));
+      if (nm_row_mask48(c, p.code_width, mask.data())) {
+        expand_row(mask.data(), p.in_features, v, d, isa);
+        continue;
+      }
+    }
+#endif
+    if ((kind == NMDecode::kMask48 || kind == NMDecode::kPermPow2) && unpack_row_pow2(p, c, v, d)) continue;
+    // The mask path, or a row the vector paths refused: nm_row_mask raises on a code >= M, and returns -1 for
+    // positions that do not increase within a group.
+    if (nm_row_mask(p, r, mask.data(), isa) == p.kept_per_row) {
+      expand_row(mask.data(), p.in_features, v, d, isa);
       continue;
     }
-    // a repeated position: write value by value, the last one wins (as a sequential scatter would)
+    // a repeated (or decreasing) position: write value by value, the last one wins (as a sequential scatter would)
     std::memset(d, 0, static_cast<size_t>(p.in_features) * sizeof(Elem));
     for (int64_t j = 0; j < p.kept_per_row; ++j) d[(j / p.kept_per_group) * p.m + code_at(c, j, p.bits)] = v[j];
   }

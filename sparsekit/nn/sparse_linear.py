@@ -15,15 +15,16 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 * ``"sparse"``: ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` where the packed kernel was measured to beat
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu_dispatch_2t.md``:
   cold weights, 2 threads, quiet machine; ``CPU_SPARSE_MAX_ROWS_ONE_THREAD`` from the 1-thread run, the same
-  limits): 2:4 and bitmap (>= 50% sparse) in float32 and bfloat16 for M <= 64. In bfloat16 the ops run their
-  streamed kernels up to 12 (2:4) / 16 (bitmap; 12 for weights of at most 2^20 elements) rows and the panel
+  limits): 2:4, 4:8 and bitmap (>= 50% sparse) in float32 and bfloat16 for M <= 64. In bfloat16 the ops run their
+  streamed kernels up to 12 (2:4, 4:8) / 16 (bitmap; 12 for weights of at most 2^20 elements) rows and the panel
   path above (``csrc/cpu/panel_gemm.h``: the weight decoded 24 rows at a time into L2, a ``vdpbf16ps``
   micro-kernel), where the CPU has AVX512-BF16.
   ``CPU_SPARSE_MAX_ROWS_UNPACK`` can raise a limit for layers with ``dense_fallback="unpack"`` (where the
   alternative is decode + GEMM, not dense); it is empty at present.
-  Only where the CPU C++ kernels run their AVX-512 path; their portable path (other N:M than 2:4, float16,
-  CPUs without AVX-512) is 10-50x slower than dense and is never chosen for speed: those layers take the
-  fallback at every M. The bfloat16 limits assume the AVX512-BF16 path (``cpu_bf16_dot()``); without it they
+  Only where the CPU C++ kernels run their AVX-512 path; their portable path (N:M patterns other than the
+  half-density ones 1:2, 2:4, 4:8, 8:16; float16; CPUs without AVX-512) is 10-50x slower than dense and is never
+  chosen for speed: those layers take the fallback at every M. 1:2 and 8:16 run the vector kernels too but
+  were not measured, so they take the fallback as well. The bfloat16 limits assume the AVX512-BF16 path (``cpu_bf16_dot()``); without it they
   are capped at M = 4, and with ``SPARSEKIT_CPU_PANEL=0`` (no panel path) at M = 16.
 * ``"cslt"``: CUDA only, 2:4 in float16/bfloat16 where torch exposes cuSPARSELt
   (``torch._cslt_sparse_mm``, ``torch.backends.cusparselt.is_available()``) and the shape fits its limits
@@ -48,9 +49,9 @@ The dense fallback's storage, a trade-off to choose per model:
   runs of 2026-11-24 09:01-09:08). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold
   weights on a quiet machine (``benchmarks/results/unpack_linear_cpu_1t.md`` / ``_2t.md``, 1 / 2 threads,
   2026-11-24 04:39): float32 at M >= 128, 2:4 0.92-1.30x and bitmap 50% 0.92-1.35x (bfloat16 at M >= 32,
-  before the panel path: 2:4 0.81-1.25x and bitmap 0.78-1.27x). Layers of other N:M patterns or float16 take
-  this path at every M. Other N:M patterns decode through a scalar loop per kept value: 4:8 bfloat16 ran at
-  0.11-0.36x dense at M = 1-64 (development run, 2 threads); float16 was not measured.
+  before the panel path: 2:4 0.81-1.25x and bitmap 0.78-1.27x). Layers of N:M patterns other than 2:4 and 4:8,
+  or float16, take this path at every M. The decode is vectorised for every power-of-two M (2, 4, 8, 16);
+  other M decode their column mask with a scalar loop per kept value. float16 was not measured.
   Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
   tens of MiB is page-faulted on every call (0.11-0.97x dense on the Llama shapes in the same runs).
 * ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer: never
@@ -111,6 +112,8 @@ DENSE_FALLBACKS = ("unpack", "cache")
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
     ("2:4", torch.bfloat16): 64,
+    ("4:8", torch.float32): 64,
+    ("4:8", torch.bfloat16): 64,
     ("bitmap", torch.float32): 64,
     ("bitmap", torch.bfloat16): 64,
 }
@@ -121,6 +124,8 @@ CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
     ("2:4", torch.bfloat16): 64,
+    ("4:8", torch.float32): 64,
+    ("4:8", torch.bfloat16): 64,
     ("bitmap", torch.float32): 64,
     ("bitmap", torch.bfloat16): 64,
 }
@@ -465,8 +470,8 @@ class SparseLinear(nn.Module):
             if numel - self.nnz < int(BITMAP_MIN_SPARSITY * numel):
                 return {}
             key = "bitmap"
-        elif (self.n, self.m) == (2, 4):
-            key = "2:4"
+        elif (self.n, self.m) in ((2, 4), (4, 8)):
+            key = f"{self.n}:{self.m}"
         else:
             return {}
         table = CPU_SPARSE_MAX_ROWS if torch.get_num_threads() >= 2 else CPU_SPARSE_MAX_ROWS_ONE_THREAD
