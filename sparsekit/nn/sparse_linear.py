@@ -16,7 +16,7 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu_dispatch_2t.md``:
   cold weights, 2 threads, quiet machine; ``CPU_SPARSE_MAX_ROWS_ONE_THREAD`` from the 1-thread run, the same
   limits): 2:4, 4:8 and bitmap (>= 50% sparse) in float32 and bfloat16 for M <= 64. In bfloat16 the ops run their
-  streamed kernels up to 12 (2:4, 4:8) / 16 (bitmap; 12 for weights of at most 2^20 elements) rows and the panel
+  streamed kernels up to 12 (2:4, 4:8) / 16 (bitmap) rows (8 for weights of at most 2^20 elements) and the panel
   path above (``csrc/cpu/panel_gemm.h``: the weight decoded 24 rows at a time into L2, a ``vdpbf16ps``
   micro-kernel), where the CPU has AVX512-BF16.
   ``CPU_SPARSE_MAX_ROWS_UNPACK`` can raise a limit for layers with ``dense_fallback="unpack"`` (where the
@@ -44,9 +44,9 @@ The dense fallback's storage, a trade-off to choose per model:
 * ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32
   0.53x dense, bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept
   for the life of the thread, shared by all layers). Its calls outside the kernel's region (M above the limits:
-  prefill) cost decode + GEMM. bfloat16 up to M = 128 (AVX512-BF16): the panel path, 1.02-1.21x dense for 2:4
-  and 0.99-1.21x for bitmap at M = 128 with 2 threads, 0.93-1.05x with 1 thread (sparse_linear_cpu_dispatch
-  runs of 2026-11-24 09:01-09:08). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold
+  prefill) cost decode + GEMM. bfloat16 up to M = 128 (AVX512-BF16): the panel path, at M = 128 1.02-1.43x
+  dense for 2:4, 1.00-1.41x for 4:8 and 1.01-1.44x for bitmap with 2 threads, 0.97-1.04x with 1 thread
+  (sparse_linear_cpu_dispatch runs of 2026-11-24 12:09-12:15). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold
   weights on a quiet machine (``benchmarks/results/unpack_linear_cpu_1t.md`` / ``_2t.md``, 1 / 2 threads,
   2026-11-24 04:39): float32 at M >= 128, 2:4 0.92-1.30x and bitmap 50% 0.92-1.35x (bfloat16 at M >= 32,
   before the panel path: 2:4 0.81-1.25x and bitmap 0.78-1.27x). Layers of N:M patterns other than 2:4 and 4:8,
@@ -104,10 +104,11 @@ DENSE_FALLBACKS = ("unpack", "cache")
 # Largest M (rows of x) at which the packed CPU op beats dense F.linear, per (format, dtype), with two or more
 # torch threads. From benchmarks/results/sparse_linear_cpu_dispatch_2t.md (quiet machine, cold weights, 2
 # threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the op's speedups over the six shapes, run of 2026-11-24
-# 09:01, after the bfloat16 panel path): at M = 64, 2:4 float32 1.41-2.16x, bitmap 50% float32 1.34-1.97x,
-# 2:4 bfloat16 1.10-1.47x, bitmap bfloat16 1.11-1.47x; at M = 128 (decode + GEMM inside the op) 0.99-1.23x, about
-# what the dense fallback gives there. In bfloat16 the ops run their streamed kernels to 12 / 16 rows and the
-# panel path above (csrc/cpu/panel_gemm.h); before it the bfloat16 limit was M = 16 (0.71-1.05x at 32).
+# 12:09): at M = 64, float32 2:4 1.27-1.94x, 4:8 1.27-2.04x, bitmap 50% 1.38-2.09x; bfloat16 2:4 1.09-1.96x, 4:8
+# 1.05-1.87x, bitmap 1.07-1.92x. The weakest bfloat16 cells are M = 16-24 (the panel path rounds x's rows up to
+# 16): 2:4 1.05x, bitmap 1.01x, 4:8 0.95x (Llama down). At M = 128 (decode + GEMM inside the op) about what the
+# dense fallback gives. In bfloat16 the ops run their streamed kernels to 12 / 16 rows (8 for weights of at most
+# 2^20 elements) and the panel path above (csrc/cpu/panel_gemm.h).
 # Re-measure with benchmarks/bench_sparse_linear.py before changing.
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
@@ -117,10 +118,10 @@ CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
     ("bitmap", torch.float32): 64,
     ("bitmap", torch.bfloat16): 64,
 }
-# The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md, 09:04), used when
-# torch.get_num_threads() < 2: at M = 64, 2:4 float32 1.43-1.67x, bitmap float32 1.30-1.47x, 2:4 bfloat16
-# 0.99-1.14x, bitmap bfloat16 0.97-1.13x. The entries below 1x are SmolLM2's 576x576 layer, whose dense path
-# through SparseLinear would cost the per-call dispatch too; the same limits as with two threads.
+# The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md, 12:15), used when
+# torch.get_num_threads() < 2: at M = 64, float32 2:4 1.25-1.46x, 4:8 1.22-1.53x, bitmap 1.34-1.55x; bfloat16 2:4
+# 1.09-1.17x, 4:8 0.99-1.10x, bitmap 1.05-1.14x. Below 1x: bfloat16 4:8 at M = 16-24 on the Llama shapes
+# (0.87-0.99x) and bitmap at M = 24 (0.95x): the fallback there (unpack: the same panel path) is no faster.
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
     ("2:4", torch.float32): 64,
     ("2:4", torch.bfloat16): 64,
@@ -138,7 +139,8 @@ CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {}
 # (SPARSEKIT_CPU_ISA=avx512, 1 thread, 4096x4096: 2:4 and bitmap won up to M = 4); bfloat16 limits are capped
 # at that there.
 CPU_BF16_MAX_ROWS_WITHOUT_DOT = 4
-# From 13 (2:4) / 17 (bitmap; 13 for weights of at most 2^20 elements) rows on, the bfloat16 ops run the panel path (csrc/cpu/panel_gemm.h: decode to L2
+# From 13 (2:4, 4:8) / 17 (bitmap) rows on (9 for weights of at most 2^20 elements), the bfloat16 ops run the
+# panel path (csrc/cpu/panel_gemm.h: decode to L2
 # + a vdpbf16ps micro-kernel) instead of their streamed kernels, when cpu_bf16_panel(); the bfloat16 limits above
 # past M = 16 rest on it. Without it (SPARSEKIT_CPU_PANEL=0) they are capped at this, the streamed kernels' limit.
 CPU_BF16_MAX_ROWS_WITHOUT_PANEL = 16
