@@ -294,8 +294,8 @@ def test_nm_unpack_repeated_position_last_value_wins(n, m, isa, monkeypatch):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
 @pytest.mark.parametrize("n,m,in_f", [(4, 8, 128), (4, 8, 72), (1, 2, 64), (2, 8, 96), (3, 6, 36)], ids=str)
-# the streamed kernels (1, 8 rows), the bfloat16 panel path (20), decode + BLAS (70)
-@pytest.mark.parametrize("rows", [1, 8, 20, 70])
+# no rows of x (no loop runs), the streamed kernels (1, 8 rows), the bfloat16 panel path (20), decode + BLAS (70)
+@pytest.mark.parametrize("rows", [0, 1, 8, 20, 70])
 def test_nm_linear_rejects_a_position_outside_the_group(rows, n, m, in_f, dtype, isa, monkeypatch):
     """A code >= M (4-bit codes hold up to 15, 2-bit up to 3) would read another group's input, or past the
     row: every path raises, in the middle of a row and in the scalar tail after the last vector step."""

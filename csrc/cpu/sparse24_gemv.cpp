@@ -17,7 +17,7 @@
 //   panel::kPanelMinRows24 rows on (kPanelMinRows24Small for weights of at most panel::kSmallWeight elements):
 //   nm_unpack_linear_cpu (sparse24_unpack.cpp), the panel path (panel_gemm.h)
 //   or block decode + BLAS.
-// A code >= M (possible for M = 2, 3, 5..15) is an error, as in the reference and nm_unpack; the streamed loops
+// A code >= M (possible for M = 1, 2, 3, 5..15) is an error, as in the reference and nm_unpack; the streamed loops
 // check it on the fly (one OR per step) and raise after the pass.
 //
 // In the streamed kernels products with pruned weights are skipped, so an inf/NaN of x at a pruned position
@@ -362,7 +362,21 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   }
   p.bias = bias.has_value() ? bf.const_data_ptr<float>() : nullptr;
   p.y = yf.data_ptr<float>();
-  if (rows == 0 || out_features == 0) return yf.to(dt).reshape(out_shape);
+  // Name the first code >= M (the reference raises on one whatever x is): after the pass when a loop flagged one,
+  // and here when no loop runs.
+  auto check_codes = [&] {
+    for (int64_t r = 0; r < out_features; ++r) {
+      for (int64_t j = 0; j < kept_per_row; ++j) {
+        const int code = code_at(p.codes + r * code_width, j, bits);
+        TORCH_CHECK(code < m, "sparsekit::nm_linear: index code ", code, " >= M=", m, " at row ", r,
+                    ", kept value ", j);
+      }
+    }
+  };
+  if (rows == 0 || out_features == 0) {
+    check_codes();
+    return yf.to(dt).reshape(out_shape);
+  }
 
   const int64_t grain = std::max<int64_t>(1, kWeightsPerTask / std::max<int64_t>(1, in_features));
   auto run = [&](auto* v) {
@@ -390,16 +404,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       AT_DISPATCH_CASE(at::kFloat, [&] { run(vals.const_data_ptr<float>()); })
       AT_DISPATCH_CASE(at::kBFloat16, [&] { run(vals.const_data_ptr<c10::BFloat16>()); })
       AT_DISPATCH_CASE(at::kHalf, [&] { run(vals.const_data_ptr<c10::Half>()); }));
-  if (bad_code.load()) {
-    // Name the first bad code, as nm_unpack does (a second pass, on the error path only).
-    for (int64_t r = 0; r < out_features; ++r) {
-      for (int64_t j = 0; j < kept_per_row; ++j) {
-        const int code = code_at(p.codes + r * code_width, j, bits);
-        TORCH_CHECK(code < m, "sparsekit::nm_linear: index code ", code, " >= M=", m, " at row ", r,
-                    ", kept value ", j);
-      }
-    }
-  }
+  if (bad_code.load()) check_codes();  // a second pass, on the error path only
   return yf.to(dt).reshape(out_shape);
 }
 

@@ -11,7 +11,7 @@
 //   within every group (as pack_nm writes them); other rows take the permute path below. On the development
 //   machine's Zen 5 (1 thread, bfloat16 4096x4096 through the panel path at M = 1-16) this decoded 7.9
 //   weights/ns against 5.3 for the permute path and 8.7 for 2:4's.
-// * Other power-of-two M (2, 8, 16; any N) with AVX-512: 32 columns per step; the step's code fields widened to
+// * Other power-of-two M (2, 8, 16, and 4 with N != 2; any N) with AVX-512: 32 columns per step; the step's code fields widened to
 //   16-bit lanes, K compares per output column against the group's fields, one permute of the values
 //   (unpack_row_perm): any order decodes as the scatter.
 // * Other M (3, 5, 6, 7, 9..15), or no AVX-512: the row's column bitmask, one bit per kept value from a scalar
@@ -19,7 +19,7 @@
 //   order, so this path takes only rows whose positions increase within every group.
 // A row that fails those conditions (a repeated position, or for the mask paths a decreasing pair) is
 // written value by value instead, in order, so the last value at a repeated position wins, as a sequential
-// scatter does. A position >= M (possible for M = 2, 3, 5..15) is an error on every path.
+// scatter does. A position >= M (possible for M = 1, 2, 3, 5..15) is an error on every path.
 // Rows are split over threads with at::parallel_for. Only bits move: float16 and bfloat16 share one path.
 
 #include <ATen/ATen.h>
@@ -67,6 +67,7 @@ constexpr std::array<uint8_t, 256> kIncreasing24 = make_increasing24();
 struct NMUnpack {
   int64_t out_features, in_features, words, m, kept_per_group, kept_per_row, code_width, bits;
   const uint8_t* codes;
+  const char* op;  // the op that decodes, for error messages
 };
 
 inline int code_at(const uint8_t* row_codes, int64_t j, int64_t bits) {
@@ -98,7 +99,7 @@ int64_t nm_row_mask(const NMUnpack& p, int64_t r, uint64_t* mask, UnpackIsa isa)
       int previous = -1;
       for (int64_t k = 0; k < p.kept_per_group; ++k, ++j) {
         const int pos = code_at(c, j, p.bits);
-        TORCH_CHECK(pos < p.m, "sparsekit::nm_unpack: index code ", pos, " >= M=", p.m, " at row ", r,
+        TORCH_CHECK(pos < p.m, p.op, ": index code ", pos, " >= M=", p.m, " at row ", r,
                     ", kept value ", j);
         increasing &= pos > previous;
         previous = pos;
@@ -178,7 +179,7 @@ SPARSEKIT_AVX512 bool unpack_row24_perm(const uint8_t* c, const uint32_t* v, uin
 }
 
 // Other N:M with M a power of two from 2 to 16 (2-bit codes for M <= 4, 4-bit above) and any K kept per group:
-// 32 columns (G = 32 / M groups, G * K <= 30 kept values, 4Kb / M code bytes) per step. The step's code
+// 32 columns (G = 32 / M groups, G * K <= 32 kept values, 4Kb / M code bytes) per step. The step's code
 // fields are widened to 16-bit lanes; output column l (group g, position l % M) takes kept value g * K + k where
 // field g * K + k equals l % M: K compares of a permuted copy of the fields, then one permute of the values.
 // Any order within a group decodes as the reference's scatter. Returns false, before writing past the step it
@@ -356,7 +357,7 @@ template <typename Elem>
 void nm_unpack_rows(const NMUnpack& p, const Elem* values, Elem* dst, int64_t r_begin, int64_t r_end,
                     UnpackIsa isa) {
   const NMDecode kind = nm_decode_kind(p, isa);
-  std::vector<uint64_t> mask(static_cast<size_t>(std::max<int64_t>(1, p.words)));
+  std::vector<uint64_t> mask(kind == NMDecode::kPerm24 ? 0 : static_cast<size_t>(std::max<int64_t>(1, p.words)));
   for (int64_t r = r_begin; r < r_end; ++r) {
     const Elem* v = values + r * p.kept_per_row;
     const uint8_t* c = p.codes + r * p.code_width;
@@ -374,6 +375,7 @@ void nm_unpack_rows(const NMUnpack& p, const Elem* values, Elem* dst, int64_t r_
     if ((kind == NMDecode::kMask48 || kind == NMDecode::kPermPow2) && unpack_row_pow2(p, c, v, d)) continue;
     // The mask path, or a row the vector paths refused: nm_row_mask raises on a code >= M, and returns -1 for
     // positions that do not increase within a group.
+    mask.resize(static_cast<size_t>(std::max<int64_t>(1, p.words)));  // a 2:4 row's first fallback allocates it
     if (nm_row_mask(p, r, mask.data(), isa) == p.kept_per_row) {
       expand_row(mask.data(), p.in_features, v, d, isa);
       continue;
@@ -396,6 +398,7 @@ NMUnpack check_nm_packed(const char* op, const at::Tensor& values, const at::Ten
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": values must be float32, bfloat16 or float16, got ", dt);
   NMUnpack p{};
+  p.op = op;
   p.m = m;
   p.kept_per_group = m - n;
   p.kept_per_row = in_features / m * p.kept_per_group;
