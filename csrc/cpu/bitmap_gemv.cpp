@@ -391,9 +391,8 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   // More rows than the streamed kernel takes: decode + BLAS, which checks every row's bits against row_offsets
   // (and ignores bits past in_features) itself.
   if (rows > kMaxRowsStreamed ||
-      (rows >= (out_features * in_features <= panel::kSmallWeight ? panel::kPanelMinRowsBitmapSmall
-                                                                    : panel::kPanelMinRowsBitmap) &&
-       panel::applies(dt, rows, in_features))) {
+      panel::takes_rows(dt, rows, out_features, in_features, panel::kPanelMinRowsBitmap,
+                        panel::kPanelMinRowsBitmapSmall)) {
     return bitmap_unpack_linear_cpu(x, bitmask.contiguous(), vals, offsets, in_features, bias);
   }
   // The streamed kernels trust row_offsets to match the bits: check what memory safety needs before they run

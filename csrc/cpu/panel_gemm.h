@@ -252,6 +252,15 @@ inline bool applies(at::ScalarType dtype, int64_t rows_x, int64_t in_features) {
 #endif
 }
 
+// True when a packed op (nm_linear, bitmap_linear) hands a call of rows_x rows to the panel path instead of its
+// streamed kernels: from min_rows rows on (min_rows_small for weights of at most kSmallWeight elements), where
+// applies().
+inline bool takes_rows(at::ScalarType dtype, int64_t rows_x, int64_t out_features, int64_t in_features,
+                       int64_t min_rows, int64_t min_rows_small) {
+  return rows_x >= (out_features * in_features <= kSmallWeight ? min_rows_small : min_rows) &&
+         applies(dtype, rows_x, in_features);
+}
+
 // y (rows_x, out_features), bfloat16, contiguous = x2 @ W^T + bias; applies() must hold.
 // decode_rows(r_begin, r_end, dst): dense rows [r_begin, r_end) of W, row-major, to dst (unpack_linear.h).
 // ranges_of(r_begin, r_end): the Ranges of those rows' packed bytes (only prefetched).

@@ -336,10 +336,8 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   const bool half = half_density(n, m);
   // Many rows: decode + GEMM (the bfloat16 panel path from kPanelMinRows24 rows on, else decode + BLAS).
   if (rows > kMaxRowsStreamed ||
-      (half &&
-       rows >= (out_features * in_features <= panel::kSmallWeight ? panel::kPanelMinRows24Small
-                                                                  : panel::kPanelMinRows24) &&
-       panel::applies(dt, rows, in_features))) {
+      (half && panel::takes_rows(dt, rows, out_features, in_features, panel::kPanelMinRows24,
+                                 panel::kPanelMinRows24Small))) {
     return nm_unpack_linear_cpu(x, vals, codes, n, m, in_features, bias);
   }
 

@@ -302,32 +302,15 @@ SPARSEKIT_AVX512 bool nm_row_mask48(const uint8_t* c, int64_t code_width, uint64
 SPARSEKIT_INTRINSICS_END
 #endif
 
-// 2:4 vector path for a whole row; false when the row must be redone value by value.
+// The permute paths for a whole row (2:4's, or the other power-of-two patterns'), then the last in_features % 32
+// columns value by value; false when the row must be redone (a repeated position, or a code >= M).
 template <typename Elem>
-bool unpack_row24(const NMUnpack& p, const uint8_t* c, const Elem* v, Elem* out, UnpackIsa isa) {
+bool unpack_row_permuted(const NMUnpack& p, const uint8_t* c, const Elem* v, Elem* out) {
 #if SPARSEKIT_HAVE_X86
-  const int64_t steps = p.in_features / 32;
-  bool ok;
-  (void)isa;  // AVX-512 BW is enough for both widths
-  ok = unpack_row24_perm(c, v, out, steps);
-  // the last in_features % 32 columns (0 to 7 groups), value by value
-  const int64_t done = steps * 32;
-  std::memset(out + done, 0, static_cast<size_t>(p.in_features - done) * sizeof(Elem));
-  for (int64_t j = done / 2; j < p.kept_per_row; ++j) out[(j / 2) * 4 + code_at(c, j, 2)] = v[j];
-  return ok;
-#else
-  (void)p, (void)c, (void)v, (void)out, (void)isa;
-  return false;
-#endif
-}
-
-// The permute path of another power-of-two pattern for a whole row; false when the row must be redone (a repeated
-// position, or a code >= M).
-template <typename Elem>
-bool unpack_row_pow2(const NMUnpack& p, const uint8_t* c, const Elem* v, Elem* out) {
-#if SPARSEKIT_HAVE_X86
-  if (!unpack_row_perm(p, c, v, out)) return false;
-  // the last in_features % 32 columns, value by value (a repeated position there: the last value wins)
+  const bool ok = p.m == 4 && p.kept_per_group == 2 ? unpack_row24_perm(c, v, out, p.in_features / 32)
+                                                    : unpack_row_perm(p, c, v, out);
+  if (!ok) return false;
+  // a repeated position in the tail: the last value wins
   const int64_t done = p.in_features / 32 * 32;
   std::memset(out + done, 0, static_cast<size_t>(p.in_features - done) * sizeof(Elem));
   for (int64_t j = done / p.m * p.kept_per_group; j < p.kept_per_row; ++j) {
@@ -362,7 +345,6 @@ void nm_unpack_rows(const NMUnpack& p, const Elem* values, Elem* dst, int64_t r_
     const Elem* v = values + r * p.kept_per_row;
     const uint8_t* c = p.codes + r * p.code_width;
     Elem* d = dst + (r - r_begin) * p.in_features;
-    if (kind == NMDecode::kPerm24 && unpack_row24(p, c, v, d, isa)) continue;
 #if SPARSEKIT_HAVE_X86
     if (kind == NMDecode::kMask48) {
       std::fill(mask.begin(), mask.end(), uint64_t(0));
@@ -372,7 +354,7 @@ void nm_unpack_rows(const NMUnpack& p, const Elem* values, Elem* dst, int64_t r_
       }
     }
 #endif
-    if ((kind == NMDecode::kMask48 || kind == NMDecode::kPermPow2) && unpack_row_pow2(p, c, v, d)) continue;
+    if (kind != NMDecode::kMask && unpack_row_permuted(p, c, v, d)) continue;
     // The mask path, or a row the vector paths refused: nm_row_mask raises on a code >= M, and returns -1 for
     // positions that do not increase within a group.
     mask.resize(static_cast<size_t>(std::max<int64_t>(1, p.words)));  // a 2:4 row's first fallback allocates it

@@ -24,8 +24,9 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
   Only where the CPU C++ kernels run their AVX-512 path; their portable path (N:M patterns other than the
   half-density ones 1:2, 2:4, 4:8, 8:16; float16; CPUs without AVX-512) is 10-50x slower than dense and is never
   chosen for speed: those layers take the fallback at every M. 1:2 and 8:16 run the vector kernels too but
-  were not measured, so they take the fallback as well. The bfloat16 limits assume the AVX512-BF16 path (``cpu_bf16_dot()``); without it they
-  are capped at M = 4, and with ``SPARSEKIT_CPU_PANEL=0`` (no panel path) at M = 16.
+  were not measured, so they take the fallback as well. The bfloat16 limits assume the AVX512-BF16 path
+  (``cpu_bf16_dot()``); without it they are capped at M = 4, and with ``SPARSEKIT_CPU_PANEL=0`` (no panel path)
+  at M = 16.
 * ``"cslt"``: CUDA only, 2:4 in float16/bfloat16 where torch exposes cuSPARSELt
   (``torch._cslt_sparse_mm``, ``torch.backends.cusparselt.is_available()``) and the shape fits its limits
   (out % 16 == 0, in % 16 == 0), unless the layer was built with ``cslt=False`` (or ``set_cslt(False)``),
@@ -472,10 +473,8 @@ class SparseLinear(nn.Module):
             if numel - self.nnz < int(BITMAP_MIN_SPARSITY * numel):
                 return {}
             key = "bitmap"
-        elif (self.n, self.m) in ((2, 4), (4, 8)):
-            key = f"{self.n}:{self.m}"
         else:
-            return {}
+            key = f"{self.n}:{self.m}"  # patterns without table entries (unmeasured) get no limits
         table = CPU_SPARSE_MAX_ROWS if torch.get_num_threads() >= 2 else CPU_SPARSE_MAX_ROWS_ONE_THREAD
         limits = {dt: rows for (fmt, dt), rows in table.items() if fmt == key}
         if self.dense_fallback == "unpack":
