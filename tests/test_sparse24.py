@@ -17,7 +17,8 @@ import torch
 
 import sparsekit
 from sparsekit import ops
-from sparsekit.formats import NMPacked, nm_index_bits, nm_index_codes, nm_indices_from_codes, pack_nm, unpack_nm
+from sparsekit.formats import (NMPacked, check_nm_packed, nm_index_bits, nm_index_codes, nm_indices_from_codes,
+                               pack_nm, unpack_nm)
 from sparsekit.ops import reference as R
 from linear_check import assert_linear_close, set_isa
 
@@ -279,8 +280,8 @@ def test_nm_unpack_moves_bits_unchanged(dtype, isa, monkeypatch):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)], ids=str)
 def test_nm_unpack_repeated_position_last_value_wins(n, m, isa, monkeypatch):
-    """Codes pack_nm never makes (all zero: every kept value at position 0, as in a freshly constructed
-    SparseLinear) are written value by value, the last one winning."""
+    """Codes pack_nm never makes (all zero: every kept value at position 0) are written value by value, the last
+    one winning."""
     set_isa(isa, monkeypatch)
     rows, groups, kept = 3, 9, m - n
     values = torch.randn(rows, groups * kept)
@@ -420,3 +421,47 @@ def test_nm_unpack_linear_wrapper_raises_value_error(args, match):
 def test_nm_unpack_linear_cpp_raises_runtime_error(args, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.sparsekit.nm_unpack_linear(*args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# check_nm_packed: what the kernels do not check per call
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (4, 8), (8, 16), (2, 8), (3, 6), (0, 4), (5, 8)], ids=str)
+def test_check_nm_packed_accepts_what_pack_nm_makes_and_names_a_repeat(n, m):
+    """Every packed weight pack_nm makes passes (decreasing positions too: distinct is what counts); a repeated
+    position or one >= M is refused, naming the row and group."""
+    torch.manual_seed(n * 17 + m)
+    rows, groups, kept = 5, 7, m - n
+    w = torch.randn(rows, groups * m)
+    w.view(rows, groups, m).scatter_(-1, torch.rand(rows, groups, m).argsort(-1)[..., :n], 0.0)
+    p = pack_nm(w, n, m)
+    codes = nm_index_codes(p.indices, m)
+    check_nm_packed(p.values, codes, n, m, groups * m)
+    flipped = p.indices.reshape(rows, groups, kept).flip(-1).reshape(rows, -1)  # distinct, decreasing
+    check_nm_packed(p.values, nm_index_codes(flipped, m), n, m, groups * m)
+    if kept >= 2:
+        rep = p.indices.clone().reshape(rows, groups, kept)
+        rep[3, 4, kept - 1] = rep[3, 4, 0]
+        with pytest.raises(ValueError, match=r"row 3, group 4 \(columns {}\.\.{}\) repeats a position".format(
+                4 * m, 5 * m - 1)):
+            check_nm_packed(p.values, nm_index_codes(rep.reshape(rows, -1), m), n, m, groups * m)
+    if m not in (2, 4, 16):  # a code field can hold m: 2-bit codes hold 0..3, 4-bit ones 0..15
+        big = codes.clone()
+        bits = nm_index_bits(m)
+        j = 2 * kept + 1 if kept > 1 else 2 * kept  # row 1, group 2
+        big[1, j * bits // 8] |= m << (j * bits % 8)
+        with pytest.raises(ValueError, match=f"row 1, group 2 .* holds position {m | int(p.indices[1, j])}"):
+            check_nm_packed(p.values, big, n, m, groups * m)
+
+
+def test_check_nm_packed_shape_errors():
+    p = pack_nm(torch.zeros(3, 16), 2, 4)
+    codes = nm_index_codes(p.indices, 4)
+    with pytest.raises(ValueError, match="M=4 does not divide in_features=18"):
+        check_nm_packed(p.values, codes, 2, 4, 18)
+    with pytest.raises(ValueError, match=r"values must be \(out, 16\)"):
+        check_nm_packed(p.values, codes, 2, 4, 32)
+    with pytest.raises(ValueError, match=r"index_codes must be uint8 \(3, 2\)"):
+        check_nm_packed(p.values, codes.to(torch.int16), 2, 4, 16)
+    with pytest.raises(ValueError, match="N:M"):
+        check_nm_packed(p.values, codes, 4, 4, 16)

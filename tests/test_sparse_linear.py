@@ -446,6 +446,28 @@ def test_load_state_dict_checks_a_bitmap_against_its_bits():
         fresh().load_state_dict(huge)
 
 
+@pytest.mark.parametrize("fmt", ["2:4", "4:8", "1:2", "3:6"])
+def test_load_state_dict_checks_nm_positions(fmt):
+    """A checkpoint whose N:M codes repeat a position in a group is refused when loaded (the kernels do not check
+    it per call, and their paths would disagree on it), naming the row and group; a fresh layer already holds
+    valid codes (positions 0 .. K - 1), so it computes zeros (plus bias) on every path."""
+    n, m = (int(v) for v in fmt.split(":"))
+    layer = SparseLinear.from_linear(pruned_linear(48, 6, fmt), fmt)
+    good = {k: v.clone() for k, v in layer.state_dict().items()}
+    fresh = lambda: SparseLinear(48, 6, fmt, bias=layer.bias is not None)  # noqa: E731
+    empty = fresh()
+    sparsekit.formats.check_nm_packed(empty.values, empty.index_codes, n, m, 48)
+    x = torch.randn(3, 48)
+    for rows in (x[:1], x):
+        assert torch.equal(empty(rows), torch.zeros(rows.shape[0], 6))
+    fresh().load_state_dict(good)
+    if m - n >= 2:
+        bad = dict(good, index_codes=good["index_codes"].clone())
+        bad["index_codes"][2] = 0  # every kept value of row 2 at position 0
+        with pytest.raises(ValueError, match=r"loaded: row 2, group 0 \(columns 0\.\.{}\) repeats".format(m - 1)):
+            fresh().load_state_dict(bad)
+
+
 def test_unsupported_dtype_conversion_and_cslt_setting_round_trip():
     layer = SparseLinear.from_linear(pruned_linear(64, 8, "2:4"), "2:4", cslt=False)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16 values; a conversion made them torch.float64"):

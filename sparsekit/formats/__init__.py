@@ -15,7 +15,8 @@ and ``sparsekit.ops.nm_unpack`` / ``bitmap_unpack`` are the C++ (CPU) versions o
 
 from .bitmap import BITMAP_TILE, BitmapPacked, bitmap_row_counts, check_bitmap_packed, pack_bitmap, unpack_bitmap
 from .semi_structured import from_torch_semi_structured, to_sparse_semi_structured_tensor, to_torch_semi_structured
-from .sparse24 import NMPacked, nm_index_bits, nm_index_codes, nm_indices_from_codes, pack_nm, unpack_nm
+from .sparse24 import (NMPacked, check_nm_packed, nm_index_bits, nm_index_codes, nm_indices_from_codes, pack_nm,
+                       unpack_nm)
 
 __all__ = [
     "NMPacked",
@@ -24,6 +25,7 @@ __all__ = [
     "nm_index_bits",
     "nm_index_codes",
     "nm_indices_from_codes",
+    "check_nm_packed",
     "BITMAP_TILE",
     "BitmapPacked",
     "pack_bitmap",

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NMPacked", "pack_nm", "unpack_nm", "nm_index_bits", "nm_index_codes", "nm_indices_from_codes"]
+__all__ = ["NMPacked", "pack_nm", "unpack_nm", "nm_index_bits", "nm_index_codes", "nm_indices_from_codes",
+           "check_nm_packed"]
 
 # Index codes are 2 or 4 bits wide, so a group position must fit in 4 bits.
 MAX_GROUP_SIZE = 16
@@ -138,3 +139,42 @@ def nm_indices_from_codes(codes: torch.Tensor, m: int, count: int) -> torch.Tens
     shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
     unpacked = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return unpacked.reshape(codes.shape[0], codes.shape[1] * per_byte)[:, :count].to(torch.uint8)
+
+
+def check_nm_packed(values: torch.Tensor, index_codes: torch.Tensor, n: int, m: int, in_features: int,
+                    what: str = "N:M weight") -> None:
+    """Raise ValueError, naming the first bad group, unless ``values`` / ``index_codes`` are an N:M packed weight
+    of in_features columns whose every group holds K = M - N distinct positions below M.
+
+    ``pack_nm`` + ``nm_index_codes`` always make such codes; this is for what comes from outside (a checkpoint,
+    hand-built buffers). The kernels do not check per call that a group's positions are distinct (at a repeated
+    position the CPU streamed kernels and the GPU kernels add both values' products, the decode paths keep the
+    last value): in the CPU kernels' loops such a check cost up to 10% at M = 1-8 on one thread. They do raise on a
+    position >= M, which would read outside the group. O(values) once, not per call."""
+    _check_pattern(n, m)
+    kept = m - n
+    if not isinstance(in_features, int) or in_features < 0 or in_features % m:
+        raise ValueError(f"{what}: M={m} does not divide in_features={in_features}")
+    groups = in_features // m
+    if values.dim() != 2 or values.shape[1] != groups * kept:
+        raise ValueError(f"{what}: values must be (out, {groups * kept}) for {n}:{m} over {in_features} columns, "
+                         f"got {tuple(values.shape)}")
+    rows = values.shape[0]
+    width = -(-groups * kept * nm_index_bits(m) // 8)
+    if index_codes.dtype != torch.uint8 or tuple(index_codes.shape) != (rows, width):
+        raise ValueError(f"{what}: index_codes must be uint8 ({rows}, {width}), got {index_codes.dtype} "
+                         f"{tuple(index_codes.shape)}")
+    if rows == 0 or groups == 0 or kept <= 0:
+        return
+    pos = nm_indices_from_codes(index_codes, m, groups * kept).to(torch.int64).reshape(rows, groups, kept)
+    outside = pos >= m
+    if bool(outside.any()):
+        r, g, k = (int(i) for i in outside.nonzero()[0])
+        raise ValueError(f"{what}: row {r}, group {g} (columns {g * m}..{g * m + m - 1}) holds position "
+                         f"{int(pos[r, g, k])}, not below M={m}")
+    ordered = pos.sort(dim=-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
+    if bool(repeated.any()):
+        r, g = (int(i) for i in repeated.nonzero()[0])
+        raise ValueError(f"{what}: row {r}, group {g} (columns {g * m}..{g * m + m - 1}) repeats a position: "
+                         f"{pos[r, g].tolist()} (the {kept} kept values of a group need distinct positions)")

@@ -47,10 +47,10 @@ The dense fallback's storage, a trade-off to choose per model:
   for the life of the thread, shared by all layers). Its calls outside the kernel's region (M above the limits:
   prefill) cost decode + GEMM. bfloat16 up to M = 128 (AVX512-BF16): the panel path, at M = 128 1.02-1.43x
   dense for 2:4, 1.00-1.41x for 4:8 and 1.01-1.44x for bitmap with 2 threads, 0.97-1.04x with 1 thread
-  (sparse_linear_cpu_dispatch runs of 2026-11-24 12:09-12:15). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold
-  weights on a quiet machine (``benchmarks/results/unpack_linear_cpu_1t.md`` / ``_2t.md``, 1 / 2 threads,
-  2026-11-24 04:39): float32 at M >= 128, 2:4 0.92-1.30x and bitmap 50% 0.92-1.35x (bfloat16 at M >= 32,
-  before the panel path: 2:4 0.81-1.25x and bitmap 0.78-1.27x). Layers of N:M patterns other than 2:4 and 4:8,
+  (sparse_linear_cpu_dispatch runs of 2026-11-24 12:09-12:15). Otherwise decode + BLAS, measured against
+  dense ``F.linear`` with cold weights on a quiet machine (``benchmarks/results/unpack_linear_cpu_1t.md`` /
+  ``_2t.md``, 1 / 2 threads, 2026-11-24 04:39): float32 at M >= 128, 2:4 0.92-1.30x and bitmap 50%
+  0.92-1.35x (bfloat16 at M >= 32, before the panel path: 2:4 0.81-1.25x and bitmap 0.78-1.27x). Layers of N:M patterns other than 2:4 and 4:8,
   or float16, take this path at every M. The decode is vectorised for every power-of-two M (2, 4, 8, 16);
   other M decode their column mask with a scalar loop per kept value. float16 was not measured.
   Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
@@ -80,7 +80,8 @@ from torch import nn
 
 from .. import ops
 from ..compressed import register_compressed_module
-from ..formats import BITMAP_TILE, check_bitmap_packed, nm_index_bits, nm_index_codes, pack_bitmap, pack_nm
+from ..formats import (BITMAP_TILE, check_bitmap_packed, check_nm_packed, nm_index_bits, nm_index_codes, pack_bitmap,
+                       pack_nm)
 from ..models import is_linear, linear_weight
 
 __all__ = [
@@ -285,7 +286,9 @@ class SparseLinear(nn.Module):
             kept = in_features // m * (m - n)
             width = -(-kept * nm_index_bits(m) // 8)
             self.register_buffer("values", torch.zeros(out_features, kept, dtype=dtype, **kw))
-            self.register_buffer("index_codes", torch.zeros(out_features, width, dtype=torch.uint8, **kw))
+            # positions 0 .. K - 1 in every group: an empty layer is a valid packed weight (of zeros)
+            row = nm_index_codes(torch.arange(m - n, dtype=torch.uint8).repeat(1, in_features // m), m)
+            self.register_buffer("index_codes", row.to(device).repeat(out_features, 1))
             self.nnz = out_features * kept
         else:
             if nnz is None or not (0 <= nnz <= in_features * out_features):
@@ -558,7 +561,11 @@ class SparseLinear(nn.Module):
 
 def _refresh_after_load(module: SparseLinear, _incompatible_keys) -> None:
     # What was loaded came from outside (a checkpoint): the kernels trust a bitmap's row_offsets to match its
-    # bits, so check that before anything reads them (a mismatch would read another row's values or past the end).
+    # bits (a mismatch would read another row's values or past the end) and an N:M group's positions to be
+    # distinct (the kernels would disagree on a repeated one), so check that before anything reads them.
+    if module.kind == "nm":
+        check_nm_packed(module.values, module.index_codes, module.n, module.m, module.in_features,
+                        what=f"SparseLinear({module.in_features} -> {module.out_features}, {module.format}) loaded")
     if module.kind == "bitmap":
         check_bitmap_packed(module.bitmask, module.values, module.row_offsets, module.in_features,
                             what=f"SparseLinear({module.in_features} -> {module.out_features}, bitmap) loaded")
