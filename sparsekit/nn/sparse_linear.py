@@ -52,8 +52,8 @@ The dense fallback's storage, a trade-off to choose per model:
   ``_2t.md``, 1 / 2 threads, 2026-11-24 04:39): float32 at M >= 128, 2:4 0.92-1.30x and bitmap 50%
   0.92-1.35x (bfloat16 at M >= 32, before the panel path: 2:4 0.81-1.25x and bitmap 0.78-1.27x). Layers of
   N:M patterns other than 2:4 and 4:8, or float16, take this path at every M. The decode is vectorised for
-  every power-of-two M (2, 4, 8, 16); other M decode their column mask with a scalar loop per kept value. float16 was not measured.
-  Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
+  every power-of-two M (2, 4, 8, 16); other M decode their column mask with a scalar loop per kept value.
+  float16 was not measured. Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
   tens of MiB is page-faulted on every call (0.11-0.97x dense on the Llama shapes in the same runs).
 * ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer: never
   saved, rebuilt on load): calls outside the measured region cost a dense ``F.linear`` plus ~6 us of Python
