@@ -42,19 +42,18 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 
 The dense fallback's storage, a trade-off to choose per model:
 
-* ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32
-  0.53x dense, bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept
-  for the life of the thread, shared by all layers). Its calls outside the kernel's region (M above the limits:
-  prefill) cost decode + GEMM. bfloat16 up to M = 128 (AVX512-BF16): the panel path, at M = 128 1.02-1.43x
-  dense for 2:4, 1.00-1.41x for 4:8 and 1.01-1.44x for bitmap with 2 threads, 0.97-1.04x with 1 thread
-  (sparse_linear_cpu_dispatch runs of 2026-11-24 12:09-12:15). Otherwise decode + BLAS, measured against
-  dense ``F.linear`` with cold weights on a quiet machine (``benchmarks/results/unpack_linear_cpu_1t.md`` /
-  ``_2t.md``, 1 / 2 threads, 2026-11-24 04:39): float32 at M >= 128, 2:4 0.92-1.30x and bitmap 50%
-  0.92-1.35x (bfloat16 at M >= 32, before the panel path: 2:4 0.81-1.25x and bitmap 0.78-1.27x). Layers of
-  N:M patterns other than 2:4 and 4:8, or float16, take this path at every M. The decode is vectorised for
-  every power-of-two M (2, 4, 8, 16); other M decode their column mask with a scalar loop per kept value.
-  float16 was not measured. Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh allocation of
-  tens of MiB is page-faulted on every call (0.11-0.97x dense on the Llama shapes in the same runs).
+* ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32 0.53x dense,
+  bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept for the life of the
+  thread, shared by all layers). Its calls outside the kernel's region (M above the limits: prefill) cost decode + GEMM.
+  bfloat16 up to M = 128 (AVX512-BF16): the panel path, at M = 128 1.02-1.43x dense for 2:4, 1.00-1.41x for 4:8 and
+  1.01-1.44x for bitmap with 2 threads, 0.97-1.04x with 1 thread (sparse_linear_cpu_dispatch runs of 2026-11-24
+  12:09-12:15). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold weights on a quiet machine
+  (``benchmarks/results/unpack_linear_cpu_1t.md`` / ``_2t.md``, 1 / 2 threads, 2026-11-24 04:39): float32 at M >= 128,
+  2:4 0.92-1.30x and bitmap 50% 0.92-1.35x (bfloat16 at M >= 32, before the panel path: 2:4 0.81-1.25x and bitmap
+  0.78-1.27x). Layers of N:M patterns other than 2:4 and 4:8, or float16, take this path at every M. The decode is
+  vectorised for every power-of-two M (2, 4, 8, 16); other M decode their column mask with a scalar loop per kept value.
+  float16 was not measured. Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh
+  allocation of tens of MiB is page-faulted on every call (0.11-0.97x dense on the Llama shapes in the same runs).
 * ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer: never
   saved, rebuilt on load): calls outside the measured region cost a dense ``F.linear`` plus ~6 us of Python
   dispatch (0.9-1.0x measured; the dispatch shows on the smallest layers), but memory is packed + dense
