@@ -278,7 +278,31 @@ def test_nm_unpack_moves_bits_unchanged(dtype, isa, monkeypatch):
 
 @pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("n,m", [(4, 8), (8, 16)], ids=str)
+def test_nm_unpack_one_swapped_pair_in_a_group(n, m, dtype, isa, monkeypatch):
+    """4:8 and 8:16 decode through a column mask only when a group's positions increase, checked within each code
+    byte and across a group's bytes: one swapped pair at each place in turn (in one group of a row, the other
+    rows and groups increasing) still decodes as the scatter."""
+    set_isa(isa, monkeypatch)
+    kept, groups = m - n, 70  # 70 groups: a full 64-byte step of codes and a partial one
+    torch.manual_seed(m)
+    w = nm_weight(kept - 1, groups * m, n, m, dtype)
+    p = pack_nm(w, n, m)
+    indices, values = p.indices.clone(), p.values.clone()
+    for k in range(kept - 1):  # row k: positions k and k + 1 of group 37 swapped
+        j = 37 * kept + k
+        indices[k, [j, j + 1]] = indices[k, [j + 1, j]]
+        values[k, [j, j + 1]] = values[k, [j + 1, j]]
+    codes = nm_index_codes(indices, m)
+    got = ops.nm_unpack(values, codes, n, m, groups * m)
+    assert torch.equal(got, w)
+    assert torch.equal(exact(got), exact(R.nm_unpack_reference(values, codes, n, m, groups * m)))
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (8, 16)], ids=str)
 def test_nm_unpack_repeated_position_last_value_wins(n, m, isa, monkeypatch):
     """Codes pack_nm never makes (all zero: every kept value at position 0) are written value by value, the last
     one winning."""

@@ -86,8 +86,8 @@ def test_dispatch_policy_is_the_measured_one():
     # benchmarks/results/sparse_linear_cpu_dispatch_2t.md and sparse_linear_cpu_dispatch.md (quiet machine, 2 and
     # 1 threads): a change here must come with new measurements (benchmarks/bench_sparse_linear.py).
     f32, bf16 = torch.float32, torch.bfloat16
-    table = {("2:4", f32): 64, ("2:4", bf16): 64, ("4:8", f32): 64, ("4:8", bf16): 64, ("bitmap", f32): 64,
-             ("bitmap", bf16): 64}
+    # 1:2 and 8:16: benchmarks/results/nm_patterns_cpu_{2t,1t}.md
+    table = {(fmt, dt): 64 for fmt in ("1:2", "2:4", "4:8", "8:16", "bitmap") for dt in (f32, bf16)}
     assert CPU_SPARSE_MAX_ROWS == table
     assert CPU_SPARSE_MAX_ROWS_ONE_THREAD == table
     # with dense_fallback="unpack": no larger limit at present
@@ -195,25 +195,27 @@ def test_cslt_option_decides_the_cslt_path(monkeypatch):
 
 
 def test_float16_and_other_nm_patterns_never_take_the_sparse_kernel():
-    for fmt, dtype in (("2:4", torch.float16), ("4:8", torch.float16), ("8:16", torch.float32), ("1:4", torch.float32),
-                       ("8:16", torch.bfloat16)):
-        layer = SparseLinear.from_linear(pruned_linear(64, 8, fmt, dtype=dtype), fmt)
+    for fmt, dtype in (("2:4", torch.float16), ("4:8", torch.float16), ("1:4", torch.float32), ("6:8", torch.bfloat16),
+                       ("3:6", torch.float32)):
+        layer = SparseLinear.from_linear(pruned_linear(96, 8, fmt, dtype=dtype), fmt)
         assert layer.path(1, torch.device("cpu"), dtype) == "unpack"
-        x = torch.randn(3, 64).to(dtype)
+        x = torch.randn(3, 96).to(dtype)
         assert_linear_close(layer(x), x, layer.to_dense(), layer.bias.detach())
 
 
-def test_4_8_takes_the_sparse_kernel_like_2_4():
+@pytest.mark.parametrize("fmt", ["1:2", "4:8", "8:16"])
+def test_half_density_patterns_take_the_sparse_kernel_like_2_4(fmt):
     if not FAST:
         pytest.skip(cpu_sparse_kernels_fast()[1])
     cpu = torch.device("cpu")
     for dtype in (torch.float32, torch.bfloat16):
-        layer = SparseLinear.from_linear(pruned_linear(64, 8, "4:8", dtype=dtype), "4:8")
+        layer = SparseLinear.from_linear(pruned_linear(64, 8, fmt, dtype=dtype), fmt)
         two_four = SparseLinear.from_linear(pruned_linear(64, 8, "2:4", dtype=dtype), "2:4")
         assert [layer.path(m, cpu, dtype) for m in (1, 64, 65)] == [two_four.path(m, cpu, dtype) for m in (1, 64, 65)]
         assert layer.path(1, cpu, dtype) == "sparse"
-        x = torch.randn(3, 64).to(dtype)
-        assert_linear_close(layer(x), x, layer.to_dense(), layer.bias.detach())
+        for rows in (1, 3, 20, 70):  # streamed kernels, bfloat16 panel, decode + GEMM
+            x = torch.randn(rows, 64).to(dtype)
+            assert_linear_close(layer(x), x, layer.to_dense(), layer.bias.detach())
 
 
 def test_bitmap_below_half_sparse_uses_the_fallback():

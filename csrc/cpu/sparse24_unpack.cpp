@@ -11,9 +11,10 @@
 //   within every group (as pack_nm writes them); other rows take the permute path below. On the development
 //   machine's Zen 5 (1 thread, bfloat16 4096x4096 through the panel path at M = 1-16) this decoded 7.9
 //   weights/ns against 5.3 for the permute path and 8.7 for 2:4's.
-// * Other power-of-two M (2, 8, 16, and 4 with N != 2; any N) with AVX-512: 32 columns per step; the step's code fields widened to
-//   16-bit lanes, K compares per output column against the group's fields, one permute of the values
-//   (unpack_row_perm): any order decodes as the scatter.
+// * 8:16 with AVX-512: the same, a group's 16 mask bits from two tables (nm_row_mask816).
+// * Other power-of-two M (2, 8, 16, and 4 with N != 2; any N) with AVX-512: 32 columns per step; the step's
+//   code fields widened to 16-bit lanes, K compares per output column against the group's fields, one permute
+//   of the values (unpack_row_perm): any order decodes as the scatter.
 // * Other M (3, 5, 6, 7, 9..15), or no AVX-512: the row's column bitmask, one bit per kept value from a scalar
 //   loop (nm_row_mask), then expand_row (expand_row.h), or its portable loop. An expand places values in column
 //   order, so this path takes only rows whose positions increase within every group.
@@ -299,6 +300,43 @@ SPARSEKIT_AVX512 bool nm_row_mask48(const uint8_t* c, int64_t code_width, uint64
   }
   return ok;
 }
+
+// 8:16: as nm_row_mask48, with a group's eight codes in one 32-bit lane and its 16 mask bits from two tables
+// (columns 0-7 and 8-15), 64 code bytes (16 groups, 256 columns) per step. True when the positions of every
+// group increase (every 4-bit code is < 16); false otherwise.
+SPARSEKIT_AVX512 bool nm_row_mask816(const uint8_t* c, int64_t code_width, uint64_t* mask) {
+  const __m512i low_cols = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0));
+  const __m512i high_cols =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 4, 8, 16, 32, 64, -128));
+  const __m512i nibble = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  constexpr __mmask64 kFirstThree = 0x7777777777777777ull;  // bytes 0..2 of each group: a next byte follows
+  auto* out = reinterpret_cast<uint8_t*>(mask);
+  bool ok = true;
+  for (int64_t b = 0; b < code_width; b += 64, out += 32) {
+    const int64_t left = std::min<int64_t>(64, code_width - b);  // a multiple of 4: 4 code bytes per group
+    const __mmask64 real = left == 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+    const __m512i codes = _mm512_maskz_loadu_epi8(real, c + b);
+    const __m512i lo = _mm512_and_si512(codes, nibble);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
+    __m512i cols_lo = _mm512_or_si512(_mm512_shuffle_epi8(low_cols, lo), _mm512_shuffle_epi8(low_cols, hi));
+    __m512i cols_hi = _mm512_or_si512(_mm512_shuffle_epi8(high_cols, lo), _mm512_shuffle_epi8(high_cols, hi));
+    // OR a group's four bytes into the low byte of its 32-bit lane
+    cols_lo = _mm512_or_si512(cols_lo, _mm512_srli_epi32(cols_lo, 8));
+    cols_lo = _mm512_or_si512(cols_lo, _mm512_srli_epi32(cols_lo, 16));
+    cols_hi = _mm512_or_si512(cols_hi, _mm512_srli_epi32(cols_hi, 8));
+    cols_hi = _mm512_or_si512(cols_hi, _mm512_srli_epi32(cols_hi, 16));
+    const __m512i groups =
+        _mm512_or_si512(_mm512_and_si512(cols_lo, byte), _mm512_slli_epi32(_mm512_and_si512(cols_hi, byte), 8));
+    // increasing: a byte's low code below its high one, and its high code below the next byte's low one
+    const __mmask64 within = _mm512_cmplt_epu8_mask(lo, hi);
+    const __m512i next_lo = _mm512_and_si512(_mm512_srli_epi32(codes, 8), nibble);
+    const __mmask64 across = _mm512_cmplt_epu8_mask(hi, next_lo);
+    const __mmask16 real_groups = left == 64 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (left / 4)) - 1);
+    ok &= ((within & real) == real) && ((across & real & kFirstThree) == (real & kFirstThree));
+    _mm256_mask_storeu_epi16(out, real_groups, _mm512_cvtepi32_epi16(groups));
+  }
+  return ok;
+}
 SPARSEKIT_INTRINSICS_END
 #endif
 
@@ -327,11 +365,12 @@ bool unpack_row_permuted(const NMUnpack& p, const uint8_t* c, const Elem* v, Ele
 
 // Which vector decode a row takes: the 2:4 permute, the other power-of-two patterns' permute, or the column mask
 // + expand (other M, or no AVX-512: expand_row's portable loop).
-enum class NMDecode { kPerm24, kMask48, kPermPow2, kMask };
+enum class NMDecode { kPerm24, kMask48, kMask816, kPermPow2, kMask };
 inline NMDecode nm_decode_kind(const NMUnpack& p, UnpackIsa isa) {
   if (isa == UnpackIsa::kScalar) return NMDecode::kMask;
   if (p.m == 4 && p.kept_per_group == 2) return NMDecode::kPerm24;
   if (p.m == 8 && p.kept_per_group == 4) return NMDecode::kMask48;
+  if (p.m == 16 && p.kept_per_group == 8) return NMDecode::kMask816;
   return (p.m & (p.m - 1)) == 0 && p.m >= 2 ? NMDecode::kPermPow2 : NMDecode::kMask;
 }
 
@@ -346,9 +385,10 @@ void nm_unpack_rows(const NMUnpack& p, const Elem* values, Elem* dst, int64_t r_
     const uint8_t* c = p.codes + r * p.code_width;
     Elem* d = dst + (r - r_begin) * p.in_features;
 #if SPARSEKIT_HAVE_X86
-    if (kind == NMDecode::kMask48) {
+    if (kind == NMDecode::kMask48 || kind == NMDecode::kMask816) {
       std::fill(mask.begin(), mask.end(), uint64_t(0));
-      if (nm_row_mask48(c, p.code_width, mask.data())) {
+      if (kind == NMDecode::kMask48 ? nm_row_mask48(c, p.code_width, mask.data())
+                                    : nm_row_mask816(c, p.code_width, mask.data())) {
         expand_row(mask.data(), p.in_features, v, d, isa);
         continue;
       }

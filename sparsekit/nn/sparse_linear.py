@@ -15,7 +15,8 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 * ``"sparse"``: ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` where the packed kernel was measured to beat
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu_dispatch_2t.md``:
   cold weights, 2 threads, quiet machine; ``CPU_SPARSE_MAX_ROWS_ONE_THREAD`` from the 1-thread run, the same
-  limits): 2:4, 4:8 and bitmap (>= 50% sparse) in float32 and bfloat16 for M <= 64. In bfloat16 the ops run their
+  limits): 2:4, 4:8 and bitmap (>= 50% sparse) in float32 and bfloat16 for M <= 64; 1:2 and 8:16 the same
+  (``benchmarks/results/nm_patterns_cpu_{2t,1t}.md``: they run like 2:4 and 4:8). In bfloat16 the ops run their
   streamed kernels up to 12 (2:4, 4:8) / 16 (bitmap) rows (8 for weights of at most 2^20 elements) and the panel
   path above (``csrc/cpu/panel_gemm.h``: the weight decoded 24 rows at a time into L2, a ``vdpbf16ps``
   micro-kernel), where the CPU has AVX512-BF16.
@@ -23,8 +24,7 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
   alternative is decode + GEMM, not dense); it is empty at present.
   Only where the CPU C++ kernels run their AVX-512 path; their portable path (N:M patterns other than the
   half-density ones 1:2, 2:4, 4:8, 8:16; float16; CPUs without AVX-512) is 10-50x slower than dense and is never
-  chosen for speed: those layers take the fallback at every M. 1:2 and 8:16 run the vector kernels too but
-  were not measured, so they take the fallback as well. The bfloat16 limits assume the AVX512-BF16 path
+  chosen for speed: those layers take the fallback at every M. The bfloat16 limits assume the AVX512-BF16 path
   (``cpu_bf16_dot()``); without it they are capped at M = 4, and with ``SPARSEKIT_CPU_PANEL=0`` (no panel path)
   at M = 16.
 * ``"cslt"``: CUDA only, 2:4 in float16/bfloat16 where torch exposes cuSPARSELt
@@ -110,12 +110,19 @@ DENSE_FALLBACKS = ("unpack", "cache")
 # 16): 2:4 1.05x, bitmap 1.01x, 4:8 0.95x (Llama down). At M = 128 (decode + GEMM inside the op) about what the
 # dense fallback gives. In bfloat16 the ops run their streamed kernels to 12 / 16 rows (8 for weights of at most
 # 2^20 elements) and the panel path above (csrc/cpu/panel_gemm.h).
-# Re-measure with benchmarks/bench_sparse_linear.py before changing.
+# 1:2 and 8:16 from benchmarks/results/nm_patterns_cpu_2t.md (same machine, the op only, three shapes, M = 1..64,
+# seventh session): 1:2 ran within 7% of 2:4 and 8:16 within 6% of 4:8 in every cell (float32 >= 1.43x; bfloat16
+# 1:2 >= 1.05x, 8:16 >= 0.95x at M = 24, as 4:8).
+# Re-measure with benchmarks/bench_sparse_linear.py (and bench_nm_patterns_cpu.py) before changing.
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
+    ("1:2", torch.float32): 64,
+    ("1:2", torch.bfloat16): 64,
     ("2:4", torch.float32): 64,
     ("2:4", torch.bfloat16): 64,
     ("4:8", torch.float32): 64,
     ("4:8", torch.bfloat16): 64,
+    ("8:16", torch.float32): 64,
+    ("8:16", torch.bfloat16): 64,
     ("bitmap", torch.float32): 64,
     ("bitmap", torch.bfloat16): 64,
 }
@@ -123,11 +130,17 @@ CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
 # torch.get_num_threads() < 2: at M = 64, float32 2:4 1.25-1.46x, 4:8 1.22-1.53x, bitmap 1.34-1.55x; bfloat16 2:4
 # 1.09-1.17x, 4:8 0.99-1.10x, bitmap 1.05-1.14x. Below 1x: bfloat16 4:8 at M = 16-24 on the Llama shapes
 # (0.87-0.99x) and bitmap at M = 24 (0.95x): the fallback there (unpack: the same panel path) is no faster.
+# 1:2 and 8:16: nm_patterns_cpu_1t.md, as with 2 threads (float32 >= 1.26x; bfloat16 8:16 0.94-0.97x at
+# M = 16-24 on the Llama shapes, as 4:8).
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
+    ("1:2", torch.float32): 64,
+    ("1:2", torch.bfloat16): 64,
     ("2:4", torch.float32): 64,
     ("2:4", torch.bfloat16): 64,
     ("4:8", torch.float32): 64,
     ("4:8", torch.bfloat16): 64,
+    ("8:16", torch.float32): 64,
+    ("8:16", torch.bfloat16): 64,
     ("bitmap", torch.float32): 64,
     ("bitmap", torch.bfloat16): 64,
 }
