@@ -7,11 +7,11 @@
 //   for 32-bit values) with indices and a zero mask computed from the codes in registers
 //   (unpack_row24_perm): any order of the two positions of a group decodes as the reference's scatter.
 // * 4:8 with AVX-512: the row's column bitmask built in registers from 64 code bytes (256 columns) at a time
-//   (a nibble -> bit table with vpshufb; nm_row_mask48), then expand_row, for rows whose positions increase
+//   (a nibble -> bit table with vpshufb; nm_row_mask_half), then expand_row, for rows whose positions increase
 //   within every group (as pack_nm writes them); other rows take the permute path below. On the development
 //   machine's Zen 5 (1 thread, bfloat16 4096x4096 through the panel path at M = 1-16) this decoded 7.9
 //   weights/ns against 5.3 for the permute path and 8.7 for 2:4's.
-// * 8:16 with AVX-512: the same, a group's 16 mask bits from two tables (nm_row_mask816).
+// * 8:16 with AVX-512: the same, a group's 16 mask bits from two tables (nm_row_mask_half).
 // * Other power-of-two M (2, 8, 16, and 4 with N != 2; any N) with AVX-512: 32 columns per step; the step's
 //   code fields widened to 16-bit lanes, K compares per output column against the group's fields, one permute
 //   of the values (unpack_row_perm): any order decodes as the scatter.
@@ -268,72 +268,64 @@ SPARSEKIT_AVX512 bool unpack_row_perm(const NMUnpack& p, const uint8_t* c, const
   return true;
 }
 
-// 4:8: the row's column mask from its 4-bit codes, 64 code bytes (32 groups, 256 columns) per step: each nibble
-// picks its column's bit from a 16-entry table (codes 8..15 pick none), the two bytes of a group are ORed into
-// its 8 mask bits. True when every code is < 8 and the positions of every group increase, so that an expand
-// (expand_row) places the values right; false otherwise (the caller then takes another path). mask: words
-// zeroed 64-bit words.
-SPARSEKIT_AVX512 bool nm_row_mask48(const uint8_t* c, int64_t code_width, uint64_t* mask) {
-  const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0));
-  const __m512i nibble = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi16(0x00FF);
-  auto* out = reinterpret_cast<uint8_t*>(mask);
-  bool ok = true;
-  for (int64_t b = 0; b < code_width; b += 64, out += 32) {
-    const int64_t left = std::min<int64_t>(64, code_width - b);  // even: 2 code bytes per group
-    const __mmask64 real = left == 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
-    const __m512i codes = _mm512_maskz_loadu_epi8(real, c + b);
-    const __m512i lo = _mm512_and_si512(codes, nibble);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
-    const __m512i bits = _mm512_or_si512(_mm512_shuffle_epi8(table, lo), _mm512_shuffle_epi8(table, hi));
-    // group mask byte in the low byte of each 16-bit lane: byte 2i | byte 2i + 1
-    const __m512i groups = _mm512_and_si512(_mm512_or_si512(bits, _mm512_srli_epi16(bits, 8)), byte);
-    // increasing: the low code of a byte below its high one, and a group's second byte's low code above the
-    // first byte's high one
-    const __mmask64 within = _mm512_cmplt_epu8_mask(lo, hi);
-    const __m512i low4 = _mm512_set1_epi16(0x0F);
-    const __mmask32 across = _mm512_cmplt_epu16_mask(_mm512_and_si512(_mm512_srli_epi16(codes, 4), low4),
-                                                     _mm512_and_si512(_mm512_srli_epi16(codes, 8), low4));
-    const __mmask64 bad = _mm512_test_epi8_mask(codes, _mm512_set1_epi8(static_cast<char>(0x88)));
-    const __mmask32 real_groups = left == 64 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (left / 2)) - 1);
-    ok &= ((within & real) == real) && ((across & real_groups) == real_groups) && (bad & real) == 0;
-    _mm256_mask_storeu_epi8(out, real_groups, _mm512_cvtepi16_epi8(groups));
-  }
-  return ok;
+// Byte i + 1 of each group's lane (16-bit for 4:8, 32-bit for 8:16) moved down to byte i.
+template <int kM>
+SPARSEKIT_AVX512 inline __m512i next_byte_in_group(__m512i x) {
+  return kM == 8 ? _mm512_srli_epi16(x, 8) : _mm512_srli_epi32(x, 8);
 }
 
-// 8:16: as nm_row_mask48, with a group's eight codes in one 32-bit lane and its 16 mask bits from two tables
-// (columns 0-7 and 8-15), 64 code bytes (16 groups, 256 columns) per step. True when the positions of every
-// group increase (every 4-bit code is < 16); false otherwise.
-SPARSEKIT_AVX512 bool nm_row_mask816(const uint8_t* c, int64_t code_width, uint64_t* mask) {
+// A group's bytes ORed into the low byte of its lane.
+template <int kM>
+SPARSEKIT_AVX512 inline __m512i fold_group(__m512i x) {
+  x = _mm512_or_si512(x, next_byte_in_group<kM>(x));
+  return kM == 8 ? x : _mm512_or_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// 4:8 and 8:16 (kM = 8, 16): the row's column mask from its 4-bit codes, 64 code bytes (256 columns) per step.
+// A group's K = M / 2 codes fill M / 4 bytes (one 16- or 32-bit lane). Each nibble picks its column's bit from a
+// 16-entry table (for 8:16 two: columns 0-7 and 8-15; for 4:8 codes 8..15 pick none), and a group's bytes are
+// ORed into its M mask bits. True when every code is < M and the positions of every group increase (within a
+// byte, and from a byte's high code to the next byte's low one), so that an expand (expand_row) places the values
+// right; false otherwise (the caller then takes another path). mask: zeroed 64-bit words.
+template <int kM>
+SPARSEKIT_AVX512 bool nm_row_mask_half(const uint8_t* c, int64_t code_width, uint64_t* mask) {
+  static_assert(kM == 8 || kM == 16, "4:8 or 8:16");
+  constexpr int kGroupBytes = kM / 4;
+  // the bytes of a group that another byte of it follows
+  constexpr __mmask64 kHasNext = kM == 8 ? 0x5555555555555555ull : 0x7777777777777777ull;
   const __m512i low_cols = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0));
   const __m512i high_cols =
       _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 4, 8, 16, 32, 64, -128));
-  const __m512i nibble = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
-  constexpr __mmask64 kFirstThree = 0x7777777777777777ull;  // bytes 0..2 of each group: a next byte follows
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
   auto* out = reinterpret_cast<uint8_t*>(mask);
   bool ok = true;
   for (int64_t b = 0; b < code_width; b += 64, out += 32) {
-    const int64_t left = std::min<int64_t>(64, code_width - b);  // a multiple of 4: 4 code bytes per group
+    const int64_t left = std::min<int64_t>(64, code_width - b);  // whole groups
     const __mmask64 real = left == 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
     const __m512i codes = _mm512_maskz_loadu_epi8(real, c + b);
     const __m512i lo = _mm512_and_si512(codes, nibble);
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
-    __m512i cols_lo = _mm512_or_si512(_mm512_shuffle_epi8(low_cols, lo), _mm512_shuffle_epi8(low_cols, hi));
-    __m512i cols_hi = _mm512_or_si512(_mm512_shuffle_epi8(high_cols, lo), _mm512_shuffle_epi8(high_cols, hi));
-    // OR a group's four bytes into the low byte of its 32-bit lane
-    cols_lo = _mm512_or_si512(cols_lo, _mm512_srli_epi32(cols_lo, 8));
-    cols_lo = _mm512_or_si512(cols_lo, _mm512_srli_epi32(cols_lo, 16));
-    cols_hi = _mm512_or_si512(cols_hi, _mm512_srli_epi32(cols_hi, 8));
-    cols_hi = _mm512_or_si512(cols_hi, _mm512_srli_epi32(cols_hi, 16));
-    const __m512i groups =
-        _mm512_or_si512(_mm512_and_si512(cols_lo, byte), _mm512_slli_epi32(_mm512_and_si512(cols_hi, byte), 8));
-    // increasing: a byte's low code below its high one, and its high code below the next byte's low one
+    const __m512i cols_lo =
+        fold_group<kM>(_mm512_or_si512(_mm512_shuffle_epi8(low_cols, lo), _mm512_shuffle_epi8(low_cols, hi)));
     const __mmask64 within = _mm512_cmplt_epu8_mask(lo, hi);
-    const __m512i next_lo = _mm512_and_si512(_mm512_srli_epi32(codes, 8), nibble);
-    const __mmask64 across = _mm512_cmplt_epu8_mask(hi, next_lo);
-    const __mmask16 real_groups = left == 64 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (left / 4)) - 1);
-    ok &= ((within & real) == real) && ((across & real & kFirstThree) == (real & kFirstThree));
-    _mm256_mask_storeu_epi16(out, real_groups, _mm512_cvtepi32_epi16(groups));
+    const __mmask64 across = _mm512_cmplt_epu8_mask(hi, _mm512_and_si512(next_byte_in_group<kM>(codes), nibble));
+    ok &= ((within & real) == real) && ((across & real & kHasNext) == (real & kHasNext));
+    const int64_t groups = left / kGroupBytes;
+    if constexpr (kM == 8) {
+      const __mmask64 bad = _mm512_test_epi8_mask(codes, _mm512_set1_epi8(static_cast<char>(0x88)));  // >= 8
+      ok &= (bad & real) == 0;
+      const __mmask32 real_groups = groups == 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << groups) - 1);
+      const __m512i mask8 = _mm512_and_si512(cols_lo, _mm512_set1_epi16(0xFF));
+      _mm256_mask_storeu_epi8(out, real_groups, _mm512_cvtepi16_epi8(mask8));
+    } else {
+      const __m512i cols_hi =
+          fold_group<kM>(_mm512_or_si512(_mm512_shuffle_epi8(high_cols, lo), _mm512_shuffle_epi8(high_cols, hi)));
+      const __m512i byte = _mm512_set1_epi32(0xFF);
+      const __m512i mask16 =
+          _mm512_or_si512(_mm512_and_si512(cols_lo, byte), _mm512_slli_epi32(_mm512_and_si512(cols_hi, byte), 8));
+      const __mmask16 real_groups = groups == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << groups) - 1);
+      _mm256_mask_storeu_epi16(out, real_groups, _mm512_cvtepi32_epi16(mask16));
+    }
   }
   return ok;
 }
@@ -387,8 +379,8 @@ void nm_unpack_rows(const NMUnpack& p, const Elem* values, Elem* dst, int64_t r_
 #if SPARSEKIT_HAVE_X86
     if (kind == NMDecode::kMask48 || kind == NMDecode::kMask816) {
       std::fill(mask.begin(), mask.end(), uint64_t(0));
-      if (kind == NMDecode::kMask48 ? nm_row_mask48(c, p.code_width, mask.data())
-                                    : nm_row_mask816(c, p.code_width, mask.data())) {
+      if (kind == NMDecode::kMask48 ? nm_row_mask_half<8>(c, p.code_width, mask.data())
+                                    : nm_row_mask_half<16>(c, p.code_width, mask.data())) {
         expand_row(mask.data(), p.in_features, v, d, isa);
         continue;
       }
