@@ -1,24 +1,27 @@
-"""Time the CPU fallback for many rows of x (prefill): decode the packed weight, then a dense GEMM, against
-``F.linear`` on the dense weight, in one process, on Llama-3-8B and SmolLM2 shapes.
+"""Time the CPU paths for many rows of x (prefill) against ``F.linear`` on the dense weight, in one process, on
+Llama-3-8B and SmolLM2 shapes: the packed ops as they dispatch, and decode + dense GEMM.
 
-    python benchmarks/bench_unpack_linear_cpu.py --threads 1
+    python benchmarks/bench_unpack_linear_cpu.py --threads 1 --dtypes float32
     python benchmarks/bench_unpack_linear_cpu.py --threads 2 --shapes smollm2-135m.mlp.up --rows 8 512
+    SPARSEKIT_CPU_STREAMED_MAX_ROWS=100000 python benchmarks/bench_unpack_linear_cpu.py ...  # streamed at every M
 
-Variants, all on one 2:4-pruned weight (bitmap: the same weight pruned 50% by |W| per row):
+Variants, on one random weight pruned 2:4 and 4:8 by |W| per group, and 50% unstructured by |W| per row:
 
-* ``dense``: ``F.linear`` on the pruned weight stored dense (the baseline);
-* ``unpack_linear``: ``sparsekit::nm_unpack_linear`` (what ``SparseLinear`` runs above the packed kernels'
-  M limits): blocks of 4-32 MiB of dense weight (about the size of x) decoded into a reused per-thread
-  buffer, one GEMM each;
-* ``unpack + F.linear``: ``sparsekit::nm_unpack`` into a fresh dense tensor, then ``F.linear``: the
-  straightforward way, which pays a fresh (page-faulted) allocation of the whole weight on every call;
-* ``streamed``: ``sparsekit::nm_linear`` (the packed kernel, the old fallback), only for M <= 64 (above that it
-  runs the blocked decode itself);
-* ``bitmap unpack_linear``: ``sparsekit::bitmap_unpack_linear`` at 50% unstructured sparsity.
+* ``dense``: ``F.linear`` on the 2:4-pruned weight stored dense (the baseline; its time does not depend on
+  zeros);
+* ``nm_linear`` / ``4:8 nm_linear`` / ``bitmap_linear``: the packed ops, which run their streamed kernels up to
+  ``streamed::max_rows`` rows of x (float32 on the AVX-512 lanes: 2048; otherwise 64; bfloat16 hands 13 rows and
+  more to the panel path) and decode + GEMM above (``csrc/cpu/streamed.h``);
+* ``unpack_linear`` / ``bitmap unpack_linear``: ``sparsekit::nm_unpack_linear`` / ``bitmap_unpack_linear``, what
+  ``SparseLinear`` runs above its packed-kernel limits: bfloat16 up to 128 rows the panel path, otherwise blocks
+  of 4-32 MiB of dense weight decoded into a reused per-thread buffer, one BLAS GEMM each;
+* ``unpack + F.linear`` (only with ``--fresh-unpack``): ``sparsekit::nm_unpack`` into a fresh dense tensor, then
+  ``F.linear``, which pays a fresh (page-faulted) allocation of the whole weight on every call.
 
 Timing as bench_sparse_linear_cpu.py (median of single calls, variants taking turns in rounds, weights cycled
 through copies totalling 3x L3 so that they are read from memory). Writes
-benchmarks/results/unpack_linear_cpu_<threads>t.{csv,md} (``--out`` changes the stem).
+benchmarks/results/prefill_cpu_<threads>t.{csv,md} (``--out`` changes the stem; unpack_linear_cpu_*.md are this
+script's earlier runs, at M = 8..512 with the packed ops streaming only up to 64 rows).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_sparse_linear_cpu import (  # benchmarks/ (run from there)
+from bench_sparse_linear import SHAPES  # benchmarks/ (run from there): Llama-3-8B and SmolLM2 linears
+from bench_sparse_linear_cpu import (
     DTYPES,
-    SHAPES,
     interleaved_medians_ms,
     l3_bytes,
     nbytes,
@@ -43,39 +46,47 @@ import sparsekit
 from sparsekit import ops
 from sparsekit.formats import nm_index_codes, pack_bitmap, pack_nm
 
-VARIANTS = ("dense", "unpack_linear", "unpack + F.linear", "streamed", "bitmap unpack_linear")
+VARIANTS = ("dense", "nm_linear", "unpack_linear", "4:8 nm_linear", "bitmap_linear", "bitmap unpack_linear",
+            "unpack + F.linear")
 
 
-def make_cases(out_f: int, in_f: int, dtype) -> dict:
+def make_cases(out_f: int, in_f: int, dtype, fresh_unpack: bool) -> dict:
     """{variant: (tensors, fn(x, tensors))}."""
     w = torch.randn(out_f, in_f)
     w24 = (w * ops.nm_mask(w.abs(), 2, 4)).to(dtype)
     p = pack_nm(w24, 2, 4)
     nm = (p.values, nm_index_codes(p.indices, 4))
+    p48 = pack_nm((w * ops.nm_mask(w.abs(), 4, 8)).to(dtype), 4, 8)
+    nm48 = (p48.values, nm_index_codes(p48.indices, 8))
     wb = (w * ops.rowwise_prune_mask(w.abs(), in_f // 2)).to(dtype)
     b = pack_bitmap(wb)
+    bm = (b.bitmask, b.values, b.row_offsets)
     sk = torch.ops.sparsekit
-    return {
+    cases = {
         "dense": ((w24,), lambda x, t: F.linear(x, t[0])),
+        "nm_linear": (nm, lambda x, t: sk.nm_linear(x, t[0], t[1], 2, 4, in_f, None)),
         "unpack_linear": (nm, lambda x, t: sk.nm_unpack_linear(x, t[0], t[1], 2, 4, in_f, None)),
-        "unpack + F.linear": (nm, lambda x, t: F.linear(x, sk.nm_unpack(t[0], t[1], 2, 4, in_f))),
-        "streamed": (nm, lambda x, t: sk.nm_linear(x, t[0], t[1], 2, 4, in_f, None)),
-        "bitmap unpack_linear": ((b.bitmask, b.values, b.row_offsets),
-                                 lambda x, t: sk.bitmap_unpack_linear(x, t[0], t[1], t[2], in_f, None)),
+        "4:8 nm_linear": (nm48, lambda x, t: sk.nm_linear(x, t[0], t[1], 4, 8, in_f, None)),
+        "bitmap_linear": (bm, lambda x, t: sk.bitmap_linear(x, t[0], t[1], t[2], in_f, None)),
+        "bitmap unpack_linear": (bm, lambda x, t: sk.bitmap_unpack_linear(x, t[0], t[1], t[2], in_f, None)),
     }
+    if fresh_unpack:
+        cases["unpack + F.linear"] = (nm, lambda x, t: F.linear(x, sk.nm_unpack(t[0], t[1], 2, 4, in_f)))
+    return cases
 
 
 def render_markdown(rows: list[dict], header: list[str]) -> str:
+    shown = [v for v in VARIANTS[1:] if any(r["variant"] == v for r in rows)]
     lines = header + [
-        "| shape | out x in | dtype | M | dense ms | " + " | ".join(f"{v} ms (x)" for v in VARIANTS[1:]) + " |",
-        "|---|---|---|---|---|" + "---|" * (len(VARIANTS) - 1),
+        "| shape | out x in | dtype | M | dense ms | " + " | ".join(f"{v} ms (x)" for v in shown) + " |",
+        "|---|---|---|---|---|" + "---|" * len(shown),
     ]
     table = {}
     for r in rows:
         table.setdefault((r["shape"], r["out_features"], r["in_features"], r["dtype"], r["M"]), {})[r["variant"]] = r
     for (name, out_f, in_f, dt, m), vr in table.items():
         cells = [f"{vr['dense']['ms']:.3f}"]
-        cells += [f"{vr[v]['ms']:.3f} ({vr[v]['speedup']:.2f}x)" if v in vr else "–" for v in VARIANTS[1:]]
+        cells += [f"{vr[v]['ms']:.3f} ({vr[v]['speedup']:.2f}x)" if v in vr else "–" for v in shown]
         lines.append(f"| {name} | {out_f}x{in_f} | {dt} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -83,20 +94,21 @@ def render_markdown(rows: list[dict], header: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--rows", nargs="+", type=int, default=[8, 16, 32, 64, 128, 512], help="M, rows of x")
+    ap.add_argument("--rows", nargs="+", type=int, default=[64, 128, 256, 512, 1024, 2048], help="M, rows of x")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--min-time", type=float, default=0.15, help="seconds of timed calls per case and variant")
     ap.add_argument("--rounds", type=int, default=3, help="rounds in which the variants take turns")
     ap.add_argument("--min-reps", type=int, default=3)
     ap.add_argument("--cold-bytes", type=int, default=None, help="bytes of weight copies cycled (default 3x L3)")
+    ap.add_argument("--fresh-unpack", action="store_true", help="also time nm_unpack into a fresh tensor + F.linear")
     ap.add_argument("--note", default="", help="a line added to the markdown header (e.g. machine shared)")
     ap.add_argument("--out", default=None, help="path stem for .csv/.md")
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or os.path.join(RESULTS, f"unpack_linear_cpu_{torch.get_num_threads()}t")
+    out = args.out or os.path.join(RESULTS, f"prefill_cpu_{torch.get_num_threads()}t")
     cold = 3 * l3_bytes() if args.cold_bytes is None else args.cold_bytes
     load_before = os.getloadavg()[0]
     t_start = time.perf_counter()
@@ -105,15 +117,14 @@ def main() -> None:
     for name in args.shapes:
         out_f, in_f = SHAPES[name]
         for dtype_name in args.dtypes:
-            cases = make_cases(out_f, in_f, DTYPES[dtype_name])
+            cases = make_cases(out_f, in_f, DTYPES[dtype_name], args.fresh_unpack)
             copies = {}
             for v, (tensors, _) in cases.items():
                 n = max(1, min(16, -(-cold // nbytes(*tensors)))) if cold else 1
                 copies[v] = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
             for m in args.rows:
                 x = torch.randn(m, in_f).to(DTYPES[dtype_name])
-                fns = {v: (lambda k, fn=fn, c=copies[v]: fn(x, c[k])) for v, (_, fn) in cases.items()
-                       if not (v == "streamed" and m > 64)}
+                fns = {v: (lambda k, fn=fn, c=copies[v]: fn(x, c[k])) for v, (_, fn) in cases.items()}
                 with torch.inference_mode():
                     timed = interleaved_medians_ms(fns, {v: len(copies[v]) for v in fns}, args.rounds,
                                                    args.min_time, args.min_reps)
@@ -126,7 +137,7 @@ def main() -> None:
     load_after = os.getloadavg()[0]
 
     header = [
-        "# Many rows of x on CPU: decode + dense GEMM vs dense F.linear",
+        "# Many rows of x on CPU: the packed ops and decode + dense GEMM vs dense F.linear",
         "",
         f"- CPU: {cpu_name()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads",
         f"- torch {torch.__version__}, sparsekit {sparsekit.__version__}; CPU C++ backend: "
@@ -138,7 +149,9 @@ def main() -> None:
         f"{cold / 2**20:.0f} MiB per variant (at most 16 copies; cold caches)",
         f"- load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}"
         + ("  **(machine busy: > 2.5 on 2 cores, numbers are noisy)**" if max(load_before, load_after) > 2.5 else ""),
-        "- (x) = dense ms / variant ms. Weights: 2:4 by |W| per group (bitmap: 50% by |W| per row); no bias",
+        "- (x) = dense ms / variant ms. Weights: 2:4 and 4:8 by |W| per group, bitmap 50% by |W| per row; no bias",
+        f"- SPARSEKIT_CPU_STREAMED_MAX_ROWS: {os.environ.get('SPARSEKIT_CPU_STREAMED_MAX_ROWS', 'unset')} (unset: the "
+        "ops' own limits, 2048 rows for float32 and 64 otherwise)",
     ] + ([f"- note: {args.note}"] if args.note else []) + [""]
     md = render_markdown(rows_out, header)
     write_md_csv(out, md, rows_out)

@@ -79,13 +79,16 @@ def packed_args(out_f, in_f, sparsity, dtype):
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 # K blocks of the streamed kernel (streamed.h): 24x2600 has several from 4 rows up and a partial last tile;
 # at 8 rows 17x1025 has a last block of one tile holding one column. Rows: passes of 1-8 rows, a short pass
-# after full ones (13, 40), the most the kernel streams (64), and the decode + BLAS path above (70).
+# after full ones (13, 40), the most the kernels stream in bfloat16 (64), the decode + BLAS path (70, with the
+# streamed limit held at 64), and 200: float32 on the AVX-512 lanes streams it (up to 2048 rows), the rest decode.
 @pytest.mark.parametrize(
     "shape", [(64, 128), (96, 256), (33, 512), (17, 100), (24, 2600), (17, 1025)], ids=lambda s: f"{s[0]}x{s[1]}"
 )
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 7, 8, 13, 16, 40, 64, 70])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 7, 8, 13, 16, 40, 64, 70, 200])
 def test_bitmap_linear_matches_reference(rows, shape, sparsity, dtype, bias, isa, monkeypatch):
     set_isa(isa, monkeypatch)
+    if rows == 70:
+        monkeypatch.setenv("SPARSEKIT_CPU_STREAMED_MAX_ROWS", "64")
     out_f, in_f = shape
     bitmask, values, offsets = packed_args(out_f, in_f, sparsity, dtype)
     x = torch.randn(rows, in_f).to(dtype)

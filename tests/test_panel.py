@@ -6,6 +6,9 @@ nm_linear (half-density N:M: 1:2, 2:4, 4:8, 8:16) / bitmap_linear from 13 / 17 r
 SPARSEKIT_CPU_PANEL=0) the same calls take block decode + BLAS. Either way the result must match the exact
 product: the cases below cross its tiles (24 weight rows), chunks of x (64 rows), vector groups of x (16 rows)
 and K blocks (1024 column pairs at 64 rows of x, 4096 at 16).
+
+Which path a packed op takes by rows of x (the streamed kernels up to streamed::max_rows, decode + GEMM above) is
+checked here too, through what the paths do with an inf of x at a pruned position.
 """
 
 import pytest
@@ -14,6 +17,7 @@ import torch
 import sparsekit
 from sparsekit import ops
 from sparsekit.formats import NMPacked, nm_index_codes, pack_bitmap, pack_nm, unpack_nm
+from sparsekit.nn.sparse_linear import cpu_sparse_kernels_fast
 from linear_check import assert_linear_close, set_isa
 
 CPP_LIVE = sparsekit.backend_status()["cpu"].live
@@ -134,3 +138,50 @@ def test_nm_decode_of_decreasing_positions_is_a_scatter(every_row, in_f, n, m, d
         x = torch.randn(rows, in_f).to(dtype)
         for f in (ops.nm_linear, ops.nm_unpack_linear):
             assert_linear_close(f(x, values, codes, n, m, in_f, None), x, dense, None)
+
+
+@pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("fmt", ["2:4", "4:8", "bitmap"])
+def test_streamed_row_limit_decides_the_path(fmt, isa, monkeypatch):
+    """float32 on the AVX-512 lanes streams up to 2048 rows of x, bfloat16 and the portable loops up to 64, then
+    the ops decode + GEMM; SPARSEKIT_CPU_STREAMED_MAX_ROWS overrides both. The path is seen from outside: the N:M
+    streamed kernels pick the kept inputs, so an inf of x at a pruned position leaves y finite, while decode +
+    GEMM multiplies the decoded zero (NaN, as F.linear); for bitmaps, row_offsets that disagree with the bits are
+    reported by the op that runs (bitmap_linear's streamed checks, or bitmap_unpack's decode)."""
+    set_isa(isa, monkeypatch)
+    vector = isa == "auto" and cpu_sparse_kernels_fast()[0]
+    torch.manual_seed(0)
+    in_f = 64
+    w = torch.randn(8, in_f)
+    w[:, 0] = 0.0  # the smallest |w| of its group: pruned in every row
+    if fmt == "bitmap":
+        p = pack_bitmap(w * ops.rowwise_prune_mask(w.abs(), in_f // 2))
+        offsets = p.row_offsets.clone()
+        offsets[3] += 1  # rows 2 and 3 each claim one value too many / too few
+
+        def streamed(rows, dtype=torch.float32):
+            x = torch.randn(rows, in_f).to(dtype)
+            with pytest.raises(RuntimeError, match=r"sparsekit::bitmap_(linear|unpack): row") as err:
+                ops.bitmap_linear(x, p.bitmask, p.values.to(dtype), offsets, in_f)
+            return "sparsekit::bitmap_linear" in str(err.value)
+    else:
+        n, m = (2, 4) if fmt == "2:4" else (4, 8)
+        w = w * ops.nm_mask(w.abs(), n, m)
+
+        def streamed(rows, dtype=torch.float32):
+            x = torch.randn(rows, in_f)
+            x[:, 0] = float("inf")
+            y = _run(fmt, "packed", x.to(dtype), w.to(dtype), None)
+            finite = bool(torch.isfinite(y).all())
+            assert finite or bool(torch.isnan(y).all()), "one path for the whole call"
+            return finite
+
+    assert streamed(64)
+    assert streamed(65) == vector and streamed(2048) == vector
+    assert not streamed(2049)
+    assert not streamed(65, torch.bfloat16)
+    monkeypatch.setenv("SPARSEKIT_CPU_STREAMED_MAX_ROWS", "8")
+    assert streamed(8) and not streamed(9)
+    monkeypatch.setenv("SPARSEKIT_CPU_STREAMED_MAX_ROWS", "3000")
+    assert streamed(2049)

@@ -14,9 +14,10 @@
 //   SPARSEKIT_CPU_ISA=avx512 forces the float32-lane path (tests).
 // * Otherwise (float16, no AVX-512, SPARSEKIT_CPU_ISA=scalar): walk the set bits with ctz; pruned weights are
 //   skipped, so an inf/NaN of x at a pruned position does not reach y there.
-// * More than kMaxRowsStreamed rows of x, or bfloat16 with AVX512-BF16 from panel::kPanelMinRowsBitmap rows on
-//   (kPanelMinRowsBitmapSmall for weights of at most panel::kSmallWeight elements):
-//   bitmap_unpack_linear_cpu (bitmap_unpack.cpp), the panel path (panel_gemm.h) or block decode + BLAS.
+// * More than streamed::max_rows rows of x (2048 for float32 on the AVX-512 lanes, 64 otherwise), or bfloat16
+//   with AVX512-BF16 from panel::kPanelMinRowsBitmap rows on (kPanelMinRowsBitmapSmall for weights of at most
+//   panel::kSmallWeight elements): bitmap_unpack_linear_cpu (bitmap_unpack.cpp), the panel path (panel_gemm.h) or
+//   block decode + BLAS.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -41,7 +42,6 @@ namespace sparsekit {
 namespace {
 
 constexpr int64_t kTile = 64;
-constexpr int64_t kMaxRowsStreamed = 64;
 constexpr int64_t kWeightsPerTask = 1 << 15;
 
 struct BitmapProblem {
@@ -390,7 +390,8 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   const at::Tensor vals = values.contiguous();
   // More rows than the streamed kernel takes: decode + BLAS, which checks every row's bits against row_offsets
   // (and ignores bits past in_features) itself.
-  if (rows > kMaxRowsStreamed ||
+  const streamed::Path path = streamed::choose_path(dt, /*vector_kernel=*/true);
+  if (rows > streamed::max_rows(path, dt) ||
       panel::takes_rows(dt, rows, out_features, in_features, panel::kPanelMinRowsBitmap,
                         panel::kPanelMinRowsBitmapSmall)) {
     return bitmap_unpack_linear_cpu(x, bitmask.contiguous(), vals, offsets, in_features, bias);
@@ -435,7 +436,6 @@ at::Tensor bitmap_linear_cpu(const at::Tensor& x, const at::Tensor& bitmask, con
   p.bitmask = reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>());
   p.row_offsets = off;
 
-  const streamed::Path path = streamed::choose_path(dt, /*vector_kernel=*/true);
   const at::Tensor xf = streamed::padded_x(xs, p.in_padded, path);
   at::Tensor yf = at::empty({rows, out_features}, xs.options().dtype(at::kFloat));
   at::Tensor bf;

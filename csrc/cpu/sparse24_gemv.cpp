@@ -13,17 +13,17 @@
 // * The same in bfloat16 with AVX512-BF16 + VBMI2: 32 kept values, vpermt2w on bfloat16 inputs and one
 //   vdpbf16ps per row of x (nm_row_bf16dp): half the instructions. SPARSEKIT_CPU_ISA=avx512 forces the path above.
 // * Every other case (other N:M, float16, no AVX-512, SPARSEKIT_CPU_ISA=scalar): portable scalar loop.
-// * More than kMaxRowsStreamed rows of x, or for half-density bfloat16 with AVX512-BF16 from
-//   panel::kPanelMinRows24 rows on (kPanelMinRows24Small for weights of at most panel::kSmallWeight elements):
-//   nm_unpack_linear_cpu (sparse24_unpack.cpp), the panel path (panel_gemm.h)
-//   or block decode + BLAS.
+// * More than streamed::max_rows rows of x (2048 for float32 on the AVX-512 lanes, 64 otherwise), or for
+//   half-density bfloat16 with AVX512-BF16 from panel::kPanelMinRows24 rows on (kPanelMinRows24Small for weights
+//   of at most panel::kSmallWeight elements): nm_unpack_linear_cpu (sparse24_unpack.cpp), the panel path
+//   (panel_gemm.h) or block decode + BLAS.
 // A code >= M (possible for M = 1, 2, 3, 5..15) is an error, as in the reference and nm_unpack; the streamed loops
 // check it on the fly (one OR per step) and raise after the pass.
 //
 // In the streamed kernels products with pruned weights are skipped, so an inf/NaN of x at a pruned position
-// does not reach y (dense F.linear would give NaN there). The decode + GEMM paths (above kMaxRowsStreamed
-// rows, and half-density bfloat16 from panel::kPanelMinRows24 rows with AVX512-BF16) multiply by the decoded zeros, as
-// F.linear does.
+// does not reach y (dense F.linear would give NaN there). The decode + GEMM paths (above streamed::max_rows
+// rows, and half-density bfloat16 from panel::kPanelMinRows24 rows with AVX512-BF16) multiply by the decoded
+// zeros, as F.linear does.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -46,7 +46,6 @@
 namespace sparsekit {
 namespace {
 
-constexpr int64_t kMaxRowsStreamed = 64;   // above: dense decode + BLAS wins
 constexpr int64_t kInputPad = 64;          // x copy padded to this many columns (vector loads past the end)
 constexpr int64_t kWeightsPerTask = 1 << 15;
 
@@ -334,8 +333,9 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   p.rows = rows;
 
   const bool half = half_density(n, m);
+  const streamed::Path path = streamed::choose_path(dt, half);
   // Many rows: decode + GEMM (the bfloat16 panel path from kPanelMinRows24 rows on, else decode + BLAS).
-  if (rows > kMaxRowsStreamed ||
+  if (rows > streamed::max_rows(path, dt) ||
       (half && panel::takes_rows(dt, rows, out_features, in_features, panel::kPanelMinRows24,
                                  panel::kPanelMinRows24Small))) {
     return nm_unpack_linear_cpu(x, vals, codes, n, m, in_features, bias);
@@ -348,7 +348,6 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
     p.log2_m = __builtin_ctzll(static_cast<uint64_t>(m));
     p.invalid_bits = invalid_code_bits(m, bits);
   }
-  const streamed::Path path = streamed::choose_path(dt, half);
   const at::Tensor xf = streamed::padded_x(xs, p.in_padded, path);
   at::Tensor yf = at::empty({rows, out_features}, xs.options().dtype(at::kFloat));
   at::Tensor bf;

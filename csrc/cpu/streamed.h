@@ -58,6 +58,31 @@ inline Path choose_path(at::ScalarType dtype, bool vector_kernel) {
   return dtype == at::kBFloat16 && use_avx512_bf16() ? Path::kBf16Dot : Path::kAvx512;
 }
 
+// Most rows of x a packed op (nm_linear, bitmap_linear) runs through its streamed kernels; above, it hands the
+// call to decode + GEMM (nm_unpack_linear / bitmap_unpack_linear). The streamed kernels' time grows linearly in M
+// (one pass over the packed weight per 8 rows of x, x's block in L1).
+// * float32 on the AVX-512 lanes: kMaxRowsFloat32. Per 32 weight columns and row of x, the N:M kernels issue one
+//   vpermt2ps (the kept inputs) and one FMA on 16 kept weights, the bitmap kernels two FMAs on expanded values
+//   (zeros included): about a dense product's instruction count, which they run at or above the rate of torch's
+//   float32 F.linear here (MKL sgemm: 115 GFLOP/s at 1 thread, 2048 x 4096 x 4096). benchmarks/results/
+//   prefill_cpu_{1t,2t}.md (eighth session, cold weights, M = 64..2048): 1 thread, 2:4 1.03-1.52x, 4:8
+//   1.05-1.53x and bitmap 1.12-1.56x dense at every M and shape, where decode + BLAS ran 0.95-1.17x; 2 threads,
+//   1.04-2.06x on the Llama-3-8B shapes, while SmolLM2's small layers fell to 0.88-0.94x at M = 512-2048
+//   (SparseLinear caps those at 256 rows with 2 threads: CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT).
+// * Everything else: kMaxRows. bfloat16 dot products do twice the work per instruction, so the streamed kernels'
+//   permute or expand per row of x weighs more (0.6-0.8x dense at M = 64 before the panel path took those rows);
+//   the scalar loops are far slower than dense.
+// SPARSEKIT_CPU_STREAMED_MAX_ROWS=N overrides both (benchmarks and tests), read on every call.
+constexpr int64_t kMaxRows = 64;
+constexpr int64_t kMaxRowsFloat32 = 2048;
+inline int64_t max_rows(Path path, at::ScalarType dtype) {
+  if (const char* s = std::getenv("SPARSEKIT_CPU_STREAMED_MAX_ROWS")) {
+    const long long v = std::atoll(s);
+    if (v > 0) return v;
+  }
+  return path == Path::kAvx512 && dtype == at::kFloat ? kMaxRowsFloat32 : kMaxRows;
+}
+
 // x (rows, in_padded), in_padded a multiple of 64 bytes' worth of elements -> the pass-chunked layout above,
 // same numel, chunks of 64 bytes (16 floats or 32 bfloat16). Pass p (rows i0 = p * kRowsPerPass ...) starts
 // at i0 * in_padded; column c of its row i0 + i sits at (c / w) * (n * w) + i * w + c % w from there, with

@@ -15,8 +15,11 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 * ``"sparse"``: ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` where the packed kernel was measured to beat
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu_dispatch_2t.md``:
   cold weights, 2 threads, quiet machine; ``CPU_SPARSE_MAX_ROWS_ONE_THREAD`` from the 1-thread run, the same
-  limits): 2:4, 4:8 and bitmap (>= 50% sparse) in float32 and bfloat16 for M <= 64; 1:2 and 8:16 the same
-  (``benchmarks/results/nm_patterns_cpu_{2t,1t}.md``: they run like 2:4 and 4:8). In bfloat16 the ops run their
+  limits): 2:4, 4:8 and bitmap (>= 50% sparse) in bfloat16 for M <= 64 and in float32 for M <= 2048
+  (``prefill_cpu_{2t,1t}.md``: the float32 streamed kernels stay ahead of torch's float32 F.linear here
+  through prefill-sized calls; with two or more threads float32 layers of at most 2^20
+  weights stop at M = 256, ``CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT``); 1:2 and 8:16 the same
+  (``benchmarks/results/nm_patterns_cpu_*.md``: they run like 2:4 and 4:8). In bfloat16 the ops run their
   streamed kernels up to 12 (2:4, 4:8) / 16 (bitmap) rows (8 for weights of at most 2^20 elements) and the panel
   path above (``csrc/cpu/panel_gemm.h``: the weight decoded 24 rows at a time into L2, a ``vdpbf16ps``
   micro-kernel), where the CPU has AVX512-BF16.
@@ -47,13 +50,18 @@ The dense fallback's storage, a trade-off to choose per model:
   thread, shared by all layers). Its calls outside the kernel's region (M above the limits: prefill) cost decode + GEMM.
   bfloat16 up to M = 128 (AVX512-BF16): the panel path, at M = 128 1.02-1.43x dense for 2:4, 1.00-1.41x for 4:8 and
   1.01-1.44x for bitmap with 2 threads, 0.97-1.04x with 1 thread (sparse_linear_cpu_dispatch runs of 2026-11-24
-  12:09-12:15). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold weights on a quiet machine
-  (``benchmarks/results/unpack_linear_cpu_1t.md`` / ``_2t.md``, 1 / 2 threads, 2026-11-24 04:39): float32 at M >= 128,
-  2:4 0.92-1.30x and bitmap 50% 0.92-1.35x (bfloat16 at M >= 32, before the panel path: 2:4 0.81-1.25x and bitmap
-  0.78-1.27x). Layers of N:M patterns other than 2:4 and 4:8, or float16, take this path at every M. The decode is
-  vectorised for every power-of-two M (2, 4, 8, 16); other M decode their column mask with a scalar loop per kept value.
+  12:09-12:15). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold weights on a quiet machine:
+  float32, where it now runs only past the float32 limits (M > 2048, or M > 256 for small layers with 2 threads),
+  0.95-1.17x at M = 64..2048 with 1 thread and 0.87-1.54x with 2 (``benchmarks/results/prefill_cpu_{1t,2t}.md``,
+  2026-11-24 14:44-14:54; 0.94-1.08x on the SmolLM2 shapes above M = 256 with 2 threads); bfloat16 above M = 128
+  0.93-1.01x (development runs, 1 thread, M = 256 and 1024 on 4096x4096 and 576x576: no compute is saved, and the
+  decode is not free); before the
+  panel path, bfloat16 at M >= 32 ran 2:4 0.81-1.25x and bitmap 0.78-1.27x (``unpack_linear_cpu_{1t,2t}.md``,
+  04:39). Layers of N:M patterns other than the half-density ones, or float16, take this path at every M. The
+  decode is vectorised for every power-of-two M (2, 4, 8, 16); other M decode their column mask with a scalar loop
+  per kept value.
   float16 was not measured. Unpacking the whole weight into a fresh tensor and calling ``F.linear`` is slower: a fresh
-  allocation of tens of MiB is page-faulted on every call (0.11-0.97x dense on the Llama shapes in the same runs).
+  allocation of tens of MiB is page-faulted on every call (0.11-0.97x dense on the Llama shapes in the 04:39 runs).
 * ``dense_fallback="cache"`` also keeps a dense copy of the weight in memory (a non-persistent buffer: never
   saved, rebuilt on load): calls outside the measured region cost a dense ``F.linear`` plus ~6 us of Python
   dispatch (0.9-1.0x measured; the dispatch shows on the smallest layers), but memory is packed + dense
@@ -91,6 +99,8 @@ __all__ = [
     "CUDA_SPARSE_MAX_ROWS",
     "BITMAP_MIN_SPARSITY",
     "CPU_SPARSE_MAX_ROWS_ONE_THREAD",
+    "CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT",
+    "CPU_SMALL_WEIGHT",
     "CPU_SPARSE_MAX_ROWS_UNPACK",
     "CPU_BF16_MAX_ROWS_WITHOUT_DOT",
     "CPU_BF16_MAX_ROWS_WITHOUT_PANEL",
@@ -103,45 +113,64 @@ __all__ = [
 DENSE_FALLBACKS = ("unpack", "cache")
 
 # Largest M (rows of x) at which the packed CPU op beats dense F.linear, per (format, dtype), with two or more
-# torch threads. From benchmarks/results/sparse_linear_cpu_dispatch_2t.md (quiet machine, cold weights, 2
-# threads, Llama-3-8B and SmolLM2 shapes, M = 1..128; the op's speedups over the six shapes, run of 2026-11-24
-# 12:09): at M = 64, float32 2:4 1.27-1.94x, 4:8 1.27-2.04x, bitmap 50% 1.38-2.09x; bfloat16 2:4 1.09-1.96x, 4:8
-# 1.05-1.87x, bitmap 1.07-1.92x. The weakest bfloat16 cells are M = 16-24 (the panel path rounds x's rows up to
-# 16): 2:4 1.05x, bitmap 1.01x, 4:8 0.95x (Llama down). At M = 128 (decode + GEMM inside the op) about what the
-# dense fallback gives. In bfloat16 the ops run their streamed kernels to 12 / 16 rows (8 for weights of at most
-# 2^20 elements) and the panel path above (csrc/cpu/panel_gemm.h).
+# torch threads.
+# bfloat16, from benchmarks/results/sparse_linear_cpu_dispatch_2t.md (quiet machine, cold weights, 2 threads,
+# Llama-3-8B and SmolLM2 shapes, M = 1..128; the op's speedups over the six shapes, run of 2026-11-24 12:09): at
+# M = 64, 2:4 1.09-1.96x, 4:8 1.05-1.87x, bitmap 1.07-1.92x. The weakest cells are M = 16-24 (the panel path
+# rounds x's rows up to 16): 2:4 1.05x, bitmap 1.01x, 4:8 0.95x (Llama down). At M = 128 (decode + GEMM inside
+# the op) about what the dense fallback gives. The ops run their streamed kernels to 12 / 16 rows (8 for weights of
+# at most 2^20 elements) and the panel path above (csrc/cpu/panel_gemm.h).
+# float32, up to 2048 rows since the eighth session: the streamed kernels' time grows linearly in M, at about a
+# dense product's instruction count run faster than torch's float32 F.linear (MKL sgemm) here (csrc/cpu/streamed.h),
+# so they stay ahead of dense far past M = 64 (M = 1..64: the table above, float32 >= 1.27x at M = 64).
+# benchmarks/results/prefill_cpu_2t.md (2026-11-24 14:54, same six shapes, M = 64..2048): 2:4 1.09-1.93x, 4:8
+# 1.08-1.99x and bitmap 1.04-2.06x on the Llama-3-8B shapes at every M, where decode + BLAS (the fallback
+# before) fell as low as 0.87-0.90x at M = 1024-2048 (up, down). On the SmolLM2
+# shapes two threads gain less: 576x576 N:M fell to 0.88-0.94x at M = 512-2048 in that run and again in a re-run
+# (prefill_cpu_2t_smollm_rerun.md, where 576x1536 also read 0.89-0.91x at M = 1024-2048 and bitmap 0.94-0.96x
+# at 2048; a first re-run, not kept, read 0.97-1.04x), hence CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT.
 # 1:2 and 8:16 from benchmarks/results/nm_patterns_cpu_2t.md (same machine, the op only, three shapes, M = 1..64,
 # seventh session): 1:2 ran within 7% of 2:4 and 8:16 within 6% of 4:8 in every cell (float32 >= 1.43x; bfloat16
-# 1:2 >= 1.05x, 8:16 >= 0.95x at M = 24, as 4:8).
-# Re-measure with benchmarks/bench_sparse_linear.py (and bench_nm_patterns_cpu.py) before changing.
+# 1:2 >= 1.05x, 8:16 >= 0.95x at M = 24, as 4:8); nm_patterns_cpu_prefill_2t.md: float32 M = 128..2048, all four
+# patterns within 3% of each other (>= 1.00x).
+# Re-measure with benchmarks/bench_sparse_linear.py, bench_unpack_linear_cpu.py and bench_nm_patterns_cpu.py before
+# changing.
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
-    ("1:2", torch.float32): 64,
+    ("1:2", torch.float32): 2048,
     ("1:2", torch.bfloat16): 64,
-    ("2:4", torch.float32): 64,
+    ("2:4", torch.float32): 2048,
     ("2:4", torch.bfloat16): 64,
-    ("4:8", torch.float32): 64,
+    ("4:8", torch.float32): 2048,
     ("4:8", torch.bfloat16): 64,
-    ("8:16", torch.float32): 64,
+    ("8:16", torch.float32): 2048,
     ("8:16", torch.bfloat16): 64,
-    ("bitmap", torch.float32): 64,
+    ("bitmap", torch.float32): 2048,
     ("bitmap", torch.bfloat16): 64,
 }
-# The same with one torch thread (benchmarks/results/sparse_linear_cpu_dispatch.md, 12:15), used when
-# torch.get_num_threads() < 2: at M = 64, float32 2:4 1.25-1.46x, 4:8 1.22-1.53x, bitmap 1.34-1.55x; bfloat16 2:4
-# 1.09-1.17x, 4:8 0.99-1.10x, bitmap 1.05-1.14x. Below 1x: bfloat16 4:8 at M = 16-24 on the Llama shapes
-# (0.87-0.99x) and bitmap at M = 24 (0.95x): the fallback there (unpack: the same panel path) is no faster.
-# 1:2 and 8:16: nm_patterns_cpu_1t.md, as with 2 threads (float32 >= 1.26x; bfloat16 8:16 0.94-0.97x at
-# M = 16-24 on the Llama shapes, as 4:8).
+# With two or more threads, the limits of layers of at most CPU_SMALL_WEIGHT elements (SmolLM2's) are capped at
+# these: float32 at M = 256, where those runs had 576x576 at 1.01-1.04x (N:M) and 1.15-1.18x (bitmap) and
+# 576x1536 at 1.07-1.11x and 1.17-1.20x. Above, such layers take decode + BLAS (0.94-1.08x there).
+CPU_SMALL_WEIGHT = 1 << 20
+CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT: dict[tuple[str, torch.dtype], int] = {
+    (fmt, torch.float32): 256 for fmt in ("1:2", "2:4", "4:8", "8:16", "bitmap")
+}
+# The same with one torch thread, used when torch.get_num_threads() < 2 (no small-weight caps).
+# bfloat16 from benchmarks/results/sparse_linear_cpu_dispatch.md (12:15): at M = 64, 2:4 1.09-1.17x, 4:8
+# 0.99-1.10x, bitmap 1.05-1.14x. Below 1x: 4:8 at M = 16-24 on the Llama shapes (0.87-0.99x) and bitmap at M = 24
+# (0.95x): the fallback there (unpack: the same panel path) is no faster. 8:16 as 4:8 (nm_patterns_cpu_1t.md).
+# float32 from prefill_cpu_1t.md (14:44, M = 64..2048): 2:4 1.03-1.52x, 4:8 1.05-1.53x, bitmap 1.12-1.56x
+# at every M and shape, where decode + BLAS ran 0.95-1.17x; nm_patterns_cpu_prefill_1t.md: 1:2 and 8:16
+# 1.06-1.29x at M = 128..2048.
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
-    ("1:2", torch.float32): 64,
+    ("1:2", torch.float32): 2048,
     ("1:2", torch.bfloat16): 64,
-    ("2:4", torch.float32): 64,
+    ("2:4", torch.float32): 2048,
     ("2:4", torch.bfloat16): 64,
-    ("4:8", torch.float32): 64,
+    ("4:8", torch.float32): 2048,
     ("4:8", torch.bfloat16): 64,
-    ("8:16", torch.float32): 64,
+    ("8:16", torch.float32): 2048,
     ("8:16", torch.bfloat16): 64,
-    ("bitmap", torch.float32): 64,
+    ("bitmap", torch.float32): 2048,
     ("bitmap", torch.bfloat16): 64,
 }
 # With dense_fallback="unpack" the alternative to the op is decode + GEMM, not dense F.linear, and where both
@@ -490,8 +519,13 @@ class SparseLinear(nn.Module):
             key = "bitmap"
         else:
             key = f"{self.n}:{self.m}"  # patterns without table entries (unmeasured) get no limits
-        table = CPU_SPARSE_MAX_ROWS if torch.get_num_threads() >= 2 else CPU_SPARSE_MAX_ROWS_ONE_THREAD
+        threads = torch.get_num_threads()
+        table = CPU_SPARSE_MAX_ROWS if threads >= 2 else CPU_SPARSE_MAX_ROWS_ONE_THREAD
         limits = {dt: rows for (fmt, dt), rows in table.items() if fmt == key}
+        if threads >= 2 and self.in_features * self.out_features <= CPU_SMALL_WEIGHT:
+            for (fmt, dt), rows in CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT.items():
+                if fmt == key and dt in limits:
+                    limits[dt] = min(limits[dt], rows)
         if self.dense_fallback == "unpack":
             for (fmt, dt), rows in CPU_SPARSE_MAX_ROWS_UNPACK.items():
                 if fmt == key:

@@ -404,8 +404,10 @@ def nm_linear(x, values, index_codes, n: int, m: int, in_features: int, bias=Non
     x: (..., in_features) float32/bfloat16/float16; values: (out, in_features / m * (m - n)) x's dtype;
     index_codes: uint8 (out, ceil(kept * b / 8)), b = 2 bits for m <= 4 else 4; bias: (out,) x's dtype or
     None. Returns (..., out) in x's dtype. The CPU kernel accumulates in float32 and rounds once, and raises on
-    a position >= m. The positions within a group must be distinct, as ``pack_nm`` makes them. That is not
-    checked per call (at a repeated position the CPU kernel's streamed paths, up to 64 rows of x, add both
+    a position >= m. It runs its streamed kernels up to 64 rows of x (float32 with AVX-512: 2048;
+    ``SPARSEKIT_CPU_STREAMED_MAX_ROWS`` overrides both) and decode + GEMM above (bfloat16 with AVX512-BF16 from
+    13 rows, 9 for small weights, on the panel path). The positions within a group must be distinct, as
+    ``pack_nm`` makes them. That is not checked per call (at a repeated position the streamed paths add both
     values' products, while the reference and the decode + GEMM paths keep the last value): a check in the
     loops cost up to 10% at M = 1-8 on one thread (bfloat16 4:8). ``sparsekit.formats.check_nm_packed``
     checks a packed weight once, and ``SparseLinear`` runs it on what it loads.
@@ -418,9 +420,13 @@ def bitmap_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) 
     """x @ W^T (+ bias) with W stored as a bitmap (``sparsekit.formats.pack_bitmap``).
 
     x: (..., in_features) float32/bfloat16/float16; bitmask: (out, ceil(in_features / 64)) int64;
-    values: (nnz,) x's dtype; row_offsets: (out + 1,) int64, trusted to match the bitmask's popcounts
-    (only its last entry is checked against nnz by the CPU kernel); bias: (out,) x's dtype or None.
-    Returns (..., out) in x's dtype. The CPU kernel accumulates in float32 and rounds once.
+    values: (nnz,) x's dtype; row_offsets: (out + 1,) int64, row r's values at [row_offsets[r], row_offsets[r+1]):
+    they must match the bitmask's popcounts. The CPU kernel checks that on every call and raises naming the row;
+    the CUDA and Triton kernels trust it (``sparsekit.formats.check_bitmap_packed`` checks once, and
+    ``SparseLinear`` runs it on what it loads). bias: (out,) x's dtype or None. Returns (..., out) in x's dtype.
+    The CPU kernel accumulates in float32 and rounds once; it streams up to 64 rows of x (float32 with AVX-512:
+    2048; ``SPARSEKIT_CPU_STREAMED_MAX_ROWS`` overrides both) and decodes + GEMMs above (bfloat16 with
+    AVX512-BF16 from 17 rows, 9 for small weights, on the panel path).
     """
     _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
     return torch.ops.sparsekit.bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
