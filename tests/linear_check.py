@@ -23,8 +23,9 @@ def assert_linear_close(got, x, weight, bias):
 
 
 def set_isa(isa, monkeypatch):
-    """Run the CPU C++ kernels on one ISA path: "auto" (what the CPU has), "avx512" (the float32-lane path) or
-    "scalar" (the portable one), through SPARSEKIT_CPU_ISA; skips where the C++ extension is not loaded."""
+    """Run the CPU C++ kernels on one ISA path: "auto" (what the CPU has), "vbmi2" (no AVX512-BITALG paths),
+    "avx512" (the float32-lane path) or "scalar" (the portable one), through SPARSEKIT_CPU_ISA; skips where the
+    C++ extension is not loaded."""
     if isa != "auto":
         import sparsekit
 

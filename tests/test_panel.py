@@ -118,9 +118,10 @@ def _decreasing(out_f, in_f, n, m, dtype, every_row=True):
     return values, indices
 
 
-# 2:4 and 4:8 have their own decode paths (a permute; a vector-built mask + expand, then a permute for rows
-# whose positions do not increase); the other power-of-two patterns share a permute path.
-@pytest.mark.parametrize("isa", ["auto", "avx512", "scalar"])
+# 2:4, 4:8 and 8:16 have their own decode paths (a permute; vector-built group masks, then a rank permute or, on
+# "vbmi2" and "avx512", a mask + expand, and a permute for rows whose positions do not increase); the other
+# power-of-two patterns share a permute path.
+@pytest.mark.parametrize("isa", ["auto", "vbmi2", "avx512", "scalar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 # widths: full steps; odd groups; tail groups; a 16-column tail after 32-column steps (those M divides)
 @pytest.mark.parametrize("n,m,in_f", [(n, m, in_f) for n, m in [(2, 4), (4, 8), (8, 16), (1, 2), (2, 8), (6, 8)]

@@ -232,10 +232,11 @@ def test_nm_packed_is_plain_data():
 # ----------------------------------------------------------------------------------------------------
 # nm_unpack (packed -> dense) and nm_unpack_linear (decode + BLAS), against the reference
 # ----------------------------------------------------------------------------------------------------
-# "auto": the fastest path here (AVX-512 with VBMI2 where the CPU has it); "avx512": AVX-512 without VBMI2;
-# "scalar": the portable path. 2:4 and the other power-of-two patterns have permute paths (4:8 a vector-built
-# bitmask + expand first); other M share the bitmask + expand one.
-ISAS = ["auto", "avx512", "scalar"]
+# "auto": the fastest path here (AVX-512 with VBMI2 and BITALG where the CPU has them); "vbmi2": without BITALG
+# (4:8 and 8:16 in 16 bits then take the vector-built bitmask + expand instead of the rank permute); "avx512":
+# AVX-512 without VBMI2; "scalar": the portable path. 2:4 and the other power-of-two patterns have permute paths
+# (4:8 and 8:16 a vector-built group mask first); other M share the bitmask + expand one.
+ISAS = ["auto", "vbmi2", "avx512", "scalar"]
 UNPACK_PATTERNS = [(2, 4), (4, 8), (1, 4), (3, 4), (0, 4), (1, 2), (2, 3), (6, 8), (5, 16), (0, 1), (8, 16), (1, 8),
                    (7, 8), (0, 8)]
 

@@ -27,6 +27,9 @@
 // AVX-512 plus VBMI2 (vpexpandw: 32 16-bit lanes per expand), for the unpack kernels' 16-bit path.
 #define SPARSEKIT_AVX512_VBMI2 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,bmi,popcnt")))
+// AVX-512 plus BITALG (vpopcntw), for the 4:8 / 8:16 rank decode.
+#define SPARSEKIT_AVX512_BITALG \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bitalg,avx2,fma,bmi,popcnt")))
 // AVX-512 plus VBMI2 and BF16 (vdpbf16ps: 32 bfloat16 products summed in pairs into 16 floats), for the
 // bfloat16 paths of the 2:4 and bitmap GEMV kernels.
 #define SPARSEKIT_AVX512_BF16 \
@@ -57,6 +60,18 @@ inline bool use_avx512_vbmi2() {
   static const bool cpu_has = __builtin_cpu_supports("avx512vbmi2");
   const char* isa = std::getenv("SPARSEKIT_CPU_ISA");
   return cpu_has && use_avx512() && !(isa && std::strcmp(isa, "avx512") == 0);
+#else
+  return false;
+#endif
+}
+
+// True when use_avx512_vbmi2() and the CPU also has AVX512-BITALG, unless SPARSEKIT_CPU_ISA is "vbmi2" (the tests
+// force the VBMI2 paths that do without BITALG that way) or "avx512".
+inline bool use_avx512_bitalg() {
+#if SPARSEKIT_HAVE_X86
+  static const bool cpu_has = __builtin_cpu_supports("avx512bitalg");
+  const char* isa = std::getenv("SPARSEKIT_CPU_ISA");
+  return cpu_has && use_avx512_vbmi2() && !(isa && std::strcmp(isa, "vbmi2") == 0);
 #else
   return false;
 #endif

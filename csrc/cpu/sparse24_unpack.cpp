@@ -6,12 +6,15 @@
 // * 2:4 with AVX-512: 32 columns per step, one permute of the step's 16 kept values (vpermw, or two vpermd
 //   for 32-bit values) with indices and a zero mask computed from the codes in registers
 //   (unpack_row24_perm): any order of the two positions of a group decodes as the reference's scatter.
-// * 4:8 with AVX-512: the row's column bitmask built in registers from 64 code bytes (256 columns) at a time
-//   (a nibble -> bit table with vpshufb; nm_row_mask_half), then expand_row, for rows whose positions increase
-//   within every group (as pack_nm writes them); other rows take the permute path below. On the development
-//   machine's Zen 5 (1 thread, bfloat16 4096x4096 through the panel path at M = 1-16) this decoded 7.9
-//   weights/ns against 5.3 for the permute path and 8.7 for 2:4's.
-// * 8:16 with AVX-512: the same, a group's 16 mask bits from two tables (nm_row_mask_half).
+// * 4:8 with AVX-512: the groups' column masks built in registers from 64 code bytes (256 columns) at a time
+//   (a nibble -> bit table with vpshufb; half_group_masks), for rows whose positions increase within every group
+//   (as pack_nm writes them); other rows take the permute path below. 16-bit values with VBMI2 and BITALG
+//   (unpack_row_half_rank): per 32 columns one permute of the values, each column's index the popcount of its
+//   group's mask bits below it. Otherwise the masks go to memory (nm_row_mask_half) and expand_row places the
+//   values. On the development machine's Zen 5 (1 thread, bfloat16 4096x4096 through the panel path at
+//   M = 1-16) the mask + expand decoded 7.9 weights/ns against 5.3 for the permute path and 8.7 for 2:4's; the
+//   rank permute (eighth session) 8.8 where the mask + expand read 6.7-6.8 in the same sitting.
+// * 8:16 with AVX-512: the same, a group's 16 mask bits from two tables.
 // * Other power-of-two M (2, 8, 16, and 4 with N != 2; any N) with AVX-512: 32 columns per step; the step's
 //   code fields widened to 16-bit lanes, K compares per output column against the group's fields, one permute
 //   of the values (unpack_row_perm): any order decodes as the scatter.
@@ -281,53 +284,119 @@ SPARSEKIT_AVX512 inline __m512i fold_group(__m512i x) {
   return kM == 8 ? x : _mm512_or_si512(x, _mm512_srli_epi32(x, 16));
 }
 
-// 4:8 and 8:16 (kM = 8, 16): the row's column mask from its 4-bit codes, 64 code bytes (256 columns) per step.
-// A group's K = M / 2 codes fill M / 4 bytes (one 16- or 32-bit lane). Each nibble picks its column's bit from a
-// 16-entry table (for 8:16 two: columns 0-7 and 8-15; for 4:8 codes 8..15 pick none), and a group's bytes are
-// ORed into its M mask bits. True when every code is < M and the positions of every group increase (within a
-// byte, and from a byte's high code to the next byte's low one), so that an expand (expand_row) places the values
-// right; false otherwise (the caller then takes another path). mask: zeroed 64-bit words.
+// 4:8 and 8:16 (kM = 8, 16): the column masks of the groups of one block of a row's 4-bit codes, 64 code bytes
+// (256 columns) at c, the first `left` of them real (whole groups). A group's K = M / 2 codes fill M / 4 bytes
+// (one 16- or 32-bit lane). Each nibble picks its column's bit from a 16-entry table (for 8:16 two: columns 0-7
+// and 8-15; for 4:8 codes 8..15 pick none), and a group's bytes are ORed into its M mask bits: the returned
+// vector holds group i's mask in the low 8 bits of 16-bit lane i (4:8) or the low 16 bits of 32-bit lane i (8:16),
+// zeros elsewhere and past the real groups. *ok is cleared unless every code is < M and the positions of every
+// group increase (within a byte, and from a byte's high code to the next byte's low one), so that values placed
+// in column order land right.
 template <int kM>
-SPARSEKIT_AVX512 bool nm_row_mask_half(const uint8_t* c, int64_t code_width, uint64_t* mask) {
+SPARSEKIT_AVX512 inline __m512i half_group_masks(const uint8_t* c, int64_t left, bool* ok) {
   static_assert(kM == 8 || kM == 16, "4:8 or 8:16");
-  constexpr int kGroupBytes = kM / 4;
   // the bytes of a group that another byte of it follows
   constexpr __mmask64 kHasNext = kM == 8 ? 0x5555555555555555ull : 0x7777777777777777ull;
   const __m512i low_cols = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0));
-  const __m512i high_cols =
-      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 4, 8, 16, 32, 64, -128));
   const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __mmask64 real = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+  const __m512i codes = _mm512_maskz_loadu_epi8(real, c);
+  const __m512i lo = _mm512_and_si512(codes, nibble);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
+  const __m512i cols_lo =
+      fold_group<kM>(_mm512_or_si512(_mm512_shuffle_epi8(low_cols, lo), _mm512_shuffle_epi8(low_cols, hi)));
+  const __mmask64 within = _mm512_cmplt_epu8_mask(lo, hi);
+  const __mmask64 across = _mm512_cmplt_epu8_mask(hi, _mm512_and_si512(next_byte_in_group<kM>(codes), nibble));
+  *ok &= ((within & real) == real) && ((across & real & kHasNext) == (real & kHasNext));
+  if constexpr (kM == 8) {
+    const __mmask64 bad = _mm512_test_epi8_mask(codes, _mm512_set1_epi8(static_cast<char>(0x88)));  // >= 8
+    *ok &= (bad & real) == 0;
+    return _mm512_and_si512(cols_lo, _mm512_set1_epi16(0xFF));
+  } else {
+    const __m512i high_cols =
+        _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 4, 8, 16, 32, 64, -128));
+    const __m512i cols_hi =
+        fold_group<kM>(_mm512_or_si512(_mm512_shuffle_epi8(high_cols, lo), _mm512_shuffle_epi8(high_cols, hi)));
+    const __m512i byte = _mm512_set1_epi32(0xFF);
+    return _mm512_or_si512(_mm512_and_si512(cols_lo, byte), _mm512_slli_epi32(_mm512_and_si512(cols_hi, byte), 8));
+  }
+}
+
+// The row's column mask (zeroed 64-bit words) from half_group_masks, block by block. True when the row may be
+// expanded in column order (see there); false otherwise (the caller then takes another path).
+template <int kM>
+SPARSEKIT_AVX512 bool nm_row_mask_half(const uint8_t* c, int64_t code_width, uint64_t* mask) {
+  constexpr int kGroupBytes = kM / 4;
   auto* out = reinterpret_cast<uint8_t*>(mask);
   bool ok = true;
   for (int64_t b = 0; b < code_width; b += 64, out += 32) {
     const int64_t left = std::min<int64_t>(64, code_width - b);  // whole groups
-    const __mmask64 real = left == 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
-    const __m512i codes = _mm512_maskz_loadu_epi8(real, c + b);
-    const __m512i lo = _mm512_and_si512(codes, nibble);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
-    const __m512i cols_lo =
-        fold_group<kM>(_mm512_or_si512(_mm512_shuffle_epi8(low_cols, lo), _mm512_shuffle_epi8(low_cols, hi)));
-    const __mmask64 within = _mm512_cmplt_epu8_mask(lo, hi);
-    const __mmask64 across = _mm512_cmplt_epu8_mask(hi, _mm512_and_si512(next_byte_in_group<kM>(codes), nibble));
-    ok &= ((within & real) == real) && ((across & real & kHasNext) == (real & kHasNext));
+    const __m512i groups_mask = half_group_masks<kM>(c + b, left, &ok);
     const int64_t groups = left / kGroupBytes;
     if constexpr (kM == 8) {
-      const __mmask64 bad = _mm512_test_epi8_mask(codes, _mm512_set1_epi8(static_cast<char>(0x88)));  // >= 8
-      ok &= (bad & real) == 0;
       const __mmask32 real_groups = groups == 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << groups) - 1);
-      const __m512i mask8 = _mm512_and_si512(cols_lo, _mm512_set1_epi16(0xFF));
-      _mm256_mask_storeu_epi8(out, real_groups, _mm512_cvtepi16_epi8(mask8));
+      _mm256_mask_storeu_epi8(out, real_groups, _mm512_cvtepi16_epi8(groups_mask));
     } else {
-      const __m512i cols_hi =
-          fold_group<kM>(_mm512_or_si512(_mm512_shuffle_epi8(high_cols, lo), _mm512_shuffle_epi8(high_cols, hi)));
-      const __m512i byte = _mm512_set1_epi32(0xFF);
-      const __m512i mask16 =
-          _mm512_or_si512(_mm512_and_si512(cols_lo, byte), _mm512_slli_epi32(_mm512_and_si512(cols_hi, byte), 8));
       const __mmask16 real_groups = groups == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << groups) - 1);
-      _mm256_mask_storeu_epi16(out, real_groups, _mm512_cvtepi32_epi16(mask16));
+      _mm256_mask_storeu_epi16(out, real_groups, _mm512_cvtepi32_epi16(groups_mask));
     }
   }
   return ok;
+}
+
+// 4:8 and 8:16 rows of 16-bit values, decoded without a mask in memory and without an expand: per block of 64 code
+// bytes (256 columns) the groups' masks from half_group_masks, then per 32 columns (16 values) a permute of the
+// values whose index for column l is the rank of l among its group's kept columns (a popcount of the mask bits
+// below l) plus the group's first value in the step, zero where l is not kept. Needs the positions of every
+// group to increase, as an expand does: false (before writing the block) when they do not, or a code is >= M.
+// Development runs (Zen 5, 1 thread, bfloat16 4096x4096, cold weights, whole nm_unpack_linear calls on the panel
+// path at M = 1 and 16): 4:8 6.7-6.8 -> 8.8 weights/ns and 8:16 6.7-6.9 -> 7.9-8.2 against the mask in memory +
+// expand_row (2:4's permute: 8.0-8.2); 4096x14336 at M = 16, 4:8 8.86 -> 7.37 ms (2:4 7.65-8.01, dense 8.3).
+template <int kM>
+SPARSEKIT_AVX512_BITALG bool unpack_row_half_rank(const uint8_t* c, int64_t code_width, const uint16_t* v,
+                                                  uint16_t* out, int64_t in_features) {
+  alignas(64) static constexpr auto kTables = [] {
+    struct {
+      uint16_t sel[32], bit[32], below[32], first[32];
+    } t{};
+    for (int l = 0; l < 32; ++l) {
+      t.sel[l] = static_cast<uint16_t>(kM == 8 ? l / 8 : 2 * (l / 16));  // column l's group lane at step 0
+      t.bit[l] = static_cast<uint16_t>(1u << (l % kM));
+      t.below[l] = static_cast<uint16_t>((1u << (l % kM)) - 1);
+      t.first[l] = static_cast<uint16_t>(l / kM * (kM / 2));
+    }
+    return t;
+  }();
+  const __m512i sel0 = _mm512_load_si512(kTables.sel), bit = _mm512_load_si512(kTables.bit);
+  const __m512i below = _mm512_load_si512(kTables.below), first = _mm512_load_si512(kTables.first);
+  const __m512i four = _mm512_set1_epi16(4);  // a step moves 4 lanes on: 4 groups of 4:8, 2 (32-bit) of 8:16
+  int64_t col = 0;
+  for (int64_t b = 0; b < code_width; b += 64) {
+    const int64_t left = std::min<int64_t>(64, code_width - b);
+    bool ok = true;
+    const __m512i groups_mask = half_group_masks<kM>(c + b, left, &ok);
+    if (!ok) return false;
+    const int64_t block_end = std::min(in_features, col + 4 * left);  // 4 columns per code byte
+    prefetch_values_ahead<2>(v);
+    prefetch_values_ahead<1>(c + b);
+    __m512i sel = sel0;
+    for (; col < block_end; col += 32, sel = _mm512_add_epi16(sel, four)) {
+      const __m512i g = _mm512_permutexvar_epi16(sel, groups_mask);
+      const __mmask32 kept = _mm512_test_epi16_mask(g, bit);
+      const __m512i idx = _mm512_add_epi16(_mm512_popcnt_epi16(_mm512_and_si512(g, below)), first);
+      const int64_t cols = std::min<int64_t>(32, block_end - col);
+      if (cols == 32) {
+        const __m512i h = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+        _mm512_storeu_si512(out + col, _mm512_maskz_permutexvar_epi16(kept, idx, h));
+      } else {
+        const __m512i h = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1u << (cols / 2)) - 1), v);
+        _mm512_mask_storeu_epi16(out + col, static_cast<__mmask32>((uint64_t(1) << cols) - 1),
+                                 _mm512_maskz_permutexvar_epi16(kept, idx, h));
+      }
+      v += cols / 2;
+    }
+  }
+  return true;
 }
 SPARSEKIT_INTRINSICS_END
 #endif
@@ -371,12 +440,22 @@ template <typename Elem>
 void nm_unpack_rows(const NMUnpack& p, const Elem* values, Elem* dst, int64_t r_begin, int64_t r_end,
                     UnpackIsa isa) {
   const NMDecode kind = nm_decode_kind(p, isa);
+#if SPARSEKIT_HAVE_X86
+  const bool rank = (kind == NMDecode::kMask48 || kind == NMDecode::kMask816) && isa == UnpackIsa::kAvx512Vbmi2 &&
+                    use_avx512_bitalg();
+#endif
   std::vector<uint64_t> mask(kind == NMDecode::kPerm24 ? 0 : static_cast<size_t>(std::max<int64_t>(1, p.words)));
   for (int64_t r = r_begin; r < r_end; ++r) {
     const Elem* v = values + r * p.kept_per_row;
     const uint8_t* c = p.codes + r * p.code_width;
     Elem* d = dst + (r - r_begin) * p.in_features;
 #if SPARSEKIT_HAVE_X86
+    if constexpr (sizeof(Elem) == 2) {
+      if (rank && (kind == NMDecode::kMask48 ? unpack_row_half_rank<8>(c, p.code_width, v, d, p.in_features)
+                                             : unpack_row_half_rank<16>(c, p.code_width, v, d, p.in_features))) {
+        continue;
+      }
+    }
     if (kind == NMDecode::kMask48 || kind == NMDecode::kMask816) {
       std::fill(mask.begin(), mask.end(), uint64_t(0));
       if (kind == NMDecode::kMask48 ? nm_row_mask_half<8>(c, p.code_width, mask.data())

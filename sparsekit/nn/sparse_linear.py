@@ -48,9 +48,9 @@ The dense fallback's storage, a trade-off to choose per model:
 * ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32 0.53x dense,
   bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept for the life of the
   thread, shared by all layers). Its calls outside the kernel's region (M above the limits: prefill) cost decode + GEMM.
-  bfloat16 up to M = 128 (AVX512-BF16): the panel path, at M = 128 1.02-1.43x dense for 2:4, 1.00-1.41x for 4:8 and
-  1.01-1.44x for bitmap with 2 threads, 0.97-1.04x with 1 thread (sparse_linear_cpu_dispatch runs of 2026-11-24
-  12:09-12:15). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold weights on a quiet machine:
+  bfloat16 up to M = 128 (AVX512-BF16): the panel path, at M = 128 1.04-1.43x dense for 2:4, 1.04-1.42x for 4:8 and
+  1.05-1.41x for bitmap with 2 threads, 1.01-1.05x with 1 thread (sparse_linear_cpu_dispatch runs of 2026-11-24
+  15:28-15:34). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold weights on a quiet machine:
   float32, where it now runs only past the float32 limits (M > 2048, or M > 256 for small layers with 2 threads),
   0.95-1.17x at M = 64..2048 with 1 thread and 0.87-1.54x with 2 (``benchmarks/results/prefill_cpu_{1t,2t}.md``,
   2026-11-24 14:44-14:54; 0.94-1.08x on the SmolLM2 shapes above M = 256 with 2 threads); bfloat16 above M = 128
@@ -115,11 +115,12 @@ DENSE_FALLBACKS = ("unpack", "cache")
 # Largest M (rows of x) at which the packed CPU op beats dense F.linear, per (format, dtype), with two or more
 # torch threads.
 # bfloat16, from benchmarks/results/sparse_linear_cpu_dispatch_2t.md (quiet machine, cold weights, 2 threads,
-# Llama-3-8B and SmolLM2 shapes, M = 1..128; the op's speedups over the six shapes, run of 2026-11-24 12:09): at
-# M = 64, 2:4 1.09-1.96x, 4:8 1.05-1.87x, bitmap 1.07-1.92x. The weakest cells are M = 16-24 (the panel path
-# rounds x's rows up to 16): 2:4 1.05x, bitmap 1.01x, 4:8 0.95x (Llama down). At M = 128 (decode + GEMM inside
-# the op) about what the dense fallback gives. The ops run their streamed kernels to 12 / 16 rows (8 for weights of
-# at most 2^20 elements) and the panel path above (csrc/cpu/panel_gemm.h).
+# Llama-3-8B and SmolLM2 shapes, M = 1..128; the op's speedups over the six shapes, run of 2026-11-24 15:28, after
+# the 4:8 rank decode): at M = 64, 2:4 1.14-1.76x, 4:8 1.14-1.76x, bitmap 1.12-1.75x; the weakest cells are
+# M = 24 (the panel path rounds x's rows up to 16): 1.23-1.40x. That run's dense baseline was slower than the sixth
+# session's (12:09: 2:4 1.05x, bitmap 1.01x, 4:8 0.95x at M = 16-24). At M = 128 (decode + GEMM inside the op)
+# about what the dense fallback gives. The ops run their streamed kernels to 12 / 16 rows (8 for weights of at
+# most 2^20 elements) and the panel path above (csrc/cpu/panel_gemm.h).
 # float32, up to 2048 rows since the eighth session: the streamed kernels' time grows linearly in M, at about a
 # dense product's instruction count run faster than torch's float32 F.linear (MKL sgemm) here (csrc/cpu/streamed.h),
 # so they stay ahead of dense far past M = 64 (M = 1..64: the table above, float32 >= 1.27x at M = 64).
@@ -155,9 +156,10 @@ CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT: dict[tuple[str, torch.dtype], int] = {
     (fmt, torch.float32): 256 for fmt in ("1:2", "2:4", "4:8", "8:16", "bitmap")
 }
 # The same with one torch thread, used when torch.get_num_threads() < 2 (no small-weight caps).
-# bfloat16 from benchmarks/results/sparse_linear_cpu_dispatch.md (12:15): at M = 64, 2:4 1.09-1.17x, 4:8
-# 0.99-1.10x, bitmap 1.05-1.14x. Below 1x: 4:8 at M = 16-24 on the Llama shapes (0.87-0.99x) and bitmap at M = 24
-# (0.95x): the fallback there (unpack: the same panel path) is no faster. 8:16 as 4:8 (nm_patterns_cpu_1t.md).
+# bfloat16 from benchmarks/results/sparse_linear_cpu_dispatch.md (15:34): at M = 64, 2:4 1.12-1.15x, 4:8
+# 1.14-1.16x, bitmap 1.08-1.17x. Below 1x: bitmap at M = 24 on Llama down (0.95x): the fallback there (unpack: the
+# same panel path) is no faster. 4:8 read 0.87-0.99x at M = 16-24 before its rank decode (12:15), 1.04-1.42x now;
+# 8:16 as 4:8 (nm_patterns_cpu_1t_bf16.md: >= 1.13x at every M).
 # float32 from prefill_cpu_1t.md (14:44, M = 64..2048): 2:4 1.03-1.52x, 4:8 1.05-1.53x, bitmap 1.12-1.56x
 # at every M and shape, where decode + BLAS ran 0.95-1.17x; nm_patterns_cpu_prefill_1t.md: 1:2 and 8:16
 # 1.06-1.29x at M = 128..2048.
