@@ -55,7 +55,9 @@ SHAPES = {
 # (its layers' weights together are far larger than the last-level cache). Up to the fifth session the cap was 16,
 # which left the SmolLM2 shapes' dense baseline in L3 (16 x 0.66 MiB for 576x576 bfloat16).
 MAX_COPIES = 256
-ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 64, 128)  # 12: the streamed kernels' last bfloat16 M; 24: between
+# 12: the streamed kernels' last bfloat16 M; 17 and 33: one row past the panel path's 16-row steps (added in the
+# eighth session); 24: between
+ROWS = (1, 2, 4, 8, 12, 16, 17, 24, 32, 33, 64, 128)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 VARIANTS = ("dense", "op 2:4", "SL 2:4 unpack", "SL 2:4 cache", "op 4:8", "SL 4:8 unpack", "op bitmap",
             "SL bitmap unpack", "SL bitmap cache")

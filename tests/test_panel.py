@@ -1,7 +1,7 @@
 """The CPU panel path (csrc/cpu/panel_gemm.h) and the N:M decode paths (csrc/cpu/sparse24_unpack.cpp).
 
 The panel path runs bfloat16 calls of nm_unpack_linear / bitmap_unpack_linear with 1..128 rows of x, and of
-nm_linear (half-density N:M: 1:2, 2:4, 4:8, 8:16) / bitmap_linear from 13 / 17 rows on (9 for weights of at most
+nm_linear (half-density N:M: 1:2, 2:4, 4:8, 8:16) / bitmap_linear from 13 / 25 rows on (9 for weights of at most
 2^20 elements), on CPUs with AVX512-BF16; elsewhere (and with
 SPARSEKIT_CPU_PANEL=0) the same calls take block decode + BLAS. Either way the result must match the exact
 product: the cases below cross its tiles (24 weight rows), chunks of x (64 rows), vector groups of x (16 rows)

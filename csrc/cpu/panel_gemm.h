@@ -55,9 +55,15 @@ constexpr int64_t kPanelMaxRows = 128;
 // 4096x4096 the 2:4 streamed kernel still won at M = 12 (1.32x against 1.21x); the dispatch benchmark had shown
 // 576x576 bfloat16 at M = 12 at 0.72-0.92x through the streamed kernels. Half-density N:M (2:4, 4:8, 1:2, 8:16)
 // share the 2:4 limits.
+// Eighth session (development runs, cold weights, M = 13..48, 1 thread on the three Llama-3-8B shapes, 2 threads on
+// down): the panel pays for x's rows in steps of 16, so M = 17 costs what 32 does. The bitmap streamed kernel beat
+// it at M = 17 (1.02-1.16x dense against 0.83-0.93x) and 20 (1.04-1.39x against 0.91-1.15x) on every one, and
+// ran level at 24 (1.05-1.35x against 0.98-1.23x), so large bitmap layers switch at 25 (17 before). For 2:4 and
+// 4:8 the panel stays: at M = 17 the 2:4 streamed kernel was ahead by 3-8% but also below dense on Llama down
+// (0.92x), and 4:8's streamed kernel is slower than its panel. Small weights: the panel won at every M.
 constexpr int64_t kPanelMinRows24 = 13;
 constexpr int64_t kPanelMinRows24Small = 9;  // weights of at most kSmallWeight elements
-constexpr int64_t kPanelMinRowsBitmap = 17;
+constexpr int64_t kPanelMinRowsBitmap = 25;
 constexpr int64_t kPanelMinRowsBitmapSmall = 9;  // weights of at most kSmallWeight elements
 constexpr int64_t kSmallWeight = int64_t(1) << 20;
 

@@ -20,7 +20,7 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
   through prefill-sized calls; with two or more threads float32 layers of at most 2^20
   weights stop at M = 256, ``CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT``); 1:2 and 8:16 the same
   (``benchmarks/results/nm_patterns_cpu_*.md``: they run like 2:4 and 4:8). In bfloat16 the ops run their
-  streamed kernels up to 12 (2:4, 4:8) / 16 (bitmap) rows (8 for weights of at most 2^20 elements) and the panel
+  streamed kernels up to 12 (2:4, 4:8) / 24 (bitmap) rows (8 for weights of at most 2^20 elements) and the panel
   path above (``csrc/cpu/panel_gemm.h``: the weight decoded 24 rows at a time into L2, a ``vdpbf16ps``
   micro-kernel), where the CPU has AVX512-BF16.
   ``CPU_SPARSE_MAX_ROWS_UNPACK`` can raise a limit for layers with ``dense_fallback="unpack"`` (where the
@@ -119,7 +119,7 @@ DENSE_FALLBACKS = ("unpack", "cache")
 # the 4:8 rank decode): at M = 64, 2:4 1.14-1.76x, 4:8 1.14-1.76x, bitmap 1.12-1.75x; the weakest cells are
 # M = 24 (the panel path rounds x's rows up to 16): 1.23-1.40x. That run's dense baseline was slower than the sixth
 # session's (12:09: 2:4 1.05x, bitmap 1.01x, 4:8 0.95x at M = 16-24). At M = 128 (decode + GEMM inside the op)
-# about what the dense fallback gives. The ops run their streamed kernels to 12 / 16 rows (8 for weights of at
+# about what the dense fallback gives. The ops run their streamed kernels to 12 / 24 rows (8 for weights of at
 # most 2^20 elements) and the panel path above (csrc/cpu/panel_gemm.h).
 # float32, up to 2048 rows since the eighth session: the streamed kernels' time grows linearly in M, at about a
 # dense product's instruction count run faster than torch's float32 F.linear (MKL sgemm) here (csrc/cpu/streamed.h),
@@ -184,7 +184,7 @@ CPU_SPARSE_MAX_ROWS_UNPACK: dict[tuple[str, torch.dtype], int] = {}
 # (SPARSEKIT_CPU_ISA=avx512, 1 thread, 4096x4096: 2:4 and bitmap won up to M = 4); bfloat16 limits are capped
 # at that there.
 CPU_BF16_MAX_ROWS_WITHOUT_DOT = 4
-# From 13 (2:4, 4:8) / 17 (bitmap) rows on (9 for weights of at most 2^20 elements), the bfloat16 ops run the
+# From 13 (2:4, 4:8) / 25 (bitmap) rows on (9 for weights of at most 2^20 elements), the bfloat16 ops run the
 # panel path (csrc/cpu/panel_gemm.h: decode to L2
 # + a vdpbf16ps micro-kernel) instead of their streamed kernels, when cpu_bf16_panel(); the bfloat16 limits above
 # past M = 16 rest on it. Without it (SPARSEKIT_CPU_PANEL=0) they are capped at this, the streamed kernels' limit.

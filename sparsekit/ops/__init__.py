@@ -426,7 +426,7 @@ def bitmap_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) 
     ``SparseLinear`` runs it on what it loads). bias: (out,) x's dtype or None. Returns (..., out) in x's dtype.
     The CPU kernel accumulates in float32 and rounds once; it streams up to 64 rows of x (float32 with AVX-512:
     2048; ``SPARSEKIT_CPU_STREAMED_MAX_ROWS`` overrides both) and decodes + GEMMs above (bfloat16 with
-    AVX512-BF16 from 17 rows, 9 for small weights, on the panel path).
+    AVX512-BF16 from 25 rows, 9 for small weights, on the panel path).
     """
     _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
     return torch.ops.sparsekit.bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
