@@ -52,10 +52,12 @@ def _run(fmt, op, x, w, b):
 
 
 # (rows, (out, in)): one partial tile; two tiles and a partial one with several K blocks from 33 rows on; one K
-# block at 13..32 rows (4096 pairs) crossed at 8200 columns
+# block at 13..32 rows (4096 pairs) crossed at 8200 columns. Rows 16k + 1..4 (17, 20, 33, 36, 65, 100) end in
+# tail_times_tile, whose columns go 32 at a time: 8200, 100 and 24 columns leave a masked rest (24: only the rest).
 _CASES = ([(rows, shape) for shape in [(5, 64), (50, 2112)]
-           for rows in [9, 12, 13, 16, 17, 33, 48, 64, 65, 100, 128, 129]]
-          + [(rows, (24, 8200)) for rows in [13, 16, 33, 129]])
+           for rows in [9, 12, 13, 16, 17, 20, 21, 33, 36, 48, 64, 65, 100, 128, 129]]
+          + [(rows, (24, 8200)) for rows in [13, 16, 18, 33, 129]]
+          + [(rows, shape) for shape in [(7, 100), (3, 24)] for rows in [17, 19, 20, 35]])
 
 
 @pytest.mark.parametrize("panel", ["on", "off"])

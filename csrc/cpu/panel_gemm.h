@@ -44,6 +44,14 @@ constexpr int64_t kTileRows = 24;   // weight rows decoded at once: a multiple o
 constexpr int64_t kChunkRows = 64;  // rows of x per micro-kernel call (Mz <= 4)
 // Above this many rows of x the block decode + BLAS path is used (see the dispatch benchmark).
 constexpr int64_t kPanelMaxRows = 128;
+// Past a multiple of 16 rows of x (and above 16), up to this many rows go to tail_times_tile instead of a padded
+// 16-row vector of the micro-kernel. Development runs (eighth session, 1 thread, bfloat16, cold weights, op time
+// against dense): on 4096x14336 2:4 at M = 17 / 18 / 19 / 33 / 34 / 35 went from 0.88 / 0.87 / 0.92 / 0.90 / 0.91 /
+// 0.93x to 0.95 / 0.97 / 0.95 / 1.07 / 1.05 / 1.04x (4:8 alike), M = 20 was level (0.93 / 0.94x), and 8 tail rows
+// (M = 24) fell from 1.06x to 0.87x: the tail's x rows and tile rows are read from L2 for every pair of tile rows.
+// On 4096x4096 2:4 went from 0.92 / 0.95 / 0.97x to 1.09 / 1.08 / 1.15x at M = 17 / 20 / 33, on 576x1536 from 0.98 /
+// 1.04 / 0.99x to 1.23 / 1.23 / 1.22x.
+constexpr int64_t kTailRowsMax = 4;
 // nm_linear (2:4) and bitmap_linear hand bfloat16 calls with at least this many rows to the panel path instead
 // of their streamed kernels. Development runs (1 and 2 threads, Llama-3-8B and SmolLM2 shapes, 2026-11-24): at
 // M = 12 the 2:4 streamed kernel won on five of six shapes, at M = 16 the panel on five of six with 2 threads; the
@@ -237,6 +245,52 @@ inline void chunk_times_tile(const uint16_t* xp, const uint16_t* tile, int64_t i
              out_features);
 }
 
+// The last r = rows_x % 16 rows of x (1..kTailRowsMax) against the tile's decoded rows, without padding them to
+// 16: y[m][o] = bfloat16(sum_k tile[o][k] * xt[m][k] + bias[o]) for m < R, o < rows_in_tile (y's rows ldy apart),
+// rounded once as store_tile rounds. Two tile rows at a time: per 32 columns one load of each of the two rows and of
+// each of the R rows of x (row-major, in L1/L2), and 2R vdpbf16ps; the 16 lanes of each sum are added at the end.
+// The micro-kernel would spend a whole 16-row vector on them: a 17-row call cost what a 32-row one does
+// (0.83-0.96x dense on the Llama-3-8B shapes, 1 thread). See kTailRowsMax for when this pays.
+template <int R>
+SPARSEKIT_AVX512_BF16 __attribute__((noinline)) void tail_times_tile(const uint16_t* xt, const uint16_t* tile,
+                                                                      int64_t in_features, int64_t rows_in_tile,
+                                                                      const float* bias, c10::BFloat16* y,
+                                                                      int64_t ldy) {
+  const int64_t steps = in_features / 32;
+  const int64_t rest = in_features - steps * 32;  // even, < 32
+  const __mmask16 rest_mask = static_cast<__mmask16>((1u << (rest / 2)) - 1);
+  for (int64_t o0 = 0; o0 < rows_in_tile; o0 += 2) {
+    const uint16_t* w0 = tile + o0 * in_features;
+    const uint16_t* w1 = w0 + in_features;  // a zeroed row past the last weight row when rows_in_tile is odd
+    __m512 a0[R], a1[R];
+    for (int m = 0; m < R; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < steps; ++s) {
+      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(w0 + 32 * s);
+      const __m512bh v1 = (__m512bh)_mm512_loadu_si512(w1 + 32 * s);
+      for (int m = 0; m < R; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xt + m * in_features + 32 * s);
+        a0[m] = _mm512_dpbf16_ps(a0[m], v0, xv);
+        a1[m] = _mm512_dpbf16_ps(a1[m], v1, xv);
+      }
+    }
+    if (rest) {
+      const __m512bh v0 = (__m512bh)_mm512_maskz_loadu_epi32(rest_mask, w0 + 32 * steps);
+      const __m512bh v1 = (__m512bh)_mm512_maskz_loadu_epi32(rest_mask, w1 + 32 * steps);
+      for (int m = 0; m < R; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi32(rest_mask, xt + m * in_features + 32 * steps);
+        a0[m] = _mm512_dpbf16_ps(a0[m], v0, xv);
+        a1[m] = _mm512_dpbf16_ps(a1[m], v1, xv);
+      }
+    }
+    const float b0 = bias ? bias[o0] : 0.0f;
+    const float b1 = bias && o0 + 1 < rows_in_tile ? bias[o0 + 1] : 0.0f;
+    for (int m = 0; m < R; ++m) {
+      y[m * ldy + o0] = c10::BFloat16(_mm512_reduce_add_ps(a0[m]) + b0);
+      if (o0 + 1 < rows_in_tile) y[m * ldy + o0 + 1] = c10::BFloat16(_mm512_reduce_add_ps(a1[m]) + b1);
+    }
+  }
+}
+
 SPARSEKIT_INTRINSICS_END
 #endif  // SPARSEKIT_HAVE_X86
 
@@ -276,15 +330,18 @@ void linear(const at::Tensor& x2, at::Tensor& y, int64_t out_features, int64_t i
 #if SPARSEKIT_HAVE_X86
   const int64_t rows_x = x2.size(0);
   const int64_t pairs = in_features / 2;
+  // the last rows_x % 16 rows, when few, go to tail_times_tile; the micro-kernel takes the rest
+  const int64_t tail = rows_x > 16 && rows_x % 16 <= kTailRowsMax ? rows_x % 16 : 0;
+  const int64_t main_rows = rows_x - tail;
   // x in chunks of up to kChunkRows rows, each packed as [pairs][mz * 16][2] (mz = its rows / 16 rounded up)
   struct Chunk {
     int64_t m0, rows, mz, offset;
   };
   std::array<Chunk, (kPanelMaxRows + kChunkRows - 1) / kChunkRows> chunk{};
-  const int64_t chunks = (rows_x + kChunkRows - 1) / kChunkRows;
+  const int64_t chunks = (main_rows + kChunkRows - 1) / kChunkRows;
   int64_t panel_elems = 0;
   for (int64_t ch = 0; ch < chunks; ++ch) {
-    const int64_t rows = std::min(kChunkRows, rows_x - ch * kChunkRows);
+    const int64_t rows = std::min(kChunkRows, main_rows - ch * kChunkRows);
     chunk[ch] = {ch * kChunkRows, rows, (rows + 15) / 16, panel_elems};
     panel_elems += pairs * chunk[ch].mz * 32;
   }
@@ -328,6 +385,21 @@ void linear(const at::Tensor& x2, at::Tensor& y, int64_t out_features, int64_t i
           case 2: chunk_times_tile<2, 12>(xc, tile, in_features, count, c.m0, c.rows, r0, b, out_features, yp, next, part, parts); break;
           case 3: chunk_times_tile<3, 8>(xc, tile, in_features, count, c.m0, c.rows, r0, b, out_features, yp, next, part, parts); break;
           default: chunk_times_tile<4, 6>(xc, tile, in_features, count, c.m0, c.rows, r0, b, out_features, yp, next, part, parts); break;
+        }
+      }
+      if (tail > 0) {
+        const uint16_t* xt = x + main_rows * in_features;
+        const float* bt = b ? b + r0 : nullptr;
+        c10::BFloat16* yt = yp + main_rows * out_features + r0;
+        switch (tail) {
+          case 1: tail_times_tile<1>(xt, tile, in_features, count, bt, yt, out_features); break;
+          case 2: tail_times_tile<2>(xt, tile, in_features, count, bt, yt, out_features); break;
+          case 3: tail_times_tile<3>(xt, tile, in_features, count, bt, yt, out_features); break;
+          case 4: tail_times_tile<4>(xt, tile, in_features, count, bt, yt, out_features); break;
+          case 5: tail_times_tile<5>(xt, tile, in_features, count, bt, yt, out_features); break;
+          case 6: tail_times_tile<6>(xt, tile, in_features, count, bt, yt, out_features); break;
+          case 7: tail_times_tile<7>(xt, tile, in_features, count, bt, yt, out_features); break;
+          default: tail_times_tile<8>(xt, tile, in_features, count, bt, yt, out_features); break;
         }
       }
     }

@@ -115,9 +115,10 @@ DENSE_FALLBACKS = ("unpack", "cache")
 # Largest M (rows of x) at which the packed CPU op beats dense F.linear, per (format, dtype), with two or more
 # torch threads.
 # bfloat16, from benchmarks/results/sparse_linear_cpu_dispatch_2t.md (quiet machine, cold weights, 2 threads,
-# Llama-3-8B and SmolLM2 shapes, M = 1..128; the op's speedups over the six shapes, run of 2026-11-24 15:28, after
-# the 4:8 rank decode): at M = 64, 2:4 1.14-1.76x, 4:8 1.14-1.76x, bitmap 1.12-1.75x; the weakest cells are
-# M = 24 (the panel path rounds x's rows up to 16): 1.23-1.40x. That run's dense baseline was slower than the sixth
+# Llama-3-8B and SmolLM2 shapes, M = 1..128 with 17 and 33; the op's speedups over the six shapes, run of
+# 2026-11-24 16:11, after the 4:8 rank decode, the panel's tail rows and bitmap's streamed kernel to 24 rows): at
+# M = 64, 2:4 1.14-1.81x, 4:8 1.18-1.79x, bitmap 1.14-1.79x; the weakest cells are M = 24 (the panel path rounds
+# x's rows up to 16): 1.03-1.48x; SparseLinear's worst 0.996x. That run's dense baseline was slower than the sixth
 # session's (12:09: 2:4 1.05x, bitmap 1.01x, 4:8 0.95x at M = 16-24). At M = 128 (decode + GEMM inside the op)
 # about what the dense fallback gives. The ops run their streamed kernels to 12 / 24 rows (8 for weights of at
 # most 2^20 elements) and the panel path above (csrc/cpu/panel_gemm.h).
@@ -156,10 +157,11 @@ CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT: dict[tuple[str, torch.dtype], int] = {
     (fmt, torch.float32): 256 for fmt in ("1:2", "2:4", "4:8", "8:16", "bitmap")
 }
 # The same with one torch thread, used when torch.get_num_threads() < 2 (no small-weight caps).
-# bfloat16 from benchmarks/results/sparse_linear_cpu_dispatch.md (15:34): at M = 64, 2:4 1.12-1.15x, 4:8
-# 1.14-1.16x, bitmap 1.08-1.17x. Below 1x: bitmap at M = 24 on Llama down (0.95x): the fallback there (unpack: the
-# same panel path) is no faster. 4:8 read 0.87-0.99x at M = 16-24 before its rank decode (12:15), 1.04-1.42x now;
-# 8:16 as 4:8 (nm_patterns_cpu_1t_bf16.md: >= 1.13x at every M).
+# bfloat16 from benchmarks/results/sparse_linear_cpu_dispatch.md (16:17): at M = 64, 2:4 1.10-1.17x, 4:8
+# 1.14-1.17x, bitmap 1.04-1.17x. Below 1x, on Llama down: 2:4 at M = 17 (0.91x; 0.87x before the panel's tail rows),
+# bitmap at M = 24 (0.96x; 1.05x in the 15:57 run). The fallback there (unpack: the same panel path) is no faster.
+# 4:8 read 0.87-0.99x at M = 16-24 before its rank decode (12:15), 1.04-1.41x now; 8:16 as 4:8
+# (nm_patterns_cpu_1t_bf16.md: >= 1.13x at every M).
 # float32 from prefill_cpu_1t.md (14:44, M = 64..2048): 2:4 1.03-1.52x, 4:8 1.05-1.53x, bitmap 1.12-1.56x
 # at every M and shape, where decode + BLAS ran 0.95-1.17x; nm_patterns_cpu_prefill_1t.md: 1:2 and 8:16
 # 1.06-1.29x at M = 128..2048.
