@@ -40,38 +40,41 @@
 
 namespace sparsekit {
 
-// True when this CPU has AVX-512 F/BW/VL and SPARSEKIT_CPU_ISA is not "scalar" (the tests force the
-// portable path that way).
+// True when SPARSEKIT_CPU_ISA names `level`: the tests step the kernels down an ISA path that way ("scalar": the
+// portable loops; "avx512": no VBMI2 / BF16; "vbmi2": no BITALG). Read on every call, so a test can switch it.
+inline bool isa_capped_at(const char* level) {
+  const char* isa = std::getenv("SPARSEKIT_CPU_ISA");
+  return isa && std::strcmp(isa, level) == 0;
+}
+
+// True when this CPU has AVX-512 F/BW/VL, unless SPARSEKIT_CPU_ISA is "scalar".
 inline bool use_avx512() {
 #if SPARSEKIT_HAVE_X86
   static const bool cpu_has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                               __builtin_cpu_supports("avx512vl");
-  const char* isa = std::getenv("SPARSEKIT_CPU_ISA");
-  return cpu_has && !(isa && std::strcmp(isa, "scalar") == 0);
+  return cpu_has && !isa_capped_at("scalar");
 #else
   return false;
 #endif
 }
 
-// True when use_avx512() and the CPU also has AVX512-VBMI2, unless SPARSEKIT_CPU_ISA is "avx512" (the tests
-// force the plain AVX-512 path of the unpack kernels that way).
+// True when use_avx512() and the CPU also has AVX512-VBMI2, unless SPARSEKIT_CPU_ISA is "avx512" (the plain AVX-512
+// path of the unpack kernels).
 inline bool use_avx512_vbmi2() {
 #if SPARSEKIT_HAVE_X86
   static const bool cpu_has = __builtin_cpu_supports("avx512vbmi2");
-  const char* isa = std::getenv("SPARSEKIT_CPU_ISA");
-  return cpu_has && use_avx512() && !(isa && std::strcmp(isa, "avx512") == 0);
+  return cpu_has && use_avx512() && !isa_capped_at("avx512");
 #else
   return false;
 #endif
 }
 
-// True when use_avx512_vbmi2() and the CPU also has AVX512-BITALG, unless SPARSEKIT_CPU_ISA is "vbmi2" (the tests
-// force the VBMI2 paths that do without BITALG that way) or "avx512".
+// True when use_avx512_vbmi2() and the CPU also has AVX512-BITALG, unless SPARSEKIT_CPU_ISA is "vbmi2" (the VBMI2
+// paths that do without BITALG).
 inline bool use_avx512_bitalg() {
 #if SPARSEKIT_HAVE_X86
   static const bool cpu_has = __builtin_cpu_supports("avx512bitalg");
-  const char* isa = std::getenv("SPARSEKIT_CPU_ISA");
-  return cpu_has && use_avx512_vbmi2() && !(isa && std::strcmp(isa, "vbmi2") == 0);
+  return cpu_has && use_avx512_vbmi2() && !isa_capped_at("vbmi2");
 #else
   return false;
 #endif

@@ -391,15 +391,12 @@ void linear(const at::Tensor& x2, at::Tensor& y, int64_t out_features, int64_t i
         const uint16_t* xt = x + main_rows * in_features;
         const float* bt = b ? b + r0 : nullptr;
         c10::BFloat16* yt = yp + main_rows * out_features + r0;
+        static_assert(kTailRowsMax == 4, "one case per tail size");
         switch (tail) {
           case 1: tail_times_tile<1>(xt, tile, in_features, count, bt, yt, out_features); break;
           case 2: tail_times_tile<2>(xt, tile, in_features, count, bt, yt, out_features); break;
           case 3: tail_times_tile<3>(xt, tile, in_features, count, bt, yt, out_features); break;
-          case 4: tail_times_tile<4>(xt, tile, in_features, count, bt, yt, out_features); break;
-          case 5: tail_times_tile<5>(xt, tile, in_features, count, bt, yt, out_features); break;
-          case 6: tail_times_tile<6>(xt, tile, in_features, count, bt, yt, out_features); break;
-          case 7: tail_times_tile<7>(xt, tile, in_features, count, bt, yt, out_features); break;
-          default: tail_times_tile<8>(xt, tile, in_features, count, bt, yt, out_features); break;
+          default: tail_times_tile<4>(xt, tile, in_features, count, bt, yt, out_features); break;
         }
       }
     }
