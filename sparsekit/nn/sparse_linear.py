@@ -48,9 +48,9 @@ The dense fallback's storage, a trade-off to choose per model:
 * ``dense_fallback="unpack"`` (default) keeps only the packed weight: memory is the packed size (2:4 fp32 0.53x dense,
   bitmap 50% fp32 0.53x), plus one scratch block per thread that runs the kernel (4-32 MiB, kept for the life of the
   thread, shared by all layers). Its calls outside the kernel's region (M above the limits: prefill) cost decode + GEMM.
-  bfloat16 up to M = 128 (AVX512-BF16): the panel path, at M = 128 1.04-1.43x dense for 2:4, 1.04-1.42x for 4:8 and
-  1.05-1.41x for bitmap with 2 threads, 1.01-1.05x with 1 thread (sparse_linear_cpu_dispatch runs of 2026-11-24
-  15:28-15:34). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold weights on a quiet machine:
+  bfloat16 up to M = 128 (AVX512-BF16): the panel path, at M = 128 1.01-1.34x dense for 2:4, 1.02-1.35x for 4:8 and
+  1.02-1.37x for bitmap with 2 threads, 1.01-1.05x with 1 thread (sparse_linear_cpu_dispatch runs of 2026-11-24
+  16:11-16:17). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold weights on a quiet machine:
   float32, where it now runs only past the float32 limits (M > 2048, or M > 256 for small layers with 2 threads),
   0.95-1.17x at M = 64..2048 with 1 thread and 0.87-1.54x with 2 (``benchmarks/results/prefill_cpu_{1t,2t}.md``,
   2026-11-24 14:44-14:54; 0.94-1.08x on the SmolLM2 shapes above M = 256 with 2 threads); bfloat16 above M = 128
@@ -159,9 +159,9 @@ CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT: dict[tuple[str, torch.dtype], int] = {
 # The same with one torch thread, used when torch.get_num_threads() < 2 (no small-weight caps).
 # bfloat16 from benchmarks/results/sparse_linear_cpu_dispatch.md (16:17): at M = 64, 2:4 1.10-1.17x, 4:8
 # 1.14-1.17x, bitmap 1.04-1.17x. Below 1x, on Llama down: 2:4 at M = 17 (0.91x; 0.87x before the panel's tail rows),
-# bitmap at M = 24 (0.96x; 1.05x in the 15:57 run). The fallback there (unpack: the same panel path) is no faster.
-# 4:8 read 0.87-0.99x at M = 16-24 before its rank decode (12:15), 1.04-1.41x now; 8:16 as 4:8
-# (nm_patterns_cpu_1t_bf16.md: >= 1.13x at every M).
+# bitmap at M = 24 (0.96x; 1.05x in the 15:57 run, the results at commit 8920e9c). The fallback there (unpack:
+# the same panel path) is no faster. 4:8 read 0.87-0.99x at M = 16-24 before its rank decode (12:15), 1.04-1.41x
+# now; 8:16 as 4:8 (nm_patterns_cpu_1t_bf16.md: >= 1.13x at every M).
 # float32 from prefill_cpu_1t.md (14:44, M = 64..2048): 2:4 1.03-1.52x, 4:8 1.05-1.53x, bitmap 1.12-1.56x
 # at every M and shape, where decode + BLAS ran 0.95-1.17x; nm_patterns_cpu_prefill_1t.md: 1:2 and 8:16
 # 1.06-1.29x at M = 128..2048.
