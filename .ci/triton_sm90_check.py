@@ -129,7 +129,7 @@ def main() -> int:
                     bitmap_linear_kernel,
                     dict(x_ptr=f"*{dt}", bitmask_ptr="*i64", values_ptr=f"*{dt}", row_offsets_ptr="*i64",
                          bias_ptr=f"*{dt}", out_ptr=f"*{dt}", rows="i32", out_features="i32", in_features="i32",
-                         num_tiles="i32", stride_xm="i32"),
+                         num_tiles="i32", nnz="i32", stride_xm="i32"),
                     dict(BLOCK_M=_block_m(rows), BLOCK_N=block_n, BLOCK_T=block_t, HAS_BIAS=True,
                          UPCAST=dt == "fp32"),
                     warps, aligned=("x_ptr", "bitmask_ptr", "row_offsets_ptr", "bias_ptr", "out_ptr"))

@@ -32,3 +32,24 @@ def set_isa(isa, monkeypatch):
         if not sparsekit.backend_status()["cpu"].live:
             pytest.skip("the ISA switch only changes the C++ kernel")
         monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+
+
+def bad_row_offsets_cases(values, offsets):
+    """Bad row_offsets for a bitmap weight of at least 6 rows: (label, values, row_offsets, the output features
+    they break). The Triton kernel gives NaN there (and the host emulation of the CUDA kernel, whose device
+    asserts stop the kernel instead); every other output feature must equal the run with the good row_offsets."""
+    out_f, nnz = offsets.numel() - 1, values.numel()
+    shifted = offsets.clone()
+    shifted[3] += 1  # row 2 one value too many, row 3 one too few
+    first = offsets.clone()
+    first[0] = 1  # row 0 starts past value 0 (and is one short)
+    late = offsets + 1  # every row one value later: each takes its popcount, but row 0 skips value 0
+    late[-1] = nnz  # ... and the last row, one short, still ends at nnz
+    far = offsets.clone()
+    far[5] = 1 << 40  # rows 4 and 5 point far past values: nothing may be read there
+    negative = offsets.clone()
+    negative[2] = -8  # rows 1 and 2 point before values
+    extra = torch.cat([values, values[:1]])  # one value more than the bits take: the last row must end at nnz
+    return [("shifted", values, shifted, {2, 3}), ("first", values, first, {0}),
+            ("late", torch.cat([values[:1], values]), late, {0, out_f - 1}), ("far", values, far, {4, 5}),
+            ("negative", values, negative, {1, 2}), ("extra", extra, offsets, {out_f - 1})]

@@ -25,11 +25,14 @@ import itertools
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from linear_check import bad_row_offsets_cases
 
 import sparsekit
 from sparsekit.formats import pack_bitmap, pack_nm, nm_index_codes
@@ -211,6 +214,56 @@ def test_empty_and_all_zero():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_bitmap_bad_row_offsets_give_nan_rows(dtype):
+    """On the device, as under the interpreter: a row whose row_offsets do not match its bits gives NaN outputs,
+    reads nothing outside its span (a read past values would be an illegal address), the other rows exact."""
+    pytest.importorskip("triton")
+    from sparsekit.kernels.triton import dispatch
+
+    w = _bitmap_weight(12, 300, 0.6, dtype, "cuda")
+    p = pack_bitmap(w)
+    x = torch.randn(3, 300, device="cuda").to(dtype)
+    good = dispatch.bitmap_linear(x, p.bitmask, p.values, p.row_offsets, 300)
+    for label, values, offsets, nan_rows in bad_row_offsets_cases(p.values, p.row_offsets):
+        got = dispatch.bitmap_linear(x, p.bitmask, values, offsets, 300)
+        assert set(torch.nonzero(torch.isnan(got).all(dim=0)).flatten().tolist()) == nan_rows, label
+        keep = [r for r in range(12) if r not in nan_rows]
+        assert torch.equal(got[:, keep], good[:, keep]), label
+    torch.cuda.synchronize()
+
+
+_BAD_OFFSETS_SCRIPT = r"""
+import sys, torch, sparsekit
+from sparsekit.formats import pack_bitmap
+w = torch.randn(12, 300, device="cuda").bfloat16() * (torch.rand(12, 300, device="cuda") > 0.6)
+p = pack_bitmap(w)
+bad = p.row_offsets.clone()
+bad[3] += 1
+x = torch.randn(int(sys.argv[2]), 300, device="cuda").bfloat16()
+if sys.argv[1] == "linear":
+    sparsekit.ops.bitmap_linear(x, p.bitmask, p.values, bad, 300)
+else:
+    sparsekit.ops.bitmap_unpack(p.bitmask, p.values, bad, 300)
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op,rows", [("linear", 3), ("linear", 65), ("unpack", 1)])
+def test_cuda_bitmap_bad_row_offsets_device_assert(op, rows):
+    """The CUDA C++ bitmap kernels stop with a device-side assert on row_offsets that do not match the bits (in a
+    subprocess: the assert leaves its CUDA context unusable). 65 rows: the decode + cuBLAS path."""
+    if not sparsekit.backend_status()["cuda"].live:
+        pytest.skip("sparsekit._C_cuda is not built")
+    done = subprocess.run([sys.executable, "-c", _BAD_OFFSETS_SCRIPT, op, str(rows)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "no error" not in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "device-side assert" in done.stderr or "row_offsets" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.gpu
 def test_opcheck_cuda():
     p = pack_nm(_nm_weight(48, 256, 2, 4, torch.bfloat16, "cuda"), 2, 4)
     codes = nm_index_codes(p.indices, 4)
@@ -294,6 +347,7 @@ _EMULATION_SOURCE = r"""
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -417,6 +471,12 @@ void run_bitmap_pass(const BitmapArgs& p, int64_t n0, float* y) {
   const T* values = static_cast<const T*>(p.values);
   std::vector<T> xs(kBitmapChunkCols * MR);
   for (int64_t o = 0; o < p.out_features; ++o) {
+    // the kernel's device-side asserts on row_offsets, as NaN outputs of the row here
+    if (!bitmap_span_ok(p.row_offsets, o, p.out_features, p.nnz)) {
+      for (int r = 0; r < MR; ++r)
+        if (n0 + r < p.rows) y[(n0 + r) * p.out_features + o] = NAN;
+      continue;
+    }
     float acc[32][MR] = {};
     int64_t base = p.row_offsets[o];
     for (int64_t c0 = 0; c0 < p.in_features; c0 += kBitmapChunkCols) {
@@ -430,6 +490,7 @@ void run_bitmap_pass(const BitmapArgs& p, int64_t n0, float* y) {
       for (int lane = 0; lane < 32; ++lane) {
         const int64_t tile = c0 / kTile + lane;
         bits[lane] = tile < p.tiles ? p.bitmask[o * p.tiles + tile] : 0ull;
+        if (tile == p.tiles - 1 && p.in_features % kTile != 0) bits[lane] &= (1ull << (p.in_features % kTile)) - 1;
         count[lane] = popcount64(bits[lane]);
         inclusive[lane] = count[lane] + (lane ? inclusive[lane - 1] : 0);
       }
@@ -439,10 +500,11 @@ void run_bitmap_pass(const BitmapArgs& p, int64_t n0, float* y) {
       base += inclusive[31];
     }
     const float b = p.bias ? as_float(static_cast<const T*>(p.bias)[o]) : 0.0f;
+    const bool consumed_span = base == p.row_offsets[o + 1];
     for (int r = 0; r < MR; ++r) {
       float s = 0;
       for (int lane = 0; lane < 32; ++lane) s += acc[lane][r];
-      if (n0 + r < p.rows) y[(n0 + r) * p.out_features + o] = s + b;
+      if (n0 + r < p.rows) y[(n0 + r) * p.out_features + o] = consumed_span ? s + b : NAN;
     }
   }
 }
@@ -609,3 +671,29 @@ def test_emulated_bitmap_lanes(emulator, dtype):
                 [x, values, p.bitmask, p.row_offsets])
         cases.append((args, x, w, b))
     _run_emulator(emulator, cases)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_bitmap_row_offsets_checks(emulator, dtype):
+    """The CUDA bitmap kernel's row_offsets checks (bitmap_span_ok before a row is read, its popcount against
+    its span after), emulated as NaN rows where the kernel asserts: exactly the broken rows, the others exact."""
+    folder, exe = emulator
+    out_f, in_f, rows = 12, 300, 3
+    w = _bitmap_weight(out_f, in_f, 0.6, dtype)
+    p = pack_bitmap(w)
+    x = torch.randn(rows, in_f).to(dtype)
+    cases = [("good", p.values, p.row_offsets, set())] + bad_row_offsets_cases(p.values, p.row_offsets)
+    argv = []
+    for i, (_label, values, offsets, _nan) in enumerate(cases):
+        _write_case(folder / f"offsets{i}.bin", 1, dtype, rows, out_f, in_f, 0, 0, values.numel(), None, 132, 1,
+                    [x, values, p.bitmask, offsets])
+        argv += [str(folder / f"offsets{i}.bin"), str(folder / f"offsets_y{i}.bin")]
+    done = subprocess.run([str(exe), *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ys = [torch.from_numpy(np.fromfile(folder / f"offsets_y{i}.bin", dtype=np.float32).reshape(rows, out_f))
+          for i in range(len(cases))]
+    assert torch.isfinite(ys[0]).all()
+    for (label, _values, _offsets, nan_rows), y in zip(cases, ys):
+        assert set(torch.nonzero(torch.isnan(y).all(dim=0)).flatten().tolist()) == nan_rows, label
+        keep = [r for r in range(out_f) if r not in nan_rows]
+        assert torch.equal(y[:, keep], ys[0][:, keep]), label

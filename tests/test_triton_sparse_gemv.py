@@ -25,7 +25,7 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("",
     pytest.skip("the Triton interpreter is off (a GPU is present): see test_gpu_sparse_gemv.py",
                 allow_module_level=True)
 
-from linear_check import assert_linear_close  # noqa: E402
+from linear_check import assert_linear_close, bad_row_offsets_cases  # noqa: E402
 
 from sparsekit.formats import (  # noqa: E402
     BitmapPacked,
@@ -268,3 +268,25 @@ def test_bitmap_linear_leading_dims_and_fallback():
     assert dispatch.bitmap_linear(torch.randn(0, 100).half(), bitmask, values, offsets, 100).shape == (0, 24)
     with pytest.raises(ValueError, match="row_offsets must be int64"):
         dispatch.bitmap_linear(x, bitmask, values, offsets[:-1], 100, b)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_bitmap_linear_bad_row_offsets_give_nan_rows(dtype, rows):
+    """row_offsets is checked per row in the kernel: a row whose span is not its bitmask's popcount (or lies
+    outside [0, nnz], or does not start at 0 / end at nnz) gives NaN outputs, reads no value outside its span,
+    and leaves the other rows exact."""
+    out_f, in_f = 12, 300
+    weight = bitmap_weight(out_f, in_f, 0.6, dtype)
+    bitmask, values, offsets = bitmap_args(weight)
+    x = torch.randn(rows, in_f).to(dtype)
+    b = torch.randn(out_f).to(dtype)
+    good = dispatch.bitmap_linear(x, bitmask, values, offsets, in_f, b)
+    assert torch.isfinite(good).all()
+    for label, bad_values, bad, nan_rows in bad_row_offsets_cases(values, offsets):
+        got = dispatch.bitmap_linear(x, bitmask, bad_values, bad, in_f, b)
+        is_nan = torch.isnan(got).all(dim=0)
+        assert set(torch.nonzero(is_nan).flatten().tolist()) == nan_rows, label
+        keep = [r for r in range(out_f) if r not in nan_rows]
+        assert torch.equal(got[:, keep], good[:, keep]), label

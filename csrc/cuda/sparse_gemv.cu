@@ -7,8 +7,9 @@
 //   to dense, then at::linear (cuBLAS).
 // * bitmap_linear: 1..64 rows of x, bf16/fp16/fp32: the CUDA-core kernel; more rows: decode + at::linear.
 // * nm_unpack / bitmap_unpack: the decode kernels alone; *_unpack_linear: decode, then at::linear.
-// Neither syncs with the host, so both can be captured in a CUDA graph. row_offsets is trusted to match the
-// bitmask's popcounts (checking its last entry against nnz, as the CPU kernel does, would need a host sync).
+// Neither syncs with the host, so both can be captured in a CUDA graph. The bitmap kernels check row_offsets
+// against the bitmask's popcounts per row and stop with a device-side assert on a mismatch (raising on the host,
+// as the CPU kernel does, would need a sync); no row reads values outside its span.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -24,6 +25,13 @@
 #include <vector>
 
 #include "cuda/cuda_type.h"
+
+// A bad row_offsets stops the bitmap kernels with torch's device-side assert (kernels/sparse_gemv.cuh).
+#if defined(CUDA_KERNEL_ASSERT_MSG)
+#define SPARSEKIT_DEVICE_FAIL(msg) CUDA_KERNEL_ASSERT_MSG(false, msg)
+#else
+#define SPARSEKIT_DEVICE_FAIL(msg) CUDA_KERNEL_ASSERT(false)
+#endif
 #include "cuda/kernels/sparse_gemv.cuh"
 
 namespace sparsekit {
@@ -124,7 +132,7 @@ at::Tensor decode_nm_dense(const at::Tensor& values, const at::Tensor& index_cod
 
 // bitmap_decode_kernel into a zeroed dense (out, in) weight, on values' device (the caller holds its guard).
 // Bits past in_features are cleared first: the CPU kernel and the reference ignore them, and the decode kernel
-// would otherwise write past the row. row_offsets is trusted.
+// would otherwise write past the row. row_offsets is checked by the kernel (a device-side assert).
 at::Tensor decode_bitmap_dense(const at::Tensor& bitmask, const at::Tensor& values, const at::Tensor& row_offsets,
                                int64_t out_features, int64_t in_features) {
   at::Tensor dense = at::zeros({out_features, in_features}, values.options());
@@ -145,7 +153,7 @@ at::Tensor decode_bitmap_dense(const at::Tensor& bitmask, const at::Tensor& valu
     gemv::launch_bitmap_decode<T>(reinterpret_cast<const uint64_t*>(mask.const_data_ptr<int64_t>()),
                                   reinterpret_cast<const T*>(vals.const_data_ptr()),
                                   offsets.const_data_ptr<int64_t>(), reinterpret_cast<T*>(dense.mutable_data_ptr()),
-                                  out_features, in_features, num_sms, stream);
+                                  out_features, in_features, vals.numel(), num_sms, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return dense;
@@ -278,8 +286,9 @@ at::Tensor nm_unpack_cuda(const at::Tensor& values, const at::Tensor& index_code
   return decode_nm_dense(values, index_codes, g, m, in_features);
 }
 
-// sparsekit::bitmap_unpack: bitmap_decode_kernel into a zeroed dense weight. row_offsets is trusted (as on
-// bitmap_linear); bits past in_features are cleared first, as the CPU kernel and the reference ignore them.
+// sparsekit::bitmap_unpack: bitmap_decode_kernel into a zeroed dense weight. row_offsets is checked as on
+// bitmap_linear (a device-side assert); bits past in_features are cleared first, as the CPU kernel and the
+// reference ignore them.
 at::Tensor bitmap_unpack_cuda(const at::Tensor& bitmask, const at::Tensor& values, const at::Tensor& row_offsets,
                               int64_t in_features) {
   constexpr const char* op = "sparsekit::bitmap_unpack";

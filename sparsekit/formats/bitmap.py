@@ -87,8 +87,9 @@ def check_bitmap_packed(bitmask: torch.Tensor, values: torch.Tensor, row_offsets
     """Raise ValueError, naming the first inconsistency, unless ``row_offsets`` runs from 0 to values.numel()
     and gives every row exactly as many values as its bits below in_features, with no bit set past them.
 
-    The kernels trust these (a row whose offsets and bits disagree would read another row's values, or past the
-    end of ``values``); packers produce them consistent, so this is for what comes from outside: a checkpoint.
+    The kernels check these per row on every call, but only the CPU one raises (the CUDA kernels assert on the
+    device, the Triton kernel writes NaN rows); packers produce them consistent, so this is for what comes from
+    outside, a checkpoint: one clear error before any kernel runs.
     O(out * T) on the mask, once, not per call."""
     out, tiles = bitmask.shape
     if tiles != -(-in_features // BITMAP_TILE) or row_offsets.shape != (out + 1,):

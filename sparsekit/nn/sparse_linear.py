@@ -610,9 +610,10 @@ class SparseLinear(nn.Module):
 
 
 def _refresh_after_load(module: SparseLinear, _incompatible_keys) -> None:
-    # What was loaded came from outside (a checkpoint): the kernels trust a bitmap's row_offsets to match its
-    # bits (a mismatch would read another row's values or past the end) and an N:M group's positions to be
-    # distinct (the kernels would disagree on a repeated one), so check that before anything reads them.
+    # What was loaded came from outside (a checkpoint): a bitmap's row_offsets must match its bits (the kernels
+    # check per call, but only the CPU one can raise: CUDA asserts on the device, Triton writes NaN rows) and an
+    # N:M group's positions must be distinct (the kernels would disagree on a repeated one), so check that once,
+    # with an error naming the row, before anything reads them.
     if module.kind == "nm":
         check_nm_packed(module.values, module.index_codes, module.n, module.m, module.in_features,
                         what=f"SparseLinear({module.in_features} -> {module.out_features}, {module.format}) loaded")

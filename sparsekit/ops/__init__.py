@@ -421,9 +421,12 @@ def bitmap_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) 
 
     x: (..., in_features) float32/bfloat16/float16; bitmask: (out, ceil(in_features / 64)) int64;
     values: (nnz,) x's dtype; row_offsets: (out + 1,) int64, row r's values at [row_offsets[r], row_offsets[r+1]):
-    they must match the bitmask's popcounts. The CPU kernel checks that on every call and raises naming the row;
-    the CUDA and Triton kernels trust it (``sparsekit.formats.check_bitmap_packed`` checks once, and
-    ``SparseLinear`` runs it on what it loads). bias: (out,) x's dtype or None. Returns (..., out) in x's dtype.
+    they must match the bitmask's popcounts. Every kernel checks that per row, on every call, and no row reads
+    outside its span: the CPU kernel raises naming the row; the CUDA kernels stop with a device-side assert
+    (as torch's index checks do: a host-visible error would need a sync); the Triton kernel, which has no
+    assert outside TRITON_DEBUG, writes NaN to the broken rows' outputs. ``sparsekit.formats.check_bitmap_packed``
+    checks once, with a message naming the row, and ``SparseLinear`` runs it on what it loads. bias: (out,) x's
+    dtype or None. Returns (..., out) in x's dtype.
     The CPU kernel accumulates in float32 and rounds once; it streams up to 64 rows of x (float32 with AVX-512:
     2048; ``SPARSEKIT_CPU_STREAMED_MAX_ROWS`` overrides both) and decodes + GEMMs above (bfloat16 with
     AVX512-BF16 from 25 rows, 9 for small weights, on the panel path).

@@ -490,7 +490,9 @@ __host__ __device__ inline void bitmap_tile_dot(const T* values, int64_t nnz, in
       load_once<kPerBlock * int(sizeof(T))>(values + block, v);
     } else {
 #pragma unroll
-      for (int h = 0; h < kPerBlock; ++h) v[h] = block + h < end ? values[block + h] : from_float<T>(0.0f);
+      for (int h = 0; h < kPerBlock; ++h) {
+        v[h] = block + h < end && block + h < nnz ? values[block + h] : from_float<T>(0.0f);
+      }
     }
 #pragma unroll
     for (int h = 0; h < kPerBlock; ++h) {
@@ -508,6 +510,25 @@ __host__ __device__ inline void bitmap_tile_dot(const T* values, int64_t nnz, in
       }
     }
   }
+}
+
+// Stops the kernel: the extension (sparse_gemv.cu) defines it as torch's CUDA_KERNEL_ASSERT_MSG, so the host sees
+// "device-side assert triggered"; .ci/nvcc_check, which compiles this header without torch, gets __trap().
+#ifndef SPARSEKIT_DEVICE_FAIL
+#define SPARSEKIT_DEVICE_FAIL(msg) __trap()
+#endif
+
+// row_offsets is checked per row, not trusted. Before a row is read: its span [row_offsets[o], row_offsets[o + 1])
+// lies in [0, nnz], row 0 starts at 0 and the last row ends at nnz (bitmap_span_ok). After: its bits took exactly
+// the span's values. Reads stay in [span start, nnz) in between (bitmap_tile_dot). A row that fails either check
+// stops the kernel with a device-side assert (as torch's own index checks do: reporting it to the host as an
+// exception would need a sync, which CUDA graph capture and decode latency rule out). The message names no row
+// (a printf with arguments needs a stack frame in every kernel that may call it): the assert's block and thread
+// give it, output feature = block * kBitmapWarps + thread / 32 in bitmap_gemv_kernel.
+__host__ __device__ inline bool bitmap_span_ok(const int64_t* row_offsets, int64_t o, int64_t out_features,
+                                               int64_t nnz) {
+  const int64_t start = row_offsets[o], end = row_offsets[o + 1];
+  return 0 <= start && start <= end && end <= nnz && (o != 0 || start == 0) && (o != out_features - 1 || end == nnz);
 }
 
 struct BitmapArgs {
@@ -540,7 +561,11 @@ __global__ void __launch_bounds__(kBitmapWarps * 32) bitmap_gemv_kernel(const Bi
   float acc[MR];
 #pragma unroll
   for (int r = 0; r < MR; ++r) acc[r] = 0.0f;
-  int64_t base = live ? p.row_offsets[o] : 0;  // index of the row's first non-zero of the current slice
+  if (live && !bitmap_span_ok(p.row_offsets, o, p.out_features, p.nnz)) {
+    SPARSEKIT_DEVICE_FAIL("sparsekit::bitmap_linear: row_offsets out of [0, nnz] or decreasing");
+  }
+  const int64_t start = live ? p.row_offsets[o] : 0;
+  int64_t base = start;  // index of the row's first non-zero of the current slice
 
   for (int64_t c0 = 0; c0 < p.in_features; c0 += kBitmapChunkCols) {
     __syncthreads();  // the previous slice's readers are done
@@ -570,6 +595,9 @@ __global__ void __launch_bounds__(kBitmapWarps * 32) bitmap_gemv_kernel(const Bi
     }
   }
   if (!live) return;
+  if (base != p.row_offsets[o + 1]) {
+    SPARSEKIT_DEVICE_FAIL("sparsekit::bitmap_linear: row_offsets does not match the bitmask's popcounts");
+  }
 #pragma unroll
   for (int r = 0; r < MR; ++r) {
 #pragma unroll
@@ -640,11 +668,16 @@ __global__ void nm_decode_kernel(const T* __restrict__ values, const uint8_t* __
 template <typename T>
 __global__ void bitmap_decode_kernel(const uint64_t* __restrict__ bitmask, const T* __restrict__ values,
                                      const int64_t* __restrict__ row_offsets, T* __restrict__ dense,
-                                     int64_t out_features, int64_t in_features, int64_t tiles) {
+                                     int64_t out_features, int64_t in_features, int64_t tiles, int64_t nnz) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < out_features; r += warps) {
-    int64_t base = row_offsets[r];
+    // row_offsets checked as in bitmap_gemv_kernel (bits past in_features were cleared by the caller)
+    if (!bitmap_span_ok(row_offsets, r, out_features, nnz)) {
+      SPARSEKIT_DEVICE_FAIL("sparsekit::bitmap_unpack: row_offsets out of [0, nnz] or decreasing");
+    }
+    const int64_t start = row_offsets[r];
+    int64_t base = start;
     for (int64_t t0 = 0; t0 < tiles; t0 += 32) {
       const int64_t tile = t0 + lane;
       uint64_t bits = tile < tiles ? bitmask[r * tiles + tile] : 0ull;
@@ -655,10 +688,13 @@ __global__ void bitmap_decode_kernel(const uint64_t* __restrict__ bitmask, const
         const int lower = __shfl_up_sync(0xFFFFFFFFu, inclusive, d);
         if (lane >= d) inclusive += lower;
       }
-      for (int64_t k = base + inclusive - count; bits != 0; ++k, bits &= bits - 1) {
+      for (int64_t k = base + inclusive - count; bits != 0 && k < nnz; ++k, bits &= bits - 1) {
         dense[r * in_features + tile * kTile + find_first_set(bits)] = values[k];
       }
       base += __shfl_sync(0xFFFFFFFFu, inclusive, 31);
+    }
+    if (base != row_offsets[r + 1]) {
+      SPARSEKIT_DEVICE_FAIL("sparsekit::bitmap_unpack: row_offsets does not match the bitmask's popcounts");
     }
   }
 }
@@ -694,11 +730,11 @@ void launch_nm_decode(const T* values, const uint8_t* codes, T* dense, int64_t o
 
 template <typename T>
 void launch_bitmap_decode(const uint64_t* bitmask, const T* values, const int64_t* row_offsets, T* dense,
-                          int64_t out_features, int64_t in_features, int num_sms, cudaStream_t stream) {
+                          int64_t out_features, int64_t in_features, int64_t nnz, int num_sms, cudaStream_t stream) {
   const int64_t tiles = ceil_div(in_features, kTile);
   if (out_features == 0 || tiles == 0) return;
   bitmap_decode_kernel<T><<<grid_for(out_features * 32, 256, num_sms), 256, 0, stream>>>(
-      bitmask, values, row_offsets, dense, out_features, in_features, tiles);
+      bitmask, values, row_offsets, dense, out_features, in_features, tiles, nnz);
 }
 
 // workspace: (out_features, 8 * plan.row_blocks) as nm_mma_kernel left it; y: (rows, out_features).
@@ -726,6 +762,6 @@ void launch_finalize(const float* workspace, T* y, int64_t rows, int64_t out_fea
   template void sparsekit::cuda::gemv::launch_nm_decode<T>(const T*, const uint8_t*, T*, int64_t, int64_t,     \
                                                            int64_t, int64_t, int, cudaStream_t);               \
   template void sparsekit::cuda::gemv::launch_bitmap_decode<T>(const uint64_t*, const T*, const int64_t*, T*,  \
-                                                               int64_t, int64_t, int, cudaStream_t);           \
+                                                               int64_t, int64_t, int64_t, int, cudaStream_t);  \
   template void sparsekit::cuda::gemv::launch_finalize<T>(const float*, T*, int64_t, int64_t, int64_t, int,      \
                                                           cudaStream_t);

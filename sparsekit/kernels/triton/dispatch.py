@@ -244,7 +244,9 @@ def bitmap_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) 
     """x @ W^T (+ bias) with W bitmap packed (``sparsekit.formats``), float32 accumulation, x's dtype out.
 
     x: (..., in_features); bitmask: (out, ceil(in / 64)) int64; values: (nnz,); row_offsets: (out + 1,)
-    int64, trusted to match the bitmask's popcounts; bias: (out,) or None. More than 64 rows: the reference.
+    int64, checked per row against the bitmask's popcounts (a broken row's outputs are NaN, and it reads no
+    value outside its span); bias: (out,) or None. More than 64 rows: the reference, which does not read
+    row_offsets (the values follow the bitmask in order).
     """
     _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
     out_features, num_tiles = bitmask.shape

@@ -124,7 +124,7 @@ def nm_linear_kernel(
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit(do_not_specialize=["rows"])
+@triton.jit(do_not_specialize=["rows", "nnz"])
 def bitmap_linear_kernel(
     x_ptr,  # (rows, in_features), unit stride along in_features
     bitmask_ptr,  # (out_features, num_tiles) int64 contiguous
@@ -136,6 +136,7 @@ def bitmap_linear_kernel(
     out_features,
     in_features,
     num_tiles,
+    nnz,  # values.numel()
     stride_xm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -152,7 +153,16 @@ def bitmap_linear_kernel(
     t_lane = tl.arange(0, BLOCK_T)
     b = tl.arange(0, 64)
 
-    base = tl.load(row_offsets_ptr + n, mask=n_in, other=0)  # int64: the row's first non-zero
+    # row_offsets is checked per row, not trusted: a row reads values only inside its span
+    # [row_offsets[r], row_offsets[r + 1]) (memory safe for any row_offsets), and a row whose span is out of
+    # [0, nnz], not 0 at row 0 or nnz at the last row, or not its popcount gets NaN outputs (a device assert
+    # would need TRITON_DEBUG, and a host-visible error a sync).
+    row_start = tl.load(row_offsets_ptr + n, mask=n_in, other=0)  # int64: the row's first non-zero
+    row_end = tl.load(row_offsets_ptr + n + 1, mask=n_in, other=0)
+    span_ok = (row_start >= 0) & (row_start <= row_end) & (row_end <= nnz)
+    span_ok = span_ok & ((n != 0) | (row_start == 0)) & ((n != out_features - 1) | (row_end == nnz))
+    base = tl.where(span_ok, row_start, 0)
+    limit = tl.where(span_ok, row_end, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t0 in range(0, num_tiles, BLOCK_T):
         t = t0 + t_lane
@@ -166,7 +176,8 @@ def bitmap_linear_kernel(
         count = tl.sum(bits, axis=2)  # popcount per tile
         tile_start = base[:, None] + (tl.cumsum(count, axis=1) - count).to(tl.int64)
         index = tile_start[:, :, None] + (tl.cumsum(bits, axis=2) - bits).to(tl.int64)
-        w = tl.load(values_ptr + index, mask=bits != 0, other=0.0, eviction_policy="evict_first")
+        w = tl.load(values_ptr + index, mask=(bits != 0) & (index < limit[:, None, None]), other=0.0,
+                    eviction_policy="evict_first")
         if UPCAST:
             w = w.to(tl.float32)
         w = tl.reshape(w, (BLOCK_N, BLOCK_T * 64))
@@ -185,6 +196,9 @@ def bitmap_linear_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    row_ok = span_ok & (base == row_end)  # the row's bits took exactly its span's values
+    tl.device_assert(row_ok | ~n_in, "sparsekit::bitmap_linear: row_offsets does not match the bitmask")
+    acc = tl.where(row_ok[None, :], acc, float("nan"))
     out_offs = mrow[:, None].to(tl.int64) * out_features + n[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
@@ -246,7 +260,7 @@ def launch_bitmap_linear(x2d, bitmask, values, row_offsets, in_features: int, bi
     grid = (triton.cdiv(out_features, block_n),)
     bitmap_linear_kernel[grid](
         x2d, bitmask, values, row_offsets, bias if bias is not None else values, y,
-        rows, out_features, in_features, num_tiles, x2d.stride(0),
+        rows, out_features, in_features, num_tiles, values.numel(), x2d.stride(0),
         BLOCK_M=_block_m(rows), BLOCK_N=block_n, BLOCK_T=block_t,
         HAS_BIAS=bias is not None, UPCAST=x2d.device.type != "cuda" or x2d.dtype == torch.float32,
         num_warps=num_warps,
