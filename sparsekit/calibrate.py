@@ -239,12 +239,20 @@ def _group_conflict(name: str, stats: dict) -> ValueError:
 
 def require_stats(stats: dict, linears: dict, layer_idx: int) -> None:
     """Raise ValueError naming the linears of block ``layer_idx`` that no calibration token reached (an expert
-    no token was routed to, a linear whose weight is used without calling the module)."""
+    no token was routed to, a linear whose weight is used without calling the module), or whose statistics
+    hold inf or NaN (inputs that overflowed: scores made of them would prune at random)."""
     missing = [name for name in linears if name not in stats]
     if missing:
         raise ValueError(f"decoder block {layer_idx}: no calibration token reached {', '.join(missing)}, so "
                          "there are no statistics to prune them by; use more or longer calibration windows "
                          "(--nsamples / --seqlen), or a method without calibration (magnitude)")
+    broken = [name for name in linears
+              if not all(bool(torch.isfinite(t).all()) for t in (stats[name].sq_norm, stats[name].abs_sum)
+                         if t is not None)]
+    if broken:
+        raise ValueError(f"decoder block {layer_idx}: the calibration statistics of {', '.join(broken)} hold inf "
+                         "or NaN: the inputs of those linears overflowed (a float16 model? calibrate with "
+                         "--dtype float32 or bfloat16)")
 
 
 @torch.no_grad()

@@ -206,6 +206,7 @@ def run_prune(args) -> int:
         return _run_prune_offload(args, spec, calib_text, eval_text, progress)
 
     rank, world = distributed.init_from_env(args.device)  # torchrun: split calibration over the ranks
+    args.device = distributed.device_for_rank(args.device)
     progress = progress and rank == 0
     t_start = time.perf_counter()
     if rank == 0:
@@ -449,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import cli_bench, cli_contextual, cli_laser
     from .contextual import ContextualError
+    from .sparsegpt import SparseGPTError
 
     _terminate_like_interrupt()
     try:
@@ -459,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                "laser": cli_laser.run}
     try:
         return runners[args.command](args)
-    except (ValueError, DataError, ContextualError, ModelNotFoundError, OutputExistsError, PermissionError, FileNotFoundError) as e:
+    except (ValueError, DataError, ContextualError, SparseGPTError, ModelNotFoundError, OutputExistsError,
+            PermissionError, FileNotFoundError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written")

@@ -51,6 +51,19 @@ def init_from_env(device: str = "cpu") -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def device_for_rank(device: str) -> str:
+    """The device this rank loads the model on. Under torchrun on GPUs, ``cuda`` means this rank's GPU
+    (LOCAL_RANK, the one NCCL uses); an explicit ``cuda:N`` is refused, as every rank would load onto GPU N.
+    Unchanged in one process and on CPU."""
+    device = str(device)
+    if world_size() <= 1 or not device.startswith("cuda"):
+        return device
+    if device != "cuda":
+        raise ValueError(f"--device {device} under torchrun with {world_size()} processes would put every rank "
+                         "on that one GPU; pass --device cuda (each rank takes the GPU of its LOCAL_RANK)")
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
 def shard(windows: torch.Tensor) -> torch.Tensor:
     """This rank's share of the rows of ``windows`` (round-robin). Raises if a rank would get none."""
     w = world_size()

@@ -92,8 +92,8 @@ class PruneSpec:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.blocksize < 1 or (self.pattern is not None and self.blocksize % self.pattern[1]):
             raise ValueError(f"blocksize must be a positive multiple of M, got {self.blocksize}")
-        if not (0.0 <= self.percdamp):
-            raise ValueError(f"percdamp must be >= 0, got {self.percdamp}")
+        if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
+            raise ValueError(f"percdamp (--percdamp) must be a finite number >= 0, got {self.percdamp}")
         if not (math.isfinite(self.owl_m) and self.owl_m > 0):
             raise ValueError(f"OWL's M (--owl-m) must be a finite number > 0, got {self.owl_m}")
         if not (math.isfinite(self.owl_lambda) and 0 <= self.owl_lambda < 1):

@@ -119,5 +119,9 @@ def sparsegpt_prune_(weight: torch.Tensor, xtx: torch.Tensor, tokens: int, spars
 
     if not torch.isfinite(w).all():
         raise SparseGPTError("SparseGPT produced non-finite weights")
-    weight.copy_(w.to(weight.dtype))  # pruned weights are exact zeros already (masked_fill_ per block)
+    out = w.to(weight.dtype)  # pruned weights are exact zeros already (masked_fill_ per block)
+    if not torch.isfinite(out).all():
+        raise SparseGPTError(f"SparseGPT's updated weights do not fit {weight.dtype}: the OBS updates took some past "
+                             f"its range (largest |w| {float(w.abs().max()):.3g}); prune in float32 or bfloat16")
+    weight.copy_(out)
     return keep

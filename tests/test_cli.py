@@ -41,6 +41,8 @@ def run(args, capsys):
     (["--sparsity", "0.5", "--device", "cudaa"], "--device 'cudaa' is not a torch device"),
     (["--sparsity", "0.5", "--sparsity-profile", "owl", "--owl-m", "nan"], r"--owl-m\) must be a finite number"),
     (["--sparsity", "0.5", "--sparsity-profile", "owl", "--owl-lambda", "-0.1"], r"--owl-lambda\) must be in"),
+    (["--sparsity", "0.5", "--percdamp", "inf"], r"--percdamp\) must be a finite number >= 0, got inf"),
+    (["--sparsity", "0.5", "--percdamp", "-0.01"], r"--percdamp\) must be a finite number >= 0"),
 ])
 def test_bad_input(extra, message, capsys, tmp_path):
     code, _, err = run(["prune", "--method", "wanda", "--output", str(tmp_path / "o")] + extra, capsys)

@@ -161,3 +161,17 @@ def _torchrun_equals_single_process(tmp_path, extra):
     assert d["dense_ppl"] == pytest.approx(s["dense_ppl"], rel=1e-9)
     assert d["pruned_ppl"] == pytest.approx(s["pruned_ppl"], rel=1e-3)
     assert d["sparsity"] == s["sparsity"]
+
+
+def test_device_for_rank(monkeypatch):
+    """Under torchrun on GPUs, --device cuda means the rank's own GPU (LOCAL_RANK); an explicit cuda:N would put
+    every rank on one GPU and is refused. One process, or CPU: unchanged."""
+    from sparsekit import distributed
+
+    assert distributed.device_for_rank("cuda:1") == "cuda:1"  # one process
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.device_for_rank("cpu") == "cpu"
+    assert distributed.device_for_rank("cuda") == "cuda:3"
+    with pytest.raises(ValueError, match="--device cuda:0 under torchrun with 4 processes"):
+        distributed.device_for_rank("cuda:0")

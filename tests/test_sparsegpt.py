@@ -121,6 +121,31 @@ def test_non_finite_statistics_are_named():
         prepare_hessian_inverse(xtx, 10, torch.randn(4, 8))
 
 
+def test_weights_past_the_dtype_range_are_an_error_not_inf():
+    """float16 weights whose OBS updates leave its range: an error naming the dtype, the weight unchanged (the
+    float32 result is checked before the cast, the cast result before it is written back)."""
+    x = torch.randn(64, 1) + 0.05 * correlated_inputs(64, 16)  # strongly correlated input channels
+    w = torch.full((4, 16), 40000.0, dtype=torch.float16)
+    before = w.clone()
+    with pytest.raises(SparseGPTError, match="do not fit torch.float16"):
+        sparsegpt_prune_(w, x.t() @ x, 64, 0.5, None, blocksize=16)
+    assert torch.equal(w, before)
+
+
+def test_overflowed_statistics_are_an_error_for_every_method():
+    """A float16 model whose residual stream overflows: Wanda (and OWL's ratios) used to prune on NaN scores and
+    report success; every calibrated method now stops at the block, naming the linears."""
+    from sparsekit.prune import PruneSpec, prune_model
+
+    for method, profile in (("wanda", "uniform"), ("wanda", "owl"), ("sparsegpt", "uniform")):
+        m = tiny_model("llama", layers=2).half()
+        m.model.embed_tokens.weight.data.fill_(60000.0)
+        m.model.layers[0].self_attn.v_proj.weight.data.fill_(1.0)
+        m.model.layers[0].self_attn.o_proj.weight.data.fill_(2.0)  # residual 60000 + 8192: inf in float16
+        with pytest.raises(ValueError, match=r"decoder block 0: the calibration statistics of .*mlp.* hold inf"):
+            prune_model(m, PruneSpec(method, 0.5, profile=profile), random_windows(2, 8), progress=False)
+
+
 def test_no_tokens_is_an_error():
     with pytest.raises(SparseGPTError, match="no calibration tokens"):
         prepare_hessian_inverse(torch.zeros(4, 4), 0, torch.zeros(2, 4))
