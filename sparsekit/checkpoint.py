@@ -57,6 +57,8 @@ def atomic_output_dir(path: str, overwrite: bool = False):
             os.rmdir(old)
             os.rename(path, old)
         os.rename(tmp, path)
+        with contextlib.suppress(OSError):  # published already: a failed sync of the entries is not an error
+            _fsync_path(parent)  # the renames reach the disk
     except BaseException:
         if old is not None and not os.path.lexists(path):
             os.rename(old, path)  # put the previous output back
@@ -77,13 +79,29 @@ def _remove(path: str) -> None:
 
 
 def _fsync_tree(root: str) -> None:
+    """fsync every file under ``root``, then every folder (their entries), deepest first."""
+    folders = []
     for folder, _dirs, files in os.walk(root):
+        folders.append(folder)
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_path(os.path.join(folder, name))
+    for folder in reversed(folders):
+        _fsync_path(folder)
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file, or a folder's entries (where the OS allows opening a folder: not on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):  # some file systems refuse fsync on a folder; a file's must succeed
+            raise
+    finally:
+        os.close(fd)
 
 
 def save_pruned_model(model, tokenizer, path: str, report: dict, overwrite: bool = False) -> None:

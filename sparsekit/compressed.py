@@ -247,6 +247,12 @@ def load_compressed(path: str, device: str | torch.device = "cpu", dtype: torch.
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if isinstance(dtype, str):  # checked before anything is read
+        if dtype not in _DT:
+            raise ValueError(f"dtype must be one of {', '.join(_DT)} (or a torch dtype), got {dtype!r}")
+        dtype = _DT[dtype]
+    if dtype is not None and dtype not in _DT.values():
+        raise ValueError(f"dtype must be float32, bfloat16 or float16 (the packed kernels' dtypes), got {dtype}")
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
         raise FileNotFoundError(f"{path} holds no {MANIFEST}: not a folder written by sparsekit.save_compressed")
@@ -256,8 +262,6 @@ def load_compressed(path: str, device: str | torch.device = "cpu", dtype: torch.
         raise ValueError(f"{mpath}: format_version {manifest.get('format_version')} is not supported "
                          f"(this sparsekit reads {FORMAT_VERSION})")
     saved_dtype = _DT[manifest["dtype"]]
-    if isinstance(dtype, str):
-        dtype = _DT[dtype]
     config = AutoConfig.from_pretrained(path)
     # Built for real (not on the meta device) so that non-persistent buffers such as rotary frequencies are
     # computed by the architecture's own code; the weights are then overwritten by the checkpoint.

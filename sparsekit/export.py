@@ -16,7 +16,10 @@ compressed layer ``L`` whose stored weight (as in the architecture's state dict)
   non-zeros in row-major order; ``L.bitmask`` uint8 as above, bits of the non-zeros; ``L.row_offsets``
   int64 (rows,), where row r's values start.
 * Every other tensor (biases, norms, embeddings, dense layers) under its state-dict name. A tensor shared
-  by two names (tied embeddings) is written once, under the first name.
+  by two names (tied embeddings) is written once, under the first name, as ``save_pretrained`` does: a
+  reader that decompresses into an existing model (``ModelCompressor.decompress(dir, model)``) unties the
+  LM head and leaves it as it was, so call ``model.tie_weights()`` afterwards, as transformers' own loader
+  does (tests/test_export.py checks an OPT model, whose embeddings are tied, that way).
 
 compressed-tensors holds one sparsity compressor per checkpoint, so the format is chosen for the whole
 model: ``"auto"`` picks sparse-24-bitmask when every compressed layer is 2:4, else sparse-bitmask for all.
@@ -106,6 +109,8 @@ def export_compressed_tensors(model: nn.Module, path: str, format: str = "auto",
     """
     from safetensors.torch import save_file
 
+    if not (0.0 <= min_sparsity <= 1.0):  # NaN fails too
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if format != "auto" and format not in CT_FORMATS:
         raise ValueError(f"format must be 'auto' or one of {', '.join(CT_FORMATS)}, got {format!r}")
     config = getattr(model, "config", None)

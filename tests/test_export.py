@@ -77,7 +77,10 @@ def test_errors(tmp_path):
         export_compressed_tensors(pruned_llama("2:4"), str(tmp_path / "b"), format="marlin-24")
     with pytest.raises(ValueError, match="no sparse linear layer to export"):
         export_compressed_tensors(tiny_model("llama"), str(tmp_path / "c"))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+    for bad in (-1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"min_sparsity must be in \[0, 1\]"):
+            export_compressed_tensors(pruned_llama("2:4"), str(tmp_path / "d"), min_sparsity=bad)
+    assert not any((tmp_path / n).exists() for n in "acd")
 
 
 @pytest.mark.parametrize("swapped", [False, True], ids=["masked", "sparsified"])
@@ -108,3 +111,28 @@ def test_compressed_tensors_loads_identical_weights(tmp_path, kind, swapped):
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, want)
     assert ct.__version__  # the package that read it
+
+
+def test_tied_embeddings_round_trip_with_tie_weights(tmp_path):
+    """OPT ties its LM head to the embeddings: the tensor is written once (as save_pretrained does), and a model
+    decompressed into, then re-tied as transformers' loader does, gives back every weight and the outputs."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import ModelCompressor
+
+    model = tiny_model("opt")
+    prune_model(model, SPECS["2:4"], progress=False)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        want = model(ids).logits
+    path = str(tmp_path / "ct")
+    export_compressed_tensors(model, path)
+    fresh = tiny_model("opt", seed=1)
+    ModelCompressor.from_pretrained(path).decompress(path, fresh)
+    fresh.tie_weights()
+    got = fresh.state_dict()
+    for key, t in dense_state.items():
+        assert torch.equal(got[key], t), key
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, want)

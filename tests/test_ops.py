@@ -665,3 +665,20 @@ def test_torch_compile_fullgraph():
         assert torch.equal(got, want)  # the in-place updates survive functionalization
     assert torch.equal(keep_compiled, keep_eager)
     assert torch.equal(w_compiled, w_eager)
+
+
+def test_int_arguments_and_matrix_sparsity_are_checked():
+    """Numpy integers (not Python ints) get an error naming the argument, not one naming a valid pattern; a
+    matrix sparsity outside [0, 1) is refused, naming it."""
+    import numpy as np
+
+    from sparsekit.formats import pack_nm
+
+    score = torch.rand(4, 8)
+    with pytest.raises(ValueError, match=r"m must be a Python int, got np.int64\(4\) \(int64\)"):
+        ops.nm_mask(score, 2, np.int64(4))
+    with pytest.raises(ValueError, match=r"N=np.int64\(2\) \(int64\); pass int\(N\)"):
+        pack_nm(score, np.int64(2), 4)
+    for bad in (1.0, -0.01, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"matrix_prune_mask: sparsity must be in \[0, 1\)"):
+            ops.matrix_prune_mask(score, bad)

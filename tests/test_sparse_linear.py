@@ -505,8 +505,14 @@ def test_load_state_dict_checks_nm_positions(fmt):
 
 def test_unsupported_dtype_conversion_and_cslt_setting_round_trip():
     layer = SparseLinear.from_linear(pruned_linear(64, 8, "2:4"), "2:4", cslt=False)
-    with pytest.raises(ValueError, match="float32, bfloat16 or float16 values; a conversion made them torch.float64"):
+    x = torch.randn(3, 64)
+    before = layer(x)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16 values; a conversion would make them "
+                                         "torch.float64"):
         layer.double()
+    # refused before anything was converted: the layer is as it was
+    assert layer.values.dtype == layer.bias.dtype == torch.float32
+    assert torch.equal(layer(x), before)
     layer = SparseLinear.from_linear(pruned_linear(64, 8, "2:4"), "2:4", cslt=False)
     with pytest.raises(ValueError, match=r"x is torch.float64; convert \(x.to\(torch.float32\)\)"):
         layer(torch.randn(2, 64, dtype=torch.float64))
@@ -529,3 +535,95 @@ def test_refresh_derived_after_editing_values_in_place():
     assert not torch.equal(layer.dense_weight, layer.to_dense())  # the documented staleness
     layer.refresh_derived()
     assert torch.equal(layer.dense_weight, layer.to_dense())
+
+
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+def test_refused_checkpoint_leaves_the_layer_as_it_was(fmt):
+    """The packed buffers are checked before load_state_dict copies them: a refused checkpoint changes nothing."""
+    layer = SparseLinear.from_linear(pruned_linear(64, 8, fmt), fmt)
+    x = torch.randn(2, 64)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(x)
+    bad = {k: v.clone() for k, v in before.items()}
+    if fmt == "2:4":
+        bad["index_codes"][0, 0] = 0  # group 0 of row 0 repeats position 0
+        message = "repeats"
+    else:
+        bad["row_offsets"][3] += 1
+        message = "row 2 has .* bits set but row_offsets gives it values"
+    bad["bias"] += 1
+    with pytest.raises(ValueError, match=message):
+        layer.load_state_dict(bad)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    assert torch.equal(layer(x), y)
+
+
+def test_bitmap_checkpoint_with_another_nnz_says_so():
+    src = SparseLinear.from_linear(pruned_linear(64, 8, "bitmap"), "bitmap")
+    other = SparseLinear(64, 8, "bitmap", nnz=src.nnz - 3)
+    with pytest.raises(ValueError, match=f"holds {src.nnz} values, this layer was built for nnz={src.nnz - 3}"):
+        other.load_state_dict(src.state_dict())
+
+
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+def test_load_in_parts(fmt):
+    """strict=False loads that each bring part of the packed weight (shard by shard): no error midway, the layer
+    refuses to run until the last part is in, then it is checked and runs like the source."""
+    src = SparseLinear.from_linear(pruned_linear(64, 8, fmt), fmt)
+    sd = src.state_dict()
+    dst = SparseLinear(64, 8, fmt, nnz=src.nnz if fmt == "bitmap" else None)
+    names = ["values", "index_codes"] if fmt == "2:4" else ["values", "bitmask", "row_offsets"]
+    x = torch.randn(2, 64)
+    dst.load_state_dict({"bias": sd["bias"], names[0]: sd[names[0]]}, strict=False)
+    with pytest.raises(RuntimeError, match=f"loaded in part: {', '.join(sorted(names[1:]))} not loaded yet"):
+        dst(x)
+    dst.load_state_dict({name: sd[name] for name in names[1:]}, strict=False)
+    assert torch.equal(dst(x), src(x))
+    # parts that do not fit together are refused once the last one is in
+    bad = SparseLinear(64, 8, fmt, nnz=src.nnz if fmt == "bitmap" else None)
+    bad.load_state_dict({names[0]: sd[names[0]]}, strict=False)
+    wrong = {name: sd[name].clone() for name in names[1:]}
+    if fmt == "2:4":
+        wrong["index_codes"][1] = 0
+    else:
+        wrong["row_offsets"][2] += 1
+    with pytest.raises(ValueError, match="loaded in parts"):
+        bad.load_state_dict(wrong, strict=False)
+    with pytest.raises(RuntimeError, match="loaded in part"):
+        bad(x)
+
+
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+def test_bias_with_requires_grad_gets_its_gradient(fmt):
+    lin = pruned_linear(64, 8, fmt)
+    layer = SparseLinear.from_linear(lin, fmt)
+    layer.bias.requires_grad_(True)
+    lin.bias.requires_grad_(True)
+    x = torch.randn(3, 64)
+    assert layer.path(3, x.device, x.dtype, requires_grad=True) == "grad"
+    layer(x).sum().backward()
+    lin(x).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, lin.bias.grad)
+
+
+@pytest.mark.parametrize("layer_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+def test_autocast_as_nn_linear(fmt, layer_dtype):
+    """Under torch.autocast the layer computes in autocast's dtype as nn.Linear does (a float32 layer fed bf16
+    activations, or a bf16 layer fed float32 ones)."""
+    lin = pruned_linear(64, 8, fmt, dtype=layer_dtype)
+    layer = SparseLinear.from_linear(lin, fmt)
+    for x_dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 64).to(x_dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = lin(x), layer(x)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_nm_layer_on_the_meta_device():
+    """As transformers and accelerate build models: under `with torch.device("meta")`."""
+    with torch.device("meta"):
+        layer = SparseLinear(64, 8, "2:4")
+    assert layer.values.is_meta and layer.index_codes.is_meta
+    assert layer.index_codes.shape == SparseLinear(64, 8, "2:4").index_codes.shape

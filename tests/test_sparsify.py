@@ -257,3 +257,13 @@ def test_load_compressed_keeps_per_tensor_dtypes_and_reties_shared_weights(tmp_p
     assert torch.equal(down.values, model.model.layers[0].mlp.down_proj.values)
     assert back.model.layers[1].mlp.down_proj.values.dtype == torch.bfloat16
     assert back.model.layers[1].mlp.up_proj.weight is back.model.layers[0].mlp.up_proj.weight
+
+
+def test_load_compressed_rejects_a_bad_dtype_before_reading(tmp_path):
+    """A dtype load_compressed cannot give is refused up front, naming the accepted ones (not a KeyError, and not
+    after the whole model was built)."""
+    for bad, message in (("float64", "dtype must be one of float32, bfloat16, float16"),
+                         ("fp16", "dtype must be one of"),
+                         (torch.float64, "dtype must be float32, bfloat16 or float16")):
+        with pytest.raises(ValueError, match=message):
+            load_compressed(str(tmp_path / "no-such-folder"), dtype=bad)

@@ -56,6 +56,10 @@ class NMPacked:
 
 
 def _check_pattern(n: int, m: int) -> None:
+    for name, v in (("N", n), ("M", m)):
+        if not isinstance(v, int):
+            raise ValueError(f"N:M packing needs N and M as Python ints, got {name}={v!r} ({type(v).__name__}); "
+                             f"pass int({name})")
     if not (isinstance(m, int) and 1 <= m <= MAX_GROUP_SIZE):
         raise ValueError(f"N:M packing needs 1 <= M <= {MAX_GROUP_SIZE}, got M={m}")
     if not (isinstance(n, int) and 0 <= n < m):

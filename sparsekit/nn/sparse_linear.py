@@ -201,6 +201,7 @@ BITMAP_MIN_SPARSITY = 0.5
 # operand's rows and columns multiples of 16, the dense operand's of 8 (x's rows are padded to that).
 _CSLT_OUT_MULTIPLE, _CSLT_IN_MULTIPLE, _CSLT_ROWS_MULTIPLE = 16, 16, 8
 _CSLT_DTYPES = (torch.float16, torch.bfloat16)
+_AUTOCAST_DEVICES = ("cpu", "cuda")  # torch.autocast: compute in its dtype there
 
 
 @functools.lru_cache(maxsize=None)
@@ -308,6 +309,12 @@ class SparseLinear(nn.Module):
     right shapes (``nnz`` = number of stored values, bitmap only).
     """
 
+    # Packed buffers loaded by load_state_dict calls that each brought only some of them (strict=False, shard by
+    # shard); checked, and the layer usable, once all have come. Class defaults: a layer pickled before these
+    # existed has none pending.
+    _pending_load: frozenset = frozenset()
+    _incomplete: bool = False
+
     def __init__(self, in_features: int, out_features: int, format: str = "2:4", bias: bool = True,
                  nnz: int | None = None, dense_fallback: str = "unpack", device=None, dtype=None,
                  cslt: bool = True):
@@ -331,9 +338,10 @@ class SparseLinear(nn.Module):
             kept = in_features // m * (m - n)
             width = -(-kept * nm_index_bits(m) // 8)
             self.register_buffer("values", torch.zeros(out_features, kept, dtype=dtype, **kw))
-            # positions 0 .. K - 1 in every group: an empty layer is a valid packed weight (of zeros)
-            row = nm_index_codes(torch.arange(m - n, dtype=torch.uint8).repeat(1, in_features // m), m)
-            self.register_buffer("index_codes", row.to(device).repeat(out_features, 1))
+            # positions 0 .. K - 1 in every group: an empty layer is a valid packed weight (of zeros). Built on
+            # the CPU (nm_index_codes reads values: not possible under `with torch.device("meta")`), then moved.
+            row = nm_index_codes(torch.arange(m - n, dtype=torch.uint8, device="cpu").repeat(1, in_features // m), m)
+            self.register_buffer("index_codes", row.to(self.values.device).repeat(out_features, 1))
             self.nnz = out_features * kept
         else:
             if nnz is None or not (0 <= nnz <= in_features * out_features):
@@ -466,12 +474,45 @@ class SparseLinear(nn.Module):
             self.cslt_weight = torch._cslt_compress(self.to_dense())
 
     def _apply(self, fn, recurse=True):
+        # What fn makes of values' dtype, found on an empty tensor before anything is converted: a refused
+        # conversion (layer.double()) leaves the layer as it was.
+        target = fn(torch.empty(0, dtype=self.values.dtype, device=self.values.device)).dtype
+        if target not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"SparseLinear holds float32, bfloat16 or float16 values; a conversion would make them "
+                             f"{target} (the packed kernels have no {target} path)")
         super()._apply(fn, recurse)
-        if self.values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"SparseLinear holds float32, bfloat16 or float16 values; a conversion made them "
-                             f"{self.values.dtype} (the packed kernels have no {self.values.dtype} path)")
         self._refresh_cslt()  # the cuSPARSELt copy is device-specific: rebuild it for the new device / dtype
         return self
+
+    def _packed_names(self) -> tuple[str, ...]:
+        return ("values", "index_codes") if self.kind == "nm" else ("bitmask", "values", "row_offsets")
+
+    def _check_packed(self, tensors: dict, how: str) -> None:
+        """Raise ValueError unless ``tensors`` (the packed buffers by name) make a valid weight of this layer."""
+        what = f"SparseLinear({self.in_features} -> {self.out_features}, {self.format}) {how}"
+        if self.kind == "nm":
+            check_nm_packed(tensors["values"], tensors["index_codes"], self.n, self.m, self.in_features, what=what)
+            return
+        values = tensors["values"]
+        if values.shape != self.values.shape:
+            raise ValueError(f"{what}: the checkpoint holds {values.numel()} values, this layer was built for "
+                             f"nnz={self.values.numel()}; build it with SparseLinear(..., nnz={values.numel()}) "
+                             f"(sparsekit.load_compressed does) or load the checkpoint with load_compressed")
+        check_bitmap_packed(tensors["bitmask"], values, tensors["row_offsets"], self.in_features, what=what)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        names = self._packed_names()
+        incoming = {name: state_dict[prefix + name] for name in names if prefix + name in state_dict}
+        if len(incoming) == len(names):
+            # checked before anything is copied: a refused checkpoint leaves the layer as it was
+            self._check_packed(incoming, "loaded")
+            self._pending_load = frozenset()
+        elif incoming:  # part of the packed weight: checked when the rest has come (see _refresh_after_load)
+            self._pending_load = self._pending_load | frozenset(incoming)
+        self._loaded_now = bool(incoming)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _cslt_possible(self, device: torch.device, dtype: torch.dtype) -> bool:
         # getattr: a SparseLinear pickled before the cslt option has no use_cslt (it allowed the path)
@@ -552,6 +593,10 @@ class SparseLinear(nn.Module):
         return self
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if self._incomplete:
+            missing = sorted(set(self._packed_names()) - self._pending_load)
+            raise RuntimeError(f"SparseLinear({self.in_features} -> {self.out_features}, {self.format}) was loaded in "
+                               f"part: {', '.join(missing)} not loaded yet (load_state_dict with the rest first)")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects x with in_features={self.in_features} in its last dim, got "
                              f"shape {tuple(x.shape)}")
@@ -590,10 +635,17 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = self.values
-        if x.ndim == 0 or x.shape[-1] != self.in_features or x.dtype != values.dtype or x.device != values.device:
+        if x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type):  # as nn.Linear does
+            cast = torch.get_autocast_dtype(x.device.type)
+            if cast != values.dtype:
+                return F.linear(x, self.to_dense(), self.bias)  # autocast casts x, W and b
+            x = x.to(cast)
+        if (x.ndim == 0 or x.shape[-1] != self.in_features or x.dtype != values.dtype or x.device != values.device
+                or self._incomplete):
             self._check_input(x)  # raises, naming the problem
+        grad = x.requires_grad or (self.bias is not None and self.bias.requires_grad)
         path = self.path(x.numel() // self.in_features, x.device, x.dtype,
-                         requires_grad=x.requires_grad and torch.is_grad_enabled())
+                         requires_grad=grad and torch.is_grad_enabled())
         if path == "sparse":
             return self._packed_op(x)
         if path == "unpack":
@@ -612,15 +664,21 @@ class SparseLinear(nn.Module):
 def _refresh_after_load(module: SparseLinear, _incompatible_keys) -> None:
     # What was loaded came from outside (a checkpoint): a bitmap's row_offsets must match its bits (the kernels
     # check per call, but only the CPU one can raise: CUDA asserts on the device, Triton writes NaN rows) and an
-    # N:M group's positions must be distinct (the kernels would disagree on a repeated one), so check that once,
-    # with an error naming the row, before anything reads them.
-    if module.kind == "nm":
-        check_nm_packed(module.values, module.index_codes, module.n, module.m, module.in_features,
-                        what=f"SparseLinear({module.in_features} -> {module.out_features}, {module.format}) loaded")
-    if module.kind == "bitmap":
-        check_bitmap_packed(module.bitmask, module.values, module.row_offsets, module.in_features,
-                            what=f"SparseLinear({module.in_features} -> {module.out_features}, bitmap) loaded")
-        module.nnz = module.values.numel()
+    # N:M group's positions must be distinct (the kernels would disagree on a repeated one). _load_from_state_dict
+    # checked a whole packed weight before copying it; one that came in parts is checked here once its last part
+    # is in, and until then the layer refuses to run.
+    if not module.__dict__.pop("_loaded_now", False):
+        return  # this load brought none of the layer's packed buffers
+    names = module._packed_names()
+    if module._pending_load:
+        if module._pending_load != frozenset(names):
+            module._incomplete = True
+            return
+        module._pending_load = frozenset()
+        module._incomplete = True  # until the check passes
+        module._check_packed({name: getattr(module, name) for name in names}, "loaded in parts")
+    module._incomplete = False
+    module.nnz = module.values.numel()
     module._refresh_derived()
 
 

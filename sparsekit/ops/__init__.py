@@ -75,8 +75,16 @@ def _check_score(score: torch.Tensor, what: str = "score") -> None:
         raise ValueError(f"{what} must be a floating tensor, got dtype {score.dtype}")
 
 
+def _check_int_args(**args) -> None:
+    """ValueError naming an argument that is not a Python int (a numpy integer, a float): the ops take ints."""
+    for name, v in args.items():
+        if not isinstance(v, int):
+            raise ValueError(f"{name} must be a Python int, got {v!r} ({type(v).__name__}); pass int({name})")
+
+
 def _check_nm(score: torch.Tensor, n: int, m: int) -> None:
     _check_score(score)
+    _check_int_args(n=n, m=m)
     if not (isinstance(m, int) and m >= 1):
         raise ValueError(f"N:M pattern needs M >= 1, got M={m}")
     if not (0 <= n < m):
@@ -204,6 +212,8 @@ def rowwise_prune_mask(score: torch.Tensor, num_pruned: int) -> torch.Tensor:
 def matrix_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask pruning the ``int(numel * sparsity)`` lowest scores of the whole matrix: one threshold per
     matrix, ties broken in row-major order (the per-row rule applied to the flattened matrix)."""
+    if not (0.0 <= sparsity < 1.0):  # NaN fails too
+        raise ValueError(f"matrix_prune_mask: sparsity must be in [0, 1), got {sparsity}")
     flat = score.reshape(1, -1)
     return rowwise_prune_mask(flat, int(flat.shape[1] * sparsity)).reshape(score.shape)
 
@@ -295,6 +305,7 @@ def _check_linear_common(x, out_features, in_features, bias, weight_dtype, devic
 
 
 def _check_nm_packed(values, index_codes, n, m, in_features) -> None:
+    _check_int_args(n=n, m=m, in_features=in_features)
     if not (isinstance(m, int) and 1 <= m <= _NM_MAX_GROUP):
         raise ValueError(f"N:M needs 1 <= M <= {_NM_MAX_GROUP}, got M={m}")
     if not (0 <= n < m):
@@ -329,6 +340,7 @@ def _check_nm_unpack(values, index_codes, n, m, in_features) -> None:
 
 
 def _check_bitmap_packed(bitmask, values, row_offsets, in_features) -> None:
+    _check_int_args(in_features=in_features)
     if in_features < 0:
         raise ValueError(f"in_features must be >= 0, got {in_features}")
     tiles = -(-in_features // _BITMAP_TILE)
