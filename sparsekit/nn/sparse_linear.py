@@ -623,8 +623,10 @@ class SparseLinear(nn.Module):
 
     def _cslt_linear(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features).contiguous()  # cuSPARSELt reads a dense row-major x
         rows = x2.shape[0]
+        if rows == 0:
+            return x.new_empty(*lead, self.out_features)
         pad = -rows % _CSLT_ROWS_MULTIPLE
         if pad:
             x2 = F.pad(x2, (0, 0, 0, pad))
