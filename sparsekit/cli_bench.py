@@ -182,6 +182,12 @@ def run(args) -> int:
         return 2
     if args.format != "auto":
         parse_format(args.format)
+    if args.output:  # before minutes of timing, not after
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            print(f"sparsekit bench: error: --output {args.output}: the folder {folder} does not exist or cannot be "
+                  "written", file=sys.stderr)
+            return 2
     resolve_model(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -193,6 +199,9 @@ def run(args) -> int:
     load_before = os.getloadavg()[0]
     _say(args, f"[1/4] loading {args.model} ({args.dtype}, {args.device})")
     model, tokenizer = load_model(args.model, args.dtype, args.device)
+    from .cli import check_seqlen_fits
+
+    check_seqlen_fits(model, args.prompt_tokens + args.new_tokens, "--prompt-tokens + --new-tokens")
     dense = _densify(model)
     _say(args, f"[2/4] sparsifying a copy (format {args.format}, dense fallback {args.dense_fallback})")
     sparse = copy.deepcopy(dense)
@@ -266,7 +275,13 @@ def run(args) -> int:
                "backends": {k: v.detail for k, v in backend_status().items()},
                "load_average": [load_before, load_after], "versions": _versions(),
                "times_s": times}
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+        tmp = f"{args.output}.tmp-{os.getpid()}"  # written whole, then renamed: never a half-written file
+        try:
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=2)
+                f.write("\n")
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return 0

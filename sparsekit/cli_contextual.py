@@ -135,6 +135,12 @@ def run(args) -> int:
         raise ValueError(f"--heads is a fraction in [0, 1), got {args.heads}")
     if args.vocab_min_count < 1:
         raise ValueError(f"--vocab-min-count must be >= 1, got {args.vocab_min_count}")
+    if args.seqlen < 2:
+        raise ValueError(f"--seqlen must be >= 2 (a window predicts its tokens after the first), got {args.seqlen}")
+    if args.nsamples < 1:
+        raise ValueError(f"--nsamples must be >= 1, got {args.nsamples}")
+    if args.eval_tokens < args.seqlen:
+        raise ValueError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {args.seqlen}")
     ft_cfg = FinetuneConfig(args.finetune_steps, lr=args.lr, batch_size=args.batch_size, seqlen=args.finetune_seqlen,
                             eval_every=args.eval_every, seed=args.seed)
     check_output_dir(args.output, args.overwrite)

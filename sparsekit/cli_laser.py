@@ -171,7 +171,7 @@ def _check_args(args) -> dict:
     if kind == "mc":
         same = args.test_set is None
         need = args.val + args.test if same else args.val
-        ex = tasks.load_task(args.eval_set, args.data_dir, limit=need)
+        ex = tasks.load_task(args.eval_set, args.data_dir, limit=need, interleave=True)  # splits span an MMLU domain
         if len(ex) < need:
             what = f"--val {args.val} + --test {args.test} = {need}" if same else f"--val {args.val}"
             raise ValueError(f"{args.eval_set} holds only {len(ex)} questions; {what} needed "
@@ -180,10 +180,10 @@ def _check_args(args) -> dict:
         if same:
             loaded["test"] = ex[args.val: need]
         else:
-            tex = tasks.load_task(args.test_set, args.data_dir, limit=args.test)
+            tex = tasks.load_task(args.test_set, args.data_dir, limit=args.test, interleave=True)
             if len(tex) < args.test:
                 raise ValueError(f"{args.test_set} holds only {len(tex)} questions; --test {args.test} needed")
-            loaded["test"] = tex[: args.test]  # MMLU applies the limit per subject
+            loaded["test"] = tex
     else:
         loaded["val_text"] = data.read_text(args.eval_set)
         loaded["test_text"] = data.read_text(args.test_set) if args.test_set else None
@@ -251,6 +251,10 @@ def _run(args) -> int:
     t_start = time.perf_counter()
     print(f"loading {args.model} ({args.dtype}, {args.device})", file=sys.stderr)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
+    if loaded.get("kind") == "ppl":
+        from .cli import check_seqlen_fits
+
+        check_seqlen_fits(model, args.seqlen)
     layers = find_decoder_layers(model)
     types = discover_matrix_types(model, layers)
     if args.list_matrix_types:

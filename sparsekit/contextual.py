@@ -617,8 +617,14 @@ def prune_vocabulary_(model: nn.Module, tokenizer, keep: torch.Tensor):
     if keep.numel() == 0 or not bool((keep[1:] > keep[:-1]).all()):
         raise ContextualError("vocabulary keep-set must be non-empty, sorted and without repeats")
     emb = model.get_input_embeddings()
-    if int(keep[-1]) >= emb.num_embeddings:
-        raise ContextualError(f"token id {int(keep[-1])} is outside the embedding ({emb.num_embeddings} rows)")
+    if int(keep[-1]) >= emb.num_embeddings or int(keep[0]) < 0:
+        bad = int(keep[-1]) if int(keep[-1]) >= emb.num_embeddings else int(keep[0])
+        raise ContextualError(f"token id {bad} is outside the embedding ({emb.num_embeddings} rows)")
+    kept = set(keep.tolist())
+    special = sorted({int(a["id"]) for a in _tokenizer_json(tokenizer).get("added_tokens", [])} - kept)
+    if special:  # the remapped tokenizer must still hold them
+        raise ContextualError(f"the vocabulary keep-set drops the tokenizer's added/special token ids {special[:8]}; "
+                              "keep every added token")
     head0 = model.get_output_embeddings()
     for module, plain in ((emb, nn.Embedding), (head0, nn.Linear)):
         if module is not None and type(module) is not plain:

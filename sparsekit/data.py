@@ -37,8 +37,15 @@ def read_text(source: str) -> str:
     if source in BUILTIN_TEXTS:
         text = resources.files("sparsekit").joinpath("builtin_data", BUILTIN_TEXTS[source]).read_text(encoding="utf-8")
     elif os.path.isfile(source):
-        with open(source, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        with open(source, "rb") as f:
+            raw = f.read()
+        try:  # strict: a binary file (a checkpoint passed by mistake) or UTF-16 text would be scored as noise
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r}); "
+                            "convert it (iconv -t utf-8) or pass another file") from None
+        if "\0" in text:
+            raise DataError(f"{source} holds NUL bytes (character {text.index(chr(0))}): a binary file, not text")
     else:
         raise DataError(f"no such text file: {source} (or use a built-in: {', '.join(BUILTIN_TEXTS)})")
     if not text.strip():

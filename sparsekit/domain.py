@@ -92,9 +92,15 @@ def make_eval_chunks(text: str, ref_tokenizer, seqlen: int, eval_tokens: int, so
 def chunk_nll(model, tokenizer, chunks: EvalChunks, progress: bool = False, desc: str = "ppl") -> tuple[float, int]:
     """Total NLL (nats) of every chunk under ``tokenizer`` and the number of tokens the model predicted."""
     device = next(model.parameters()).device
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     total, count = 0.0, 0
     for t in tqdm(chunks.texts, desc=desc, unit="win", disable=not progress, leave=False):
         ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]], device=device)
+        if isinstance(limit, int) and ids.shape[1] > limit:  # a pruned vocabulary splits text into more tokens
+            raise DataError(f"an evaluation window of {ids.shape[1]} tokens under this tokenizer is longer than the "
+                            f"model's {limit} positions (a pruned vocabulary cuts the text finer than the "
+                            "reference tokenizer): pass a smaller --seqlen")
         logits = model(input_ids=ids, use_cache=False).logits
         total += float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1

@@ -452,7 +452,8 @@ class PerplexityObjective:
 
     @staticmethod
     def key(metrics: dict) -> tuple:
-        return (-metrics["ppl"],)
+        ppl = metrics["ppl"]  # a NaN perplexity (a broken reduction) ranks last, never anywhere in between
+        return (-ppl if not math.isnan(ppl) else -math.inf,)
 
     @staticmethod
     def headline(metrics: dict) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -91,11 +92,16 @@ def _from_icl_row(row: dict, line: int, path: str) -> MCExample:
     # (the shipped PubMedQA contexts end in "Answer: ").
     if "choices" in row and "query" in row:
         choices = _choice_list(row["choices"], line, path, "choices")
-        q = str(row["query"]).rstrip()
+        if not isinstance(row["query"], str):
+            raise ValueError(f"{path}:{line}: 'query' must be a string, got {row['query']!r}")
+        q = row["query"].rstrip()
         return MCExample([q] * len(choices), [" " + c for c in choices], _gold(row, len(choices), line, path))
     if "context_options" in row:  # winogrande: partial scoring of the fixed continuation
         options = _choice_list(row["context_options"], line, path, "context_options")
-        cont = " " + str(row["continuation"]).lstrip()
+        if not isinstance(row.get("continuation"), str):
+            raise ValueError(f"{path}:{line}: a context_options row needs a 'continuation' string, got "
+                             f"{row.get('continuation')!r}")
+        cont = " " + row["continuation"].lstrip()
         return MCExample([o.rstrip() for o in options], [cont] * len(options), _gold(row, len(options), line, path))
     if "context" in row and row.get("continuation") in ("yes", "no", "maybe"):  # pubmedqa-labelled
         options = ["yes", "no", "maybe"]
@@ -121,11 +127,12 @@ def _mmlu_examples(data_dir: str, subjects: list[str], split: str) -> list[MCExa
     return out
 
 
-def load_task(name: str, data_dir: str | None = None, limit: int | None = None, split: str = "test"
-              ) -> list[MCExample]:
+def load_task(name: str, data_dir: str | None = None, limit: int | None = None, split: str = "test",
+              interleave: bool = False) -> list[MCExample]:
     """Examples of a named task (``arc_easy``, ``pubmedqa``, ``mmlu:medical``, ``mmlu:anatomy``, ...) or a
     jsonl file in one of the ICL formats. ``limit`` keeps the first N examples (deterministic; for MMLU, the
-    first N of each subject)."""
+    first N of each subject). ``interleave`` (MMLU): the subjects' questions in turn (one of each, then the
+    next of each, ...) and ``limit`` on the total, so that any prefix, and any split of it, spans the domain."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (or None for all), got {limit}")
     if name.endswith(".jsonl") and os.path.exists(name):
@@ -139,10 +146,19 @@ def load_task(name: str, data_dir: str | None = None, limit: int | None = None, 
         else:
             subjects = MMLU_DOMAINS.get(key, [key])
         # ``limit`` applies to each subject, so that a domain (several subjects) is sampled evenly
+        if not subjects:
+            raise FileNotFoundError(f"no MMLU files {os.path.join(root, 'mmlu', 'data', split, f'*_{split}.csv')}")
         examples = []
-        for subject in subjects:
-            rows = _mmlu_examples(root, [subject], split)
-            examples.extend(rows[:limit] if limit else rows)
+        per_subject = [_mmlu_examples(root, [subject], split) for subject in subjects]
+        if interleave:
+            for i in range(max(len(rows) for rows in per_subject)):
+                examples.extend(rows[i] for rows in per_subject if i < len(rows))
+            examples = examples[:limit] if limit else examples
+        else:
+            for rows in per_subject:
+                examples.extend(rows[:limit] if limit else rows)
+        if not examples:
+            raise ValueError(f"the MMLU files of {name} in {root} hold no questions")
         return examples
     elif name in TASKS:
         path = os.path.join(find_data_dir(data_dir), TASKS[name])
@@ -153,7 +169,13 @@ def load_task(name: str, data_dir: str | None = None, limit: int | None = None, 
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
-                examples.append(_from_icl_row(json.loads(line), i, path))
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not a JSON object ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{i}: not a JSON object, got {type(row).__name__}")
+                examples.append(_from_icl_row(row, i, path))
             if limit and len(examples) >= limit:
                 break
     if not examples:
@@ -177,6 +199,14 @@ def _choice_logliks(model, tokenizer, ex: MCExample, max_len: int, fast: bool = 
     for ctx, cont in zip(ex.contexts, ex.continuations):
         c_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
         k_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        if not k_ids:  # it would score 0, the best log-likelihood there is, and win
+            raise ValueError(f"a choice's continuation {cont!r} is empty (no tokens): it cannot be scored")
+        if not c_ids:  # the first continuation token needs a position before it: the BOS (else EOS) token, as
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            if start is None:  # lm-eval-harness does for an empty context
+                raise ValueError("an empty context and a tokenizer without BOS or EOS token: the first "
+                                 "continuation token cannot be scored")
+            c_ids = [start]
         ids = (c_ids + k_ids)[-max_len:]  # keep the continuation; truncate the context from the left
         seqs.append(ids)
         spans.append(min(len(k_ids), len(ids) - 1))
@@ -208,10 +238,23 @@ def _takes_logits_to_keep(model) -> bool:
 
 def score_multiple_choice(model, tokenizer, examples: list[MCExample], max_len: int = 1024,
                           progress: bool = False, desc: str = "mc") -> dict:
-    """{'acc', 'acc_norm', 'n'} over ``examples`` (accuracies as fractions)."""
+    """{'acc', 'acc_norm', 'n'} over ``examples`` (accuracies as fractions). ``max_len`` (tokens per scored
+    sequence, the context truncated from the left) is capped at the model's positions. A non-finite
+    log-likelihood (a broken model) is an error, not a pick of choice 0."""
+    if not examples:
+        raise ValueError("no multiple-choice examples to score")
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2 (a context token and a continuation token), got {max_len}")
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(limit, int) and limit >= 2:
+        max_len = min(max_len, limit)
     correct = correct_norm = 0
     for ex in tqdm(examples, desc=desc, unit="q", disable=not progress, leave=False):
         ll = _choice_logliks(model, tokenizer, ex, max_len)
+        if not all(math.isfinite(v) for v in ll):
+            raise ValueError(f"the model gave non-finite log-likelihoods {ll} to a question's choices: its outputs "
+                             "hold inf or NaN, so an accuracy would be meaningless")
         norm = [v / max(1, len(c.encode("utf-8"))) for v, c in zip(ll, ex.continuations)]
         correct += int(max(range(len(ll)), key=ll.__getitem__) == ex.gold)
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == ex.gold)

@@ -283,6 +283,13 @@ def test_vocab_errors(bpe):
     m = _model_for(bpe)
     with pytest.raises(C.ContextualError, match="sorted"):
         C.prune_vocabulary_(m, bpe, torch.tensor([3, 1]))
+    with pytest.raises(C.ContextualError, match="token id -1 is outside the embedding"):
+        C.prune_vocabulary_(m, bpe, torch.tensor([-1, 3, 5]))
+    added = sorted(bpe.added_tokens_decoder)
+    if added:  # a keep-set without the added / special tokens used to fail with a bare KeyError
+        rest = torch.tensor([i for i in range(10) if i not in added])
+        with pytest.raises(C.ContextualError, match="drops the tokenizer's added/special token ids"):
+            C.prune_vocabulary_(m, bpe, rest)
 
 
 def test_unigram_tokenizer_is_a_clear_error():
@@ -417,6 +424,9 @@ def test_cli_contextual_end_to_end(bpe_folder, domain_file, tmp_path, capsys):
     (["--target-params", "0.9", "--splits", "0.5,0.5"], "4 non-negative fractions"),
     (["--target-params", "0.9", "--splits", "a,b,c,d"], "comma-separated"),
     (["--target-params", "0.9", "--finetune-steps", "-1"], "steps must be >= 0"),
+    (["--target-params", "0.9", "--seqlen", "0"], "--seqlen must be >= 2"),
+    (["--target-params", "0.9", "--nsamples", "0"], "--nsamples must be >= 1"),
+    (["--target-params", "0.9", "--eval-tokens", "0"], "--eval-tokens 0 is less than one window of --seqlen"),
 ])
 def test_cli_bad_input(bpe_folder, domain_file, tmp_path, capsys, extra, message):
     from sparsekit.cli import main

@@ -495,3 +495,31 @@ def test_cli_bad_input_multiple_choice_and_output(tiny_folder, tiny_mc, tiny_tex
     (tmp_path / "o").mkdir()
     code, _, err = run_cli(base + ["--eval-set", tiny_text, "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and "--overwrite" in err
+
+
+def test_nan_perplexity_ranks_last():
+    """A NaN perplexity (a broken reduction) sorts after every finite one, so it is never the best single."""
+    keys = sorted([263.7, float("nan"), 261.3, 261.9], key=lambda p: tuple(-x for x in PerplexityObjective.key({"ppl": p})))
+    assert keys[:3] == [261.3, 261.9, 263.7] and keys[3] != keys[3]
+
+
+def test_low_rank_linear_built_directly_starts_like_nn_linear():
+    """LowRankLinear(in, out, rank) starts with finite factors whose product has nn.Linear's weight variance
+    (its factors were torch.empty) and a bias drawn as nn.Linear draws it; a bool rank is refused."""
+    torch.manual_seed(0)
+    layer = LowRankLinear(512, 256, 16)
+    w = layer.us @ layer.v.T
+    assert torch.isfinite(w).all()
+    assert abs(w.var().item() / (1 / (3 * 512)) - 1) < 0.15
+    assert 0 < layer.bias.abs().max().item() <= 512 ** -0.5
+    with pytest.raises(ValueError, match="rank must be an int, got True"):
+        LowRankLinear(64, 48, True)
+
+
+def test_cli_seqlen_past_the_models_positions(tiny_folder, tiny_text, tmp_path, capsys):
+    """--seqlen is checked against the model's positions (it used to fail deep in its embedding)."""
+    code, _, err = run_cli(["--model", tiny_folder, "--eval-set", tiny_text, "--val", "1", "--test", "1",
+                            "--seqlen", "300", "--layers", "0", "--rhos", "0.1", "--output", str(tmp_path / "o"),
+                            "--no-progress"], capsys)
+    assert code == 2
+    assert "--seqlen 300 is longer than the model's" in err

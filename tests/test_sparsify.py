@@ -227,6 +227,15 @@ def test_bench_cli_on_a_pruned_folder(tmp_path, capsys):
     assert out["same_tokens"] is True and out["formats"] == ["2:4"] and out["batch"] == 2
     assert out["results"]["sparse"]["decode_tokens_per_s"] > 0
     assert len(out["sparsify"]["layers"]) == 14
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []  # written through a temporary file
+    # checked before minutes of timing: an --output folder that does not exist, and more tokens than positions
+    nowhere = _bench_parser().parse_args(["bench", "--model", folder, "--output", str(tmp_path / "no" / "b.json")])
+    assert cli_bench.run(nowhere) == 2
+    assert "does not exist or cannot be written" in capsys.readouterr().err
+    from sparsekit.cli import main
+
+    assert main(["bench", "--model", folder, "--prompt-tokens", "200", "--new-tokens", "100", "--no-progress"]) == 2
+    assert "--prompt-tokens + --new-tokens 300 is longer than the model's 256 positions" in capsys.readouterr().err
 
 
 def test_bench_help_teaches(capsys):

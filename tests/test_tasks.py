@@ -123,3 +123,61 @@ def test_context_trailing_space_is_not_scored_as_a_token(tmp_path):
     assert ex[1].contexts[0] == "Answer:" and ex[1].gold == 1
     with pytest.raises(ValueError, match="limit must be >= 1"):
         load_task(path, limit=0)
+
+
+def test_broken_inputs_are_errors_not_scores(tmp_path, tiny):
+    """Review fixes: a NaN model, an empty continuation, unparsable rows, a missing MMLU folder and a binary
+    text file are errors naming the problem (they used to give an accuracy, a traceback or a perplexity)."""
+    from sparsekit.data import DataError, read_text
+
+    model, tok = tiny
+    ex = [MCExample(["the cat sat on"] * 2, [" the mat", " a hat"], 0)]
+    broken = tiny_model("llama")
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite log-likelihoods"):
+        score_multiple_choice(broken, tok, ex)
+    with pytest.raises(ValueError, match="continuation '' is empty"):
+        score_multiple_choice(model, tok, [MCExample(["the cat", "the cat"], ["", " sat"], 0)])
+    with pytest.raises(ValueError, match="max_len must be >= 2"):
+        score_multiple_choice(model, tok, ex, max_len=1)
+    with pytest.raises(ValueError, match="no multiple-choice examples"):
+        score_multiple_choice(model, tok, [])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "choices": ["a", "b"], "gold": 0}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON object"):
+        load_task(str(bad))
+    wino = tmp_path / "wino.jsonl"
+    wino.write_text(json.dumps({"context_options": ["a", "b"], "gold": 0}) + "\n")
+    with pytest.raises(ValueError, match=r"wino.jsonl:1: a context_options row needs a 'continuation' string"):
+        load_task(str(wino))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no MMLU files"):
+        load_task("mmlu", str(tmp_path / "empty"))
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x93NUMPY\x00\x01\xff\xfe")
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        read_text(str(binary))
+
+
+def test_empty_context_is_scored_after_bos_or_eos(tiny):
+    """An empty context: the first continuation token is predicted from the BOS (else EOS) token, as
+    lm-eval-harness does, instead of going unscored (a one-token choice used to score 0 and win)."""
+    model, tok = tiny
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    got = _choice_logliks(model, tok, MCExample(["", ""], [" the", " cat"], 0), max_len=64, fast=False)
+    text = tok.decode([start])
+    want = [naive_loglik(model, tok, text, k) for k in (" the", " cat")]
+    assert all(v < 0 for v in got)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_mmlu_interleave_spans_the_domain(shared_data):
+    """interleave=True: a prefix of an MMLU domain takes its subjects in turn (cli_laser splits val / test from
+    it), where the default concatenates them subject by subject."""
+    plain = load_task("mmlu:medical", str(shared_data), limit=400)
+    mixed = load_task("mmlu:medical", str(shared_data), limit=400, interleave=True)
+    assert len(mixed) == 400
+    first_subject = plain[:100]
+    assert mixed[0].contexts == plain[0].contexts
+    assert not all(any(m.contexts == p.contexts for p in first_subject) for m in mixed[:10])

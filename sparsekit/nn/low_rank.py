@@ -38,13 +38,31 @@ class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise ValueError(f"rank must be an int, got {rank!r} ({type(rank).__name__})")
         if not (1 <= rank <= min(in_features, out_features)):
             raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.v = nn.Parameter(torch.empty(in_features, rank, **kw))
         self.us = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A random start with nn.Linear's scale: us @ v^T has the variance of nn.Linear's default weight
+        (uniform(+-1/sqrt(in)), variance 1/(3 in)), and the bias is drawn as nn.Linear draws it.
+        (from_linear / from_factors overwrite all of it; a layer built directly starts usable, not garbage.)"""
+        if self.v.is_meta:
+            return
+        # var(sum_r us_ir v_jr) = rank * var(us) * var(v) = 1 / (3 in): both factors at (1 / (3 in rank))^(1/2)
+        std = (1.0 / (3.0 * self.in_features * self.rank)) ** 0.25
+        nn.init.normal_(self.v, 0.0, std)
+        nn.init.normal_(self.us, 0.0, std)
+        if self.bias is not None:
+            bound = 1.0 / self.in_features ** 0.5
+            nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
     @torch.no_grad()
