@@ -70,6 +70,19 @@ def atomic_output_dir(path: str, overwrite: bool = False):
             _remove(old)
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to the file ``path`` through a temporary file beside it, renamed into place: a reader never
+    sees it half-written, and a failed write leaves what was there."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)

@@ -385,8 +385,10 @@ def run_eval(args) -> int:
             rows.append((name, f"acc / acc_norm (n={r['n']})", f"{r['acc']:.4f} / {r['acc_norm']:.4f}"))
     print(_table(rows))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"model": args.model, "results": results, "versions": _versions()}, f, indent=2)
+        from .checkpoint import write_text_atomic
+
+        write_text_atomic(args.output, json.dumps({"model": args.model, "results": results, "versions": _versions()},
+                                                  indent=2))
     return 0
 
 
@@ -430,10 +432,10 @@ def _check_common_args(args) -> None:
 def check_seqlen_fits(model, seqlen: int, option: str = "--seqlen") -> None:
     """A window longer than the model's positions fails deep in its embedding: name it instead."""
     from .data import DataError
+    from .models import max_positions
 
-    cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if isinstance(limit, int) and seqlen > limit:
+    limit = max_positions(model)
+    if limit is not None and seqlen > limit:
         raise DataError(f"{option} {seqlen} is longer than the model's {limit} positions; pass {option} <= {limit}")
 
 

@@ -275,13 +275,7 @@ def run(args) -> int:
                "backends": {k: v.detail for k, v in backend_status().items()},
                "load_average": [load_before, load_after], "versions": _versions(),
                "times_s": times}
-        tmp = f"{args.output}.tmp-{os.getpid()}"  # written whole, then renamed: never a half-written file
-        try:
-            with open(tmp, "w") as f:
-                json.dump(out, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, args.output)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        from .checkpoint import write_text_atomic
+
+        write_text_atomic(args.output, json.dumps(out, indent=2) + "\n")
     return 0

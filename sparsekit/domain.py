@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import DataError
+from .models import max_positions
 
 __all__ = ["DEFAULT_SPLITS", "split_documents", "EvalChunks", "make_eval_chunks", "chunk_perplexity"]
 
@@ -92,12 +93,11 @@ def make_eval_chunks(text: str, ref_tokenizer, seqlen: int, eval_tokens: int, so
 def chunk_nll(model, tokenizer, chunks: EvalChunks, progress: bool = False, desc: str = "ppl") -> tuple[float, int]:
     """Total NLL (nats) of every chunk under ``tokenizer`` and the number of tokens the model predicted."""
     device = next(model.parameters()).device
-    cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    limit = max_positions(model)
     total, count = 0.0, 0
     for t in tqdm(chunks.texts, desc=desc, unit="win", disable=not progress, leave=False):
         ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]], device=device)
-        if isinstance(limit, int) and ids.shape[1] > limit:  # a pruned vocabulary splits text into more tokens
+        if limit is not None and ids.shape[1] > limit:  # a pruned vocabulary splits text into more tokens
             raise DataError(f"an evaluation window of {ids.shape[1]} tokens under this tokenizer is longer than the "
                             f"model's {limit} positions (a pruned vocabulary cuts the text finer than the "
                             "reference tokenizer): pass a smaller --seqlen")

@@ -136,6 +136,14 @@ def _conv1d_type():
         return None
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's positions take (config ``max_position_embeddings``, GPT-2's
+    ``n_positions``), or None when its config names none."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return limit if isinstance(limit, int) else None
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or transformers' Conv1D (GPT-2's linear with a transposed (in, out) weight)."""
     conv1d = _conv1d_type()

@@ -245,9 +245,10 @@ def score_multiple_choice(model, tokenizer, examples: list[MCExample], max_len: 
         raise ValueError("no multiple-choice examples to score")
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2 (a context token and a continuation token), got {max_len}")
-    cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if isinstance(limit, int) and limit >= 2:
+    from .models import max_positions
+
+    limit = max_positions(model)
+    if limit is not None and limit >= 2:
         max_len = min(max_len, limit)
     correct = correct_norm = 0
     for ex in tqdm(examples, desc=desc, unit="q", disable=not progress, leave=False):

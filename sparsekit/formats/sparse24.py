@@ -60,9 +60,9 @@ def _check_pattern(n: int, m: int) -> None:
         if not isinstance(v, int):
             raise ValueError(f"N:M packing needs N and M as Python ints, got {name}={v!r} ({type(v).__name__}); "
                              f"pass int({name})")
-    if not (isinstance(m, int) and 1 <= m <= MAX_GROUP_SIZE):
+    if not (1 <= m <= MAX_GROUP_SIZE):
         raise ValueError(f"N:M packing needs 1 <= M <= {MAX_GROUP_SIZE}, got M={m}")
-    if not (isinstance(n, int) and 0 <= n < m):
+    if not (0 <= n < m):
         raise ValueError(f"N:M packing needs 0 <= N < M, got {n}:{m}")
 
 

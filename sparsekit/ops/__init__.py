@@ -85,7 +85,7 @@ def _check_int_args(**args) -> None:
 def _check_nm(score: torch.Tensor, n: int, m: int) -> None:
     _check_score(score)
     _check_int_args(n=n, m=m)
-    if not (isinstance(m, int) and m >= 1):
+    if m < 1:
         raise ValueError(f"N:M pattern needs M >= 1, got M={m}")
     if not (0 <= n < m):
         raise ValueError(f"N:M pattern needs 0 <= N < M, got {n}:{m}")
@@ -306,7 +306,7 @@ def _check_linear_common(x, out_features, in_features, bias, weight_dtype, devic
 
 def _check_nm_packed(values, index_codes, n, m, in_features) -> None:
     _check_int_args(n=n, m=m, in_features=in_features)
-    if not (isinstance(m, int) and 1 <= m <= _NM_MAX_GROUP):
+    if not (1 <= m <= _NM_MAX_GROUP):
         raise ValueError(f"N:M needs 1 <= M <= {_NM_MAX_GROUP}, got M={m}")
     if not (0 <= n < m):
         raise ValueError(f"N:M needs 0 <= N < M, got {n}:{m}")

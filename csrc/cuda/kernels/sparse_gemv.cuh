@@ -564,8 +564,7 @@ __global__ void __launch_bounds__(kBitmapWarps * 32) bitmap_gemv_kernel(const Bi
   if (live && !bitmap_span_ok(p.row_offsets, o, p.out_features, p.nnz)) {
     SPARSEKIT_DEVICE_FAIL("sparsekit::bitmap_linear: row_offsets out of [0, nnz] or decreasing");
   }
-  const int64_t start = live ? p.row_offsets[o] : 0;
-  int64_t base = start;  // index of the row's first non-zero of the current slice
+  int64_t base = live ? p.row_offsets[o] : 0;  // index of the row's first non-zero of the current slice
 
   for (int64_t c0 = 0; c0 < p.in_features; c0 += kBitmapChunkCols) {
     __syncthreads();  // the previous slice's readers are done
@@ -676,8 +675,7 @@ __global__ void bitmap_decode_kernel(const uint64_t* __restrict__ bitmask, const
     if (!bitmap_span_ok(row_offsets, r, out_features, nnz)) {
       SPARSEKIT_DEVICE_FAIL("sparsekit::bitmap_unpack: row_offsets out of [0, nnz] or decreasing");
     }
-    const int64_t start = row_offsets[r];
-    int64_t base = start;
+    int64_t base = row_offsets[r];
     for (int64_t t0 = 0; t0 < tiles; t0 += 32) {
       const int64_t tile = t0 + lane;
       uint64_t bits = tile < tiles ? bitmask[r * tiles + tile] : 0ull;
