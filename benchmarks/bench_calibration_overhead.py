@@ -12,6 +12,9 @@ Also the Hessian memory with groups (q/k/v share one, gate/up share one) against
 
     python benchmarks/bench_calibration_overhead.py                    # SmolLM2-135M layer, 16 x 512 tokens
     python benchmarks/bench_calibration_overhead.py --random 2048,5632 # a random Llama layer, hidden 2048
+    python benchmarks/bench_calibration_overhead.py --dtype bfloat16   # the model in bfloat16
+
+The statistics are accumulated in float32 whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import cpu_name  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def layer_and_inputs(args):
@@ -43,11 +47,11 @@ def layer_and_inputs(args):
         cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=hidden // 64,
                              num_key_value_heads=max(1, hidden // 256), num_hidden_layers=1, vocab_size=1024)
         torch.manual_seed(0)
-        model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+        model = tf.AutoModelForCausalLM.from_config(cfg).eval().to(DTYPES[args.dtype])
         windows = torch.randint(0, 1024, (args.nsamples, args.seqlen))
         name = f"random Llama layer (hidden {hidden}, MLP {inter})"
     else:
-        model, tok = load_model("smollm2-135m")
+        model, tok = load_model("smollm2-135m", dtype=args.dtype)
         ids = data.tokenize(tok, data.read_text("wikitext2-valid"))
         windows = data.calibration_windows(ids, args.nsamples, args.seqlen, 0)
         name = f"SmolLM2-135M decoder layer {args.layer}"
@@ -67,6 +71,7 @@ def main() -> None:
     p.add_argument("--layer", type=int, default=15)
     p.add_argument("--random", default=None, metavar="HIDDEN,MLP")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the model's dtype (default float32)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/calibration_overhead_cpu.md)")
     args = p.parse_args()
@@ -105,8 +110,8 @@ def main() -> None:
     lines = [
         f"# Calibration overhead ({name}, CPU)\n",
         f"Measured {datetime.date.today()} on {cpu_name()} ({torch.get_num_threads()} threads), torch "
-        f"{torch.__version__}, transformers {transformers.__version__}; {args.nsamples} x {args.seqlen} = {tokens} "
-        f"tokens; median of {args.repeats} interleaved repeats.\n",
+        f"{torch.__version__}, transformers {transformers.__version__}; model in {args.dtype}; "
+        f"{args.nsamples} x {args.seqlen} = {tokens} tokens; median of {args.repeats} interleaved repeats.\n",
         "| pass | seconds | overhead over the forward |",
         "|---|---:|---:|",
     ]

@@ -30,8 +30,6 @@ __all__ = [
     "capture_layer_inputs",
     "run_layer",
     "collect_input_stats",
-    "xtx_lower_blocks",
-    "accumulate_xtx_lower_",
     "mirror_lower_",
 ]
 
@@ -194,36 +192,6 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor | None = 
     return out
 
 
-# X^T X is symmetric, so each batch accumulates only the block rows on and below the diagonal:
-# (k + 1) / 2k of the full product's FLOPs (0.56 at k = 8), mirrored once per layer after the forward pass.
-# On this CPU (1 thread, SmolLM2 widths 576 and 1536, 512-2048 rows) that is 1.5-1.7x faster than one full
-# addmm_ per batch (benchmarks/bench_xtx.py -> benchmarks/results/xtx_cpu.md).
-XTX_MAX_BLOCKS = 8
-XTX_MIN_BLOCK = 32  # narrower blocks only add GEMM calls; tiny widths still get >= 2 blocks (and tests)
-
-
-def xtx_lower_blocks(channels: int, blocks: int | None = None) -> list[tuple[int, int]]:
-    """Column ranges [start, end) cutting ``channels`` into ``blocks`` near-equal blocks (default:
-    min(XTX_MAX_BLOCKS, channels // XTX_MIN_BLOCK), at least 1), widths rounded up to a multiple of 8."""
-    if blocks is None:
-        blocks = min(XTX_MAX_BLOCKS, channels // XTX_MIN_BLOCK)
-    blocks = max(1, blocks)
-    step = -(-channels // blocks)
-    step = -(-step // 8) * 8
-    return [(s, min(s + step, channels)) for s in range(0, channels, max(step, 1))]
-
-
-def accumulate_xtx_lower_(xtx: torch.Tensor, x: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
-    """xtx += x^T x on the block rows' lower part only: for each [s, e) of ``bounds``,
-    ``xtx[s:e, :e] += x[:, s:e]^T x[:, :e]`` (one addmm_ per block row, written in place through views).
-
-    xtx: (C, C) float32; x: (rows, C) float32. Blocks above the diagonal are not written; the strict upper
-    triangle is valid only after ``mirror_lower_``.
-    """
-    for s, e in bounds:
-        xtx[s:e, :e].addmm_(x[:, s:e].t(), x[:, :e])
-
-
 def mirror_lower_(xtx: torch.Tensor) -> torch.Tensor:
     """Overwrite the strict upper triangle of the square ``xtx`` with the transposed lower one; returns xtx."""
     lower = torch.tril(xtx, -1)
@@ -265,9 +233,9 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs:
     projections, gate/up projections: found by tensor identity, not by name) form a group whose statistics
     are computed once and shared. Per group and batch, the input is read once by the fused
     ``channel_sqnorm_accumulate_`` op (sum x^2), or with ``abs_sum`` by ``channel_stats_accumulate_`` (sum x^2
-    and sum |x| together), and, with ``hessian``, by the GEMMs accumulating x^T x in float32, on and below
-    the diagonal only (``accumulate_xtx_lower_``); then it is dropped. After the forward pass each ``xtx`` is
-    mirrored (``mirror_lower_``), so every returned ``xtx`` is the full symmetric matrix. ``scratch`` (like
+    and sum |x| together), and, with ``hessian``, by ``xtx_lower_accumulate_`` (x^T x in float32, on and
+    below the diagonal only); then it is dropped. After the forward pass each ``xtx`` is mirrored
+    (``mirror_lower_``), so every returned ``xtx`` is the full symmetric matrix. ``scratch`` (like
     ``inputs.hidden``) receives the layer's outputs, which are unused.
     """
     from .models import linear_weight
@@ -277,7 +245,6 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs:
     # identity cannot be confused by memory reuse
     seen: list[tuple[torch.Tensor, LinearStats, str]] = []
     handles = []
-    xtx_bounds: dict[int, list[tuple[int, int]]] = {}   # in_features -> X^T X column blocks
 
     def make_hook(name: str, in_features: int, device: torch.device):
         def hook(module, args):
@@ -296,7 +263,6 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs:
                 st = LinearStats(torch.zeros(in_features, dtype=torch.float32, device=device))
                 if hessian:
                     st.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-                    xtx_bounds.setdefault(in_features, xtx_lower_blocks(in_features))
                 if abs_sum:
                     st.abs_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
                 stats[name] = st
@@ -307,7 +273,7 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs:
             else:
                 ops.channel_sqnorm_accumulate_(st.sq_norm, x2)
             if hessian:
-                accumulate_xtx_lower_(st.xtx, x2.float(), xtx_bounds[in_features])
+                ops.xtx_lower_accumulate_(st.xtx, x2)
             st.tokens += x2.shape[0]
 
         return hook

@@ -3,13 +3,7 @@
 import pytest
 import torch
 
-from sparsekit.calibrate import (
-    accumulate_xtx_lower_,
-    capture_layer_inputs,
-    collect_input_stats,
-    mirror_lower_,
-    xtx_lower_blocks,
-)
+from sparsekit.calibrate import capture_layer_inputs, collect_input_stats
 from sparsekit.models import find_decoder_layers, find_linears
 from sparsekit.sparsegpt import SparseGPTError, prepare_hessian_inverse, sparsegpt_prune_
 from tiny_models import random_windows, tiny_model
@@ -181,40 +175,3 @@ def test_inputs_shared_by_projections_share_one_set_of_statistics():
     for st in stats.values():  # the lower block triangle was mirrored: exactly symmetric when returned
         assert torch.equal(st.xtx, st.xtx.t())
     assert stats[a + "q_proj"].tokens == x.shape[0] == 48
-
-
-# ----------------------------------------------------------------------------------------------------
-# X^T X on the lower block triangle (what collect_input_stats accumulates), mirrored once
-# ----------------------------------------------------------------------------------------------------
-def test_xtx_lower_blocks_cover_the_columns():
-    assert xtx_lower_blocks(576) == [(72 * i, 72 * (i + 1)) for i in range(8)]
-    assert xtx_lower_blocks(1536) == [(192 * i, 192 * (i + 1)) for i in range(8)]
-    assert xtx_lower_blocks(64) == [(0, 32), (32, 64)]
-    assert xtx_lower_blocks(20) == [(0, 20)]
-    for channels in (1, 7, 100, 4095):
-        for blocks in (None, 1, 3, 8, 50):
-            bounds = xtx_lower_blocks(channels, blocks)
-            assert bounds[0][0] == 0 and bounds[-1][1] == channels
-            assert all(e0 == s1 for (_, e0), (s1, _) in zip(bounds, bounds[1:]))
-            assert all(s < e for s, e in bounds)
-
-
-@pytest.mark.parametrize("blocks", [None, 1, 2, 3, 8])
-@pytest.mark.parametrize("channels,rows", [(1, 5), (7, 1), (64, 37), (100, 64), (576, 48)])
-def test_xtx_lower_triangle_equals_full_product(channels, rows, blocks):
-    """Two batches accumulated on the lower block triangle into a running (symmetric) xtx, then mirrored,
-    equal xtx + sum of x^T x within float32 GEMM rounding: any summation order of the n = 2 * rows + 1 terms
-    of an entry is within n * 2**-24 of the sum of their magnitudes (bound doubled)."""
-    xs = [torch.randn(rows, channels) for _ in range(2)]
-    start = torch.randn(channels, channels)
-    start = start @ start.t()
-    xtx = start.clone()
-    bounds = xtx_lower_blocks(channels, blocks)
-    for x in xs:
-        accumulate_xtx_lower_(xtx, x, bounds)
-    assert mirror_lower_(xtx) is xtx
-    assert torch.equal(xtx, xtx.t())
-    exact = start.double() + sum(x.double().t() @ x.double() for x in xs)
-    magnitude = start.double().abs() + sum(x.double().abs().t() @ x.double().abs() for x in xs)
-    n = len(xs) * rows + 1
-    assert ((xtx.double() - exact).abs() <= 2 * n * 2.0**-24 * magnitude).all()

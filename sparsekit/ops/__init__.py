@@ -24,6 +24,7 @@ from .reference import (
     nm_mask_reference,
     rowwise_prune_mask_reference,
     wanda_score_reference,
+    xtx_lower_accumulate_reference_,
 )
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "wanda_score",
     "channel_sqnorm_accumulate_",
     "channel_stats_accumulate_",
+    "xtx_lower_accumulate_",
     "OP_NAMES",
     "reference",
 ]
@@ -45,6 +47,7 @@ _SCHEMAS = {
     "wanda_score": "wanda_score(Tensor weight, Tensor sq_norm) -> Tensor",
     "channel_sqnorm_accumulate_": "channel_sqnorm_accumulate_(Tensor(a!) acc, Tensor x) -> ()",
     "channel_stats_accumulate_": "channel_stats_accumulate_(Tensor(a!) sq_acc, Tensor(b!) abs_acc, Tensor x) -> ()",
+    "xtx_lower_accumulate_": "xtx_lower_accumulate_(Tensor(a!) xtx, Tensor x) -> ()",
 }
 OP_NAMES = tuple(_SCHEMAS)
 
@@ -54,6 +57,7 @@ _DEFAULTS = {
     "wanda_score": wanda_score_reference,
     "channel_sqnorm_accumulate_": channel_sqnorm_accumulate_reference_,
     "channel_stats_accumulate_": channel_stats_accumulate_reference_,
+    "xtx_lower_accumulate_": xtx_lower_accumulate_reference_,
 }
 
 for _name, _schema in _SCHEMAS.items():
@@ -155,6 +159,24 @@ def _check_channel_stats(sq_acc: torch.Tensor, abs_acc: torch.Tensor, x: torch.T
         raise ValueError(f"sq_acc is on {sq_acc.device} but x is on {x.device}")
 
 
+def _check_xtx(xtx: torch.Tensor, x: torch.Tensor) -> None:
+    if xtx.dim() != 2 or xtx.shape[0] != xtx.shape[1] or xtx.dtype != torch.float32:
+        raise ValueError(f"xtx must be a square 2-D float32 accumulator, got shape {tuple(xtx.shape)} "
+                         f"dtype {xtx.dtype}")
+    if not xtx.is_contiguous():
+        raise ValueError("xtx must be contiguous")
+    if x.dim() < 1 or x.shape[-1] != xtx.shape[0]:
+        raise ValueError(f"x must have {xtx.shape[0]} channels in its last dim, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.device != xtx.device:
+        raise ValueError(f"xtx is on {xtx.device} but x is on {x.device}")
+    # Dynamo cannot trace _is_alias_of (it returns a bool): under torch.compile the C++ kernel's overlap check
+    # is what remains.
+    if not torch.compiler.is_dynamo_compiling() and xtx.numel() and x.numel() and torch._C._is_alias_of(xtx, x):
+        raise ValueError("x shares memory with xtx: the accumulator must be a separate tensor")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fake implementations: shapes and dtypes only.
 # ----------------------------------------------------------------------------------------------------
@@ -185,6 +207,12 @@ def _channel_sqnorm_accumulate_fake(acc, x):
 @torch.library.register_fake("sparsekit::channel_stats_accumulate_")
 def _channel_stats_accumulate_fake(sq_acc, abs_acc, x):
     _check_channel_stats(sq_acc, abs_acc, x)
+    return None
+
+
+@torch.library.register_fake("sparsekit::xtx_lower_accumulate_")
+def _xtx_lower_accumulate_fake(xtx, x):
+    _check_xtx(xtx, x)
     return None
 
 
@@ -241,6 +269,20 @@ def channel_stats_accumulate_(sq_acc: torch.Tensor, abs_acc: torch.Tensor, x: to
     """
     _check_channel_stats(sq_acc, abs_acc, x)
     torch.ops.sparsekit.channel_stats_accumulate_(sq_acc, abs_acc, x)
+
+
+def xtx_lower_accumulate_(xtx: torch.Tensor, x: torch.Tensor) -> None:
+    """xtx += x^T x in float32, on and below the diagonal (SparseGPT's Hessian, before its 2/n scale).
+
+    xtx: (C, C) float32, contiguous, not sharing memory with x; x: (..., C) float32/float16/bfloat16, any
+    strides, leading dims flattened into rows. Returns None. Entries above the diagonal are unspecified (some
+    get partial sums): ``sparsekit.calibrate.mirror_lower_`` makes the matrix whole. CPU with AVX-512:
+    ``csrc/cpu/xtx.cpp`` (one pass over x, AVX-512 FMAs on the triangle's tiles); elsewhere the reference's
+    lower-block ``addmm_`` calls (cuBLAS on a GPU). Sums are ordered differently between the two: the last
+    bits differ, within float32 GEMM error.
+    """
+    _check_xtx(xtx, x)
+    torch.ops.sparsekit.xtx_lower_accumulate_(xtx, x)
 
 
 # ----------------------------------------------------------------------------------------------------
