@@ -192,10 +192,24 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor | None = 
     return out
 
 
+_MIRROR_BLOCK = 128
+
+
 def mirror_lower_(xtx: torch.Tensor) -> torch.Tensor:
-    """Overwrite the strict upper triangle of the square ``xtx`` with the transposed lower one; returns xtx."""
-    lower = torch.tril(xtx, -1)
-    return xtx.tril_().add_(lower.t())
+    """Overwrite the strict upper triangle of the square ``xtx`` with the transposed lower one; returns xtx.
+
+    By strips of 128 columns: each strip above the diagonal is one transposed copy of the rows beside it
+    (torch's copy_ transposes in cache-sized tiles). On CPU that is 4x faster than transposing the whole lower
+    triangle at once at 1536 channels and 7x at 4096 (117 -> 17 ms, 1 thread; benchmarks/bench_xtx.py).
+    """
+    channels = xtx.shape[0]
+    for s in range(0, channels, _MIRROR_BLOCK):
+        e = min(s + _MIRROR_BLOCK, channels)
+        diag = xtx[s:e, s:e]
+        diag.copy_(diag.tril() + diag.tril(-1).t())
+        if s:
+            xtx[:s, s:e].copy_(xtx[s:e, :s].t())
+    return xtx
 
 
 def _group_conflict(name: str, stats: dict) -> ValueError:

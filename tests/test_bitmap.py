@@ -20,6 +20,7 @@ import sparsekit
 from sparsekit import ops
 from sparsekit.formats import BitmapPacked, pack_bitmap, unpack_bitmap
 from sparsekit.ops import reference as R
+from guard_page import before_guard_page
 from linear_check import assert_linear_close, set_isa
 
 CPP_LIVE = sparsekit.backend_status()["cpu"].live
@@ -363,30 +364,6 @@ def test_bitmap_unpack_linear_cpp_raises_runtime_error(args, match):
 # packed weight whose values end on the last byte before an unreadable page must not fault, whatever path
 # reads it (a load of a whole vector there would).
 # ----------------------------------------------------------------------------------------------------
-def before_guard_page(t):
-    """A copy of the 1-D tensor t whose last byte is followed by a page that may not be read (POSIX only)."""
-    mmap = pytest.importorskip("mmap")
-    import ctypes
-
-    import numpy as np
-
-    if sys.platform != "linux":
-        pytest.skip("needs mmap/mprotect (Linux)")
-    prot_none = 0
-    page = mmap.PAGESIZE
-    nbytes = t.numel() * t.element_size()
-    pages = -(-nbytes // page) + 1
-    buf = mmap.mmap(-1, pages * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    assert libc.mprotect(base + (pages - 1) * page, page, prot_none) == 0, ctypes.get_errno()
-    raw = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=(pages - 1) * page - nbytes)
-    out = torch.from_numpy(raw).view(t.dtype)
-    out.copy_(t)
-    return out
-
-
 @pytest.mark.skipif(not CPP_LIVE, reason="sparsekit._C (CPU C++ kernels) is not loaded")
 @pytest.mark.parametrize("isa", ["auto", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sparsekit
+from guard_page import before_guard_page
 from sparsekit import ops
 from sparsekit.calibrate import mirror_lower_
 from sparsekit.ops.reference import xtx_lower_accumulate_reference_, xtx_lower_blocks
@@ -89,6 +90,23 @@ def test_xtx_lower_hand_worked():
     xtx = torch.tensor([[1.0, 0.0], [0.5, 2.0]])
     ops.xtx_lower_accumulate_(xtx, torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
     assert xtx[0, 0] == 11.0 and xtx[1, 0] == -0.5 and xtx[1, 1] == 7.0
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ["auto", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_xtx_lower_touches_nothing_past_x_or_xtx(dtype, isa, monkeypatch):
+    """xtx and x end on the last byte before an unreadable page. The tiles' columns past C are computed (as
+    zeros) but must not be stored: a plain store there would add 0 to the next row (invisible to the value
+    tests) and, on the last row, write past the end, which faults here."""
+    if isa == "avx512":
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx512")
+    for channels, rows in ((1, 3), (15, 2), (17, 257), (33, 1), (49, 300), (100, 5)):
+        x, start = _fresh(channels, rows, dtype, seed=channels)
+        xg = before_guard_page(x.reshape(-1)).view(rows, channels)
+        xtx = before_guard_page(start.reshape(-1)).view(channels, channels)
+        torch.ops.sparsekit.xtx_lower_accumulate_(xtx, xg)
+        assert _within_float32_sum_bound(xtx, start, [x])[0]
 
 
 @needs_cpp
@@ -236,3 +254,12 @@ def test_xtx_under_torch_compile():
     f(eager, x)
     torch.compile(f, fullgraph=True)(compiled, x)
     assert torch.equal(eager.tril(), compiled.tril())
+
+
+@pytest.mark.parametrize("channels", [0, 1, 2, 127, 128, 129, 300])
+def test_mirror_lower_copies_the_lower_triangle(channels):
+    """Strips of 128 columns: widths below, at and past a strip; the lower triangle kept bit for bit."""
+    a = torch.randn(channels, channels)
+    want = a.tril() + a.tril(-1).t()
+    assert mirror_lower_(a) is a
+    assert torch.equal(a, want)

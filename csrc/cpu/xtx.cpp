@@ -19,10 +19,11 @@
 // values (x[t, i..i+8)), 24 FMAs. The tile is added to xtx once per block of rows.
 //
 // bfloat16 x on a CPU with AVX512-BF16 (a bfloat16 model): the same tiles over pairs of rows, with
-// vdpbf16ps (two products per float32 lane and instruction, about 1.9x the FMA path); see xtx_tile_bf16.
+// vdpbf16ps (two products per float32 lane and instruction, 1.65-1.94x the FMA path); see xtx_tile_bf16.
 //
 // Rounding: products are exact (float32 FMA; bfloat16 products fit float32); each tile sums kKc rows in
-// float32 registers, in row order, then adds that partial to xtx. This is the summation a blocked float32
+// float32 registers (in row order on the FMA path; by pairs on the bfloat16 path), then adds that partial
+// to xtx. This is the summation a blocked float32
 // GEMM does, so the error is of the reference's order (the tests bound it by float32 summation of the same
 // terms). The result does not depend on the thread count: each tile is computed by one thread, blocks of
 // rows in order.
@@ -150,8 +151,9 @@ SPARSEKIT_AVX512 void xtx_row_block(const float* pack, int64_t kc, int64_t i0, f
 // float32 lane, the two products of a pair of bfloat16 values to the accumulator. Pairs run along the rows of
 // x: lane l of a packed pair row holds (x[t, c], x[t + 1, c]) for its channel c, so one instruction adds
 // x[t, i] x[t, j] + x[t + 1, i] x[t + 1, j] to xtx[i, j]'s accumulator. Products of bfloat16 values are exact
-// in float32; the instruction rounds the pair's sum, then its addition to the accumulator (round to nearest
-// even), and flushes subnormals (|x| < 1.2e-38) to zero.
+// in float32; on this Zen 5 the instruction adds them to the accumulator one at a time (row t + 1 first),
+// rounding to nearest even after each, as a float32 FMA loop would in another order. It also flushes
+// subnormal inputs and results (|x| < 1.2e-38) to zero, which the float32 path does not.
 //
 // pack16[p * kKc * kPanel + q * 2 * kPanel + 2 * l + h] = x[t0 + 2 q + h, p * kPanel + l] (bits), 0 past the
 // rows (odd kc) and past C.

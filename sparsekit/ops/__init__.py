@@ -171,8 +171,8 @@ def _check_xtx(xtx: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.device != xtx.device:
         raise ValueError(f"xtx is on {xtx.device} but x is on {x.device}")
-    # Dynamo cannot trace _is_alias_of (it returns a bool): under torch.compile the C++ kernel's overlap check
-    # is what remains.
+    # Dynamo cannot trace _is_alias_of (it returns a bool) in the wrapper; under torch.compile the fake
+    # implementation runs this check on the fake tensors instead (and the C++ kernel checks overlap too).
     if not torch.compiler.is_dynamo_compiling() and xtx.numel() and x.numel() and torch._C._is_alias_of(xtx, x):
         raise ValueError("x shares memory with xtx: the accumulator must be a separate tensor")
 
@@ -279,7 +279,9 @@ def xtx_lower_accumulate_(xtx: torch.Tensor, x: torch.Tensor) -> None:
     get partial sums): ``sparsekit.calibrate.mirror_lower_`` makes the matrix whole. CPU with AVX-512:
     ``csrc/cpu/xtx.cpp`` (one pass over x, AVX-512 FMAs on the triangle's tiles); elsewhere the reference's
     lower-block ``addmm_`` calls (cuBLAS on a GPU). Sums are ordered differently between the two: the last
-    bits differ, within float32 GEMM error.
+    bits differ, within float32 GEMM error. One exception: bfloat16 x on a CPU with AVX512-BF16 goes through
+    ``vdpbf16ps``, which flushes subnormal inputs and products to zero (only |x| below about 1e-19 is affected,
+    which activations do not reach).
     """
     _check_xtx(xtx, x)
     torch.ops.sparsekit.xtx_lower_accumulate_(xtx, x)
