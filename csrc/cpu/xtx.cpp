@@ -44,6 +44,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace sparsekit {
 namespace {
@@ -85,32 +86,29 @@ void pack_panels(const scalar_t* x, int64_t channels, int64_t t0, int64_t kc, in
   }
 }
 
+// Calls tile(p, std::integral_constant<int, n>) for the column panels [p, p + n) of the 8-row block at row i0:
+// the panels of columns [0, min(C, i0 + 8)), three at a time, then the one or two left.
+template <typename Tile>
+void for_each_tile(int64_t i0, int64_t channels, const Tile& tile) {
+  const int64_t col_end = std::min<int64_t>(channels, i0 + kRows);
+  const int64_t panels = (col_end + kPanel - 1) / kPanel;
+  int64_t p = 0;
+  for (; p + kMaxPanels <= panels; p += kMaxPanels) tile(p, std::integral_constant<int, 3>{});
+  if (panels - p == 2) {
+    tile(p, std::integral_constant<int, 2>{});
+  } else if (panels - p == 1) {
+    tile(p, std::integral_constant<int, 1>{});
+  }
+}
+
 #if SPARSEKIT_HAVE_X86
 SPARSEKIT_INTRINSICS_BEGIN
 
-// c[r * ldc + j] += sum over t < kc of a[t * kPanel + r] * b[p * kKc * kPanel + t * kPanel + (j - 16 p)] for
-// r < rows, j < cols (cols <= 16 * kPanels; columns past cols are computed but not stored).
+// c[r * ldc + j] += acc[r][j / 16][j % 16] for r < rows, j < cols: the tile's columns past cols (past C) are not
+// stored, not even as +0: their addresses belong to the next row or lie past the end of xtx.
 template <int kPanels>
-SPARSEKIT_AVX512 inline void xtx_tile(const float* __restrict a, const float* __restrict b, int64_t kc, float* c,
-                                      int64_t ldc, int64_t rows, int64_t cols) {
-  __m512 acc[kRows][kPanels];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 3
-    for (int p = 0; p < kPanels; ++p) acc[r][p] = _mm512_setzero_ps();
-  }
-  for (int64_t t = 0; t < kc; ++t) {
-    __m512 bv[kPanels];
-#pragma GCC unroll 3
-    for (int p = 0; p < kPanels; ++p) bv[p] = _mm512_loadu_ps(b + p * kKc * kPanel + t * kPanel);
-    const float* at = a + t * kPanel;
-#pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) {
-      const __m512 av = _mm512_set1_ps(at[r]);
-#pragma GCC unroll 3
-      for (int p = 0; p < kPanels; ++p) acc[r][p] = _mm512_fmadd_ps(av, bv[p], acc[r][p]);
-    }
-  }
+SPARSEKIT_AVX512 inline void add_tile(const __m512 (&acc)[kRows][kPanels], float* c, int64_t ldc, int64_t rows,
+                                      int64_t cols) {
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
     if (r >= rows) break;
@@ -129,22 +127,36 @@ SPARSEKIT_AVX512 inline void xtx_tile(const float* __restrict a, const float* __
   }
 }
 
+// c[r * ldc + j] += sum over t < kc of a[t * kPanel + r] * b[p * kKc * kPanel + t * kPanel + (j - 16 p)] for
+// r < rows, j < cols (cols <= 16 * kPanels; columns past cols are computed but not stored).
+template <int kPanels>
+SPARSEKIT_AVX512 inline void xtx_tile(const float* __restrict a, const float* __restrict b, int64_t kc, float* c,
+                                      int64_t ldc, int64_t rows, int64_t cols) {
+  __m512 acc[kRows][kPanels] = {};  // zeros; kept in registers (24 of 32 zmm)
+  for (int64_t t = 0; t < kc; ++t) {
+    __m512 bv[kPanels];
+#pragma GCC unroll 3
+    for (int p = 0; p < kPanels; ++p) bv[p] = _mm512_loadu_ps(b + p * kKc * kPanel + t * kPanel);
+    const float* at = a + t * kPanel;
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 av = _mm512_set1_ps(at[r]);
+#pragma GCC unroll 3
+      for (int p = 0; p < kPanels; ++p) acc[r][p] = _mm512_fmadd_ps(av, bv[p], acc[r][p]);
+    }
+  }
+  add_tile<kPanels>(acc, c, ldc, rows, cols);
+}
+
 // One 8-row block of xtx (rows [i0, i0 + 8)), columns [0, min(C, i0 + 8)), from the packed block of kc rows.
 SPARSEKIT_AVX512 void xtx_row_block(const float* pack, int64_t kc, int64_t i0, float* xtx, int64_t channels) {
   const int64_t rows = std::min<int64_t>(kRows, channels - i0);
   const float* a = pack + (i0 / kPanel) * kKc * kPanel + (i0 % kPanel);
-  const int64_t col_end = std::min<int64_t>(channels, i0 + kRows);
-  const int64_t panels = (col_end + kPanel - 1) / kPanel;
   float* c = xtx + i0 * channels;
-  int64_t p = 0;
-  for (; p + kMaxPanels <= panels; p += kMaxPanels) {
-    xtx_tile<3>(a, pack + p * kKc * kPanel, kc, c + p * kPanel, channels, rows, channels - p * kPanel);
-  }
-  if (panels - p == 2) {
-    xtx_tile<2>(a, pack + p * kKc * kPanel, kc, c + p * kPanel, channels, rows, channels - p * kPanel);
-  } else if (panels - p == 1) {
-    xtx_tile<1>(a, pack + p * kKc * kPanel, kc, c + p * kPanel, channels, rows, channels - p * kPanel);
-  }
+  for_each_tile(i0, channels, [&](int64_t p, auto n) {
+    xtx_tile<decltype(n)::value>(a, pack + p * kKc * kPanel, kc, c + p * kPanel, channels, rows,
+                                 channels - p * kPanel);
+  });
 }
 
 // bfloat16 x on a CPU with AVX512-BF16: the same tiles, two rows of x per instruction. vdpbf16ps adds, per
@@ -184,12 +196,7 @@ void pack_pairs_bf16(const c10::BFloat16* x, int64_t channels, int64_t t0, int64
 template <int kPanels>
 SPARSEKIT_AVX512_BF16 inline void xtx_tile_bf16(const uint16_t* __restrict a, const uint16_t* __restrict b,
                                                 int64_t pairs, float* c, int64_t ldc, int64_t rows, int64_t cols) {
-  __m512 acc[kRows][kPanels];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 3
-    for (int p = 0; p < kPanels; ++p) acc[r][p] = _mm512_setzero_ps();
-  }
+  __m512 acc[kRows][kPanels] = {};  // zeros; kept in registers (24 of 32 zmm)
   for (int64_t q = 0; q < pairs; ++q) {
     __m512bh bv[kPanels];
 #pragma GCC unroll 3
@@ -206,22 +213,7 @@ SPARSEKIT_AVX512_BF16 inline void xtx_tile_bf16(const uint16_t* __restrict a, co
       for (int p = 0; p < kPanels; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], av, bv[p]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    if (r >= rows) break;
-    float* cr = c + r * ldc;
-#pragma GCC unroll 3
-    for (int p = 0; p < kPanels; ++p) {
-      const int64_t left = cols - p * kPanel;
-      if (left >= kPanel) {
-        _mm512_storeu_ps(cr + p * kPanel, _mm512_add_ps(_mm512_loadu_ps(cr + p * kPanel), acc[r][p]));
-      } else if (left > 0) {
-        const __mmask16 m = static_cast<__mmask16>((1u << left) - 1u);
-        _mm512_mask_storeu_ps(cr + p * kPanel, m,
-                              _mm512_add_ps(_mm512_maskz_loadu_ps(m, cr + p * kPanel), acc[r][p]));
-      }
-    }
-  }
+  add_tile<kPanels>(acc, c, ldc, rows, cols);
 }
 
 SPARSEKIT_AVX512_BF16 void xtx_row_block_bf16(const uint16_t* pack16, int64_t kc, int64_t i0, float* xtx,
@@ -229,18 +221,11 @@ SPARSEKIT_AVX512_BF16 void xtx_row_block_bf16(const uint16_t* pack16, int64_t kc
   const int64_t rows = std::min<int64_t>(kRows, channels - i0);
   const int64_t pairs = (kc + 1) / 2;
   const uint16_t* a = pack16 + (i0 / kPanel) * kKc * kPanel + 2 * (i0 % kPanel);
-  const int64_t col_end = std::min<int64_t>(channels, i0 + kRows);
-  const int64_t panels = (col_end + kPanel - 1) / kPanel;
   float* c = xtx + i0 * channels;
-  int64_t p = 0;
-  for (; p + kMaxPanels <= panels; p += kMaxPanels) {
-    xtx_tile_bf16<3>(a, pack16 + p * kKc * kPanel, pairs, c + p * kPanel, channels, rows, channels - p * kPanel);
-  }
-  if (panels - p == 2) {
-    xtx_tile_bf16<2>(a, pack16 + p * kKc * kPanel, pairs, c + p * kPanel, channels, rows, channels - p * kPanel);
-  } else if (panels - p == 1) {
-    xtx_tile_bf16<1>(a, pack16 + p * kKc * kPanel, pairs, c + p * kPanel, channels, rows, channels - p * kPanel);
-  }
+  for_each_tile(i0, channels, [&](int64_t p, auto n) {
+    xtx_tile_bf16<decltype(n)::value>(a, pack16 + p * kKc * kPanel, pairs, c + p * kPanel, channels, rows,
+                                      channels - p * kPanel);
+  });
 }
 
 SPARSEKIT_INTRINSICS_END

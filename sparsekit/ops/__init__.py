@@ -118,17 +118,22 @@ def _check_wanda(weight: torch.Tensor, sq_norm: torch.Tensor) -> None:
         raise ValueError(f"weight is on {weight.device} but sq_norm is on {sq_norm.device}")
 
 
-def _check_sqnorm(acc: torch.Tensor, x: torch.Tensor) -> None:
-    if acc.dim() != 1 or acc.dtype != torch.float32:
-        raise ValueError(f"acc must be a 1-D float32 accumulator, got shape {tuple(acc.shape)} dtype {acc.dtype}")
-    if not acc.is_contiguous():
-        raise ValueError("acc must be contiguous")
+def _check_stats_input(x: torch.Tensor, acc: torch.Tensor, what: str) -> None:
+    """The activations x of a statistics op: (..., C) with C = acc.shape[0], a float dtype, on acc's device."""
     if x.dim() < 1 or x.shape[-1] != acc.shape[0]:
         raise ValueError(f"x must have {acc.shape[0]} channels in its last dim, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.device != acc.device:
-        raise ValueError(f"acc is on {acc.device} but x is on {x.device}")
+        raise ValueError(f"{what} is on {acc.device} but x is on {x.device}")
+
+
+def _check_sqnorm(acc: torch.Tensor, x: torch.Tensor) -> None:
+    if acc.dim() != 1 or acc.dtype != torch.float32:
+        raise ValueError(f"acc must be a 1-D float32 accumulator, got shape {tuple(acc.shape)} dtype {acc.dtype}")
+    if not acc.is_contiguous():
+        raise ValueError("acc must be contiguous")
+    _check_stats_input(x, acc, "acc")
 
 
 def _check_channel_stats(sq_acc: torch.Tensor, abs_acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -151,12 +156,7 @@ def _check_channel_stats(sq_acc: torch.Tensor, abs_acc: torch.Tensor, x: torch.T
         a, b = sq_acc.storage_offset(), abs_acc.storage_offset()
         if a < b + n and b < a + n:
             raise ValueError("sq_acc and abs_acc overlap in memory: they must be two separate accumulators")
-    if x.dim() < 1 or x.shape[-1] != sq_acc.shape[0]:
-        raise ValueError(f"x must have {sq_acc.shape[0]} channels in its last dim, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.device != sq_acc.device:
-        raise ValueError(f"sq_acc is on {sq_acc.device} but x is on {x.device}")
+    _check_stats_input(x, sq_acc, "sq_acc")
 
 
 def _check_xtx(xtx: torch.Tensor, x: torch.Tensor) -> None:
@@ -165,12 +165,7 @@ def _check_xtx(xtx: torch.Tensor, x: torch.Tensor) -> None:
                          f"dtype {xtx.dtype}")
     if not xtx.is_contiguous():
         raise ValueError("xtx must be contiguous")
-    if x.dim() < 1 or x.shape[-1] != xtx.shape[0]:
-        raise ValueError(f"x must have {xtx.shape[0]} channels in its last dim, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.device != xtx.device:
-        raise ValueError(f"xtx is on {xtx.device} but x is on {x.device}")
+    _check_stats_input(x, xtx, "xtx")
     # Dynamo cannot trace _is_alias_of (it returns a bool) in the wrapper; under torch.compile the fake
     # implementation runs this check on the fake tensors instead (and the C++ kernel checks overlap too).
     if not torch.compiler.is_dynamo_compiling() and xtx.numel() and x.numel() and torch._C._is_alias_of(xtx, x):
