@@ -7,7 +7,7 @@
 // may add partial products to those that share a tile with the diagonal.
 //
 // Why a kernel of its own: torch's float32 GEMM on CPU is MKL's sgemm, which takes its AVX2 code path on
-// AMD CPUs. On this Zen 5 core it runs ~117 GFLOP/s against an AVX-512 FMA peak of ~285 (a plain FMA loop),
+// AMD CPUs. On this Zen 5 core it runs 112-114 GFLOP/s against an AVX-512 FMA peak of ~285 (a plain FMA loop),
 // and a full `xtx.addmm_(x.t(), x)` also spends half of its FLOPs on the upper triangle. Here every FMA is
 // AVX-512 and only tiles touching the lower triangle are computed: about 4x a full addmm_ and 2.4x the
 // reference's lower-block addmm_ calls (benchmarks/results/xtx_cpu_1t.md).
@@ -19,7 +19,7 @@
 // values (x[t, i..i+8)), 24 FMAs. The tile is added to xtx once per block of rows.
 //
 // bfloat16 x on a CPU with AVX512-BF16 (a bfloat16 model): the same tiles over pairs of rows, with
-// vdpbf16ps (two products per float32 lane and instruction, 1.65-1.94x the FMA path); see xtx_tile_bf16.
+// vdpbf16ps (two products per float32 lane and instruction, 1.7-2.0x the FMA path); see xtx_tile_bf16.
 //
 // Rounding: products are exact (float32 FMA; bfloat16 products fit float32); each tile sums kKc rows in
 // float32 registers (in row order on the FMA path; by pairs on the bfloat16 path), then adds that partial
