@@ -23,16 +23,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_sparse_linear import SHAPES  # noqa: E402  (the sparse benchmarks' table of real models' shapes)
 from machine import RESULTS, cpu_name, doc_parser, write_md_csv  # noqa: E402
 
-SHAPES = {
-    "llama3-8b.attn.q": (4096, 4096),
-    "llama3-8b.mlp.up": (14336, 4096),
-    "llama3-8b.mlp.down": (4096, 14336),
-    "smollm2-135m.attn.q": (576, 576),
-    "smollm2-135m.mlp.up": (1536, 576),
-    "smollm2-135m.mlp.down": (576, 1536),
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
