@@ -29,10 +29,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import cpu_name  # noqa: E402
+from machine import DTYPES, cpu_name  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def layer_and_inputs(args):

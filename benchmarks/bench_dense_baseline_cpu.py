@@ -24,9 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sparse_linear import SHAPES  # noqa: E402  (the sparse benchmarks' table of real models' shapes)
-from machine import RESULTS, cpu_name, doc_parser, write_md_csv  # noqa: E402
+from machine import DTYPES, RESULTS, cpu_name, doc_parser, write_md_csv  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 from bench_sparse_linear_cpu import interleaved_medians_ms, l3_bytes  # benchmarks/ (scripts run from there)
-from machine import RESULTS, cpu_name, doc_parser, write_md_csv
+from machine import DTYPES, RESULTS, cpu_name, doc_parser, write_md_csv
 
 import sparsekit
 from sparsekit import ops
@@ -32,7 +32,6 @@ SHAPES = {
     "smollm2-135m.mlp.up/gate": (1536, 576),
 }
 PATTERNS = ((1, 2), (2, 4), (4, 8), (8, 16))
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_COPIES = 256
 
 

@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 from bench_sparse_linear_cpu import interleaved_medians_ms, l3_bytes  # benchmarks/ (scripts run from there)
-from machine import RESULTS, cpu_name, write_md_csv
+from machine import DTYPES, RESULTS, cpu_name, write_md_csv
 from torch import nn
 
 import sparsekit
@@ -58,7 +58,6 @@ MAX_COPIES = 256
 # 12: the streamed kernels' last bfloat16 M; 17 and 33: one row past the panel path's 16-row steps (added in the
 # eighth session); 24: between
 ROWS = (1, 2, 4, 8, 12, 16, 17, 24, 32, 33, 64, 128)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 VARIANTS = ("dense", "op 2:4", "SL 2:4 unpack", "SL 2:4 cache", "op 4:8", "SL 4:8 unpack", "op bitmap",
             "SL bitmap unpack", "SL bitmap cache")
 

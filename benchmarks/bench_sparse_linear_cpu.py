@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from machine import RESULTS, cpu_name, write_md_csv  # benchmarks/machine.py (scripts run from their folder)
+from machine import DTYPES, RESULTS, cpu_name, write_md_csv  # benchmarks/machine.py (scripts run from their folder)
 import torch.nn.functional as F
 
 import sparsekit
@@ -38,7 +38,6 @@ SHAPES = {
     "smollm2-135m.mlp.down": (576, 1536),
 }
 FORMATS = ("2:4", "bitmap50", "bitmap70", "bitmap80")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def l3_bytes() -> int:

@@ -35,7 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import cpu_name  # noqa: E402
+from machine import DTYPES, cpu_name  # noqa: E402
 
 from sparsekit import ops  # noqa: E402
 from sparsekit.calibrate import mirror_lower_  # noqa: E402
@@ -47,7 +47,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WIDTHS = {"smollm2-135m.hidden (q/k/v, gate/up, o)": 576, "smollm2-135m.mlp.down input": 1536,
           "llama3-8b.hidden (q/k/v, gate/up, o)": 4096, "llama3-8b.mlp.down input": 14336}
 ROWS = {576: (512, 1024, 2048), 1536: (512, 1024, 2048), 4096: (512,), 14336: (512,)}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def xtx_full_(xtx: torch.Tensor, x: torch.Tensor) -> None:

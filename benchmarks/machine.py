@@ -8,7 +8,10 @@ import csv
 import os
 import platform
 
+import torch
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # benchmarks/results
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the dtypes the benchmarks time, by name
 
 
 def doc_parser(doc: str) -> argparse.ArgumentParser:
@@ -33,8 +36,6 @@ def cpu_name() -> str:
 def device_name(device) -> str:
     """A torch device in words for a results header: the GPU's name and SM count, or, for any other device,
     a warning that the run only checked the script."""
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

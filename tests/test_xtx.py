@@ -12,6 +12,7 @@ import torch
 
 import sparsekit
 from guard_page import before_guard_page
+from linear_check import set_isa
 from sparsekit import ops
 from sparsekit.calibrate import mirror_lower_
 from sparsekit.ops.reference import xtx_lower_accumulate_reference_, xtx_lower_blocks
@@ -99,8 +100,7 @@ def test_xtx_lower_touches_nothing_past_x_or_xtx(dtype, isa, monkeypatch):
     """xtx and x end on the last byte before an unreadable page. The tiles' columns past C are computed (as
     zeros) but must not be stored: a plain store there would add 0 to the next row (invisible to the value
     tests) and, on the last row, write past the end, which faults here."""
-    if isa == "avx512":
-        monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx512")
+    set_isa(isa, monkeypatch)
     for channels, rows in ((1, 3), (15, 2), (17, 257), (33, 1), (49, 300), (100, 5)):
         x, start = _fresh(channels, rows, dtype, seed=channels)
         xg = before_guard_page(x.reshape(-1)).view(rows, channels)
@@ -131,7 +131,7 @@ def test_xtx_lower_same_bits_for_any_thread_count(dtype):
 def test_xtx_lower_plain_avx512_path(dtype, monkeypatch):
     """SPARSEKIT_CPU_ISA=avx512: bfloat16 x goes through the float32 FMA tiles instead of vdpbf16ps (CPUs
     without AVX512-BF16); every dtype stays within the float32 summation bound."""
-    monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx512")
+    set_isa("avx512", monkeypatch)
     for channels, rows in ((17, 3), (49, 257), (100, 600)):
         x, start = _fresh(channels, rows, dtype, seed=channels + rows)
         xtx = start.clone()
@@ -143,7 +143,7 @@ def test_xtx_lower_plain_avx512_path(dtype, monkeypatch):
 def test_xtx_lower_portable_path_is_the_reference(monkeypatch):
     """SPARSEKIT_CPU_ISA=scalar (and CPUs without AVX-512): the C++ op runs the reference's lower-block
     addmm_ calls, so it equals the reference to the bit, blocks above the diagonal untouched."""
-    monkeypatch.setenv("SPARSEKIT_CPU_ISA", "scalar")
+    set_isa("scalar", monkeypatch)
     for channels, rows in ((5, 9), (100, 64), (576, 48)):
         x, start = _fresh(channels, rows, torch.bfloat16, seed=channels)
         got, ref = start.clone(), start.clone()
