@@ -18,6 +18,7 @@ import sparsekit
 from sparsekit import ops
 from sparsekit.formats import NMPacked, nm_index_codes, pack_bitmap, pack_nm, unpack_nm
 from sparsekit.nn.sparse_linear import cpu_sparse_kernels_fast
+from guard_page import before_guard_page
 from linear_check import assert_linear_close, set_isa
 
 CPP_LIVE = sparsekit.backend_status()["cpu"].live
@@ -105,6 +106,81 @@ def test_bf16_panel_leading_dims_threads_and_odd_width(fmt):
 
 
 # ----------------------------------------------------------------------------------------------------
+# float32: decode + the AVX-512 GEMM of csrc/cpu/sgemm.h (8-row x 48-feature tiles, 192-feature x 256-column
+# packed blocks), which nm_unpack_linear / bitmap_unpack_linear run on CPUs with AVX-512 (at::addmm elsewhere,
+# with SPARSEKIT_CPU_PANEL=0 and on the scalar ISA path), and nm_linear / bitmap_linear above 24 rows of x.
+# ----------------------------------------------------------------------------------------------------
+# (rows, (out, in)): rows around the 8-row tiles (1, 7, 9, 25, 31, 33, 70); output features in one partial panel
+# (5), three panels and one (50), two 192-feature blocks (200, 400: the second a single panel); columns in one
+# partial 16 (24), a partial last vector (104), a second partial K block (296) and 7 blocks and a part (2000, where
+# 1100 x 2000 float32 is two decode blocks of 4 MiB and more).
+_F32_CASES = ([(rows, shape) for shape in [(5, 24), (50, 104), (200, 296), (400, 64)]
+               for rows in [1, 7, 9, 25, 31, 33, 70]]
+              + [(rows, (1100, 2000)) for rows in [25, 70]])
+
+
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("op", ["unpack", "packed"])
+@pytest.mark.parametrize("fmt", ["2:4", "4:8", "bitmap"])
+@pytest.mark.parametrize("rows,shape", _F32_CASES, ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else str(v))
+def test_f32_linear_matches_reference_across_gemm_boundaries(rows, shape, fmt, op, bias, isa, monkeypatch):
+    set_isa(isa, monkeypatch)
+    torch.manual_seed(rows * 7 + shape[0] + shape[1])
+    out_f, in_f = shape
+    w = (_bitmap_weight(out_f, in_f, 0.6, torch.float32) if fmt == "bitmap"
+         else _nm_weight(out_f, in_f, *((2, 4) if fmt == "2:4" else (4, 8)), torch.float32))
+    x = torch.randn(rows, in_f)
+    b = torch.randn(out_f) if bias else None
+    assert_linear_close(_run(fmt, op, x, w, b), x, w, b)
+
+
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+def test_f32_gemm_threads_strided_bias_and_non_finite(fmt):
+    """float32 decode + GEMM gives the same bits with 1, 2 and 3 threads (each output is one thread's sum over
+    K blocks in order, whatever the blocks of output features), takes a strided bias, and multiplies the decoded
+    zeros as F.linear does: an inf of x at a pruned position gives NaN in every output, a NaN in x its row."""
+    torch.manual_seed(1)
+    w = _bitmap_weight(1100, 2000, 0.6, torch.float32) if fmt == "bitmap" else _nm_weight(1100, 2000, 2, 4,
+                                                                                         torch.float32)
+    x = torch.randn(3, 15, 2000)
+    b = torch.randn(2200)[::2]  # strided
+    previous = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(_run(fmt, "unpack", x, w, b))
+    finally:
+        torch.set_num_threads(previous)
+    assert outs[0].shape == (3, 15, 1100)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert_linear_close(outs[0].reshape(45, 1100), x.reshape(45, 2000), w, b)
+    col = int((w == 0).all(dim=0).nonzero()[0]) if bool((w == 0).all(dim=0).any()) else None
+    x2 = torch.randn(40, 2000)
+    x2[7, 11] = float("nan")
+    if col is not None:
+        x2[20, col] = float("inf")
+    y = _run(fmt, "unpack", x2, w, None)
+    expected = torch.nn.functional.linear(x2, w)
+    assert torch.equal(torch.isnan(y), torch.isnan(expected))
+    assert bool(torch.isnan(y[7]).all())
+
+
+@pytest.mark.parametrize("rows", [1, 25, 31])
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+def test_f32_gemm_reads_no_row_of_x_past_the_last(fmt, rows):
+    """x's last row ends at a page that may not be read: the GEMM's 8-row tiles repeat the last row of x for the
+    rows past it (computed, not stored) instead of reading past x, and its K blocks stop at in_features."""
+    torch.manual_seed(rows)
+    in_f = 296
+    w = _bitmap_weight(70, in_f, 0.6, torch.float32) if fmt == "bitmap" else _nm_weight(70, in_f, 2, 4,
+                                                                                        torch.float32)
+    x = before_guard_page(torch.randn(rows * in_f)).view(rows, in_f)
+    assert_linear_close(_run(fmt, "unpack", x, w, None), x, w, None)
+
+
+# ----------------------------------------------------------------------------------------------------
 # N:M codes whose positions decrease within a group: the format writes them increasing (pack_nm), but the
 # reference decodes any order as a scatter, and so must every kernel (an expand put them in column order).
 # ----------------------------------------------------------------------------------------------------
@@ -147,8 +223,9 @@ def test_nm_decode_of_decreasing_positions_is_a_scatter(every_row, in_f, n, m, d
 @pytest.mark.parametrize("isa", ["auto", "scalar"])
 @pytest.mark.parametrize("fmt", ["2:4", "4:8", "bitmap"])
 def test_streamed_row_limit_decides_the_path(fmt, isa, monkeypatch):
-    """float32 on the AVX-512 lanes streams up to 2048 rows of x, bfloat16 and the portable loops up to 64, then
-    the ops decode + GEMM; SPARSEKIT_CPU_STREAMED_MAX_ROWS overrides both. The path is seen from outside: the N:M
+    """float32 on the AVX-512 lanes streams up to 24 rows of x (2048 when the decoded GEMM is MKL's:
+    SPARSEKIT_CPU_PANEL=0), bfloat16 and the portable loops up to 64, then the ops decode + GEMM;
+    SPARSEKIT_CPU_STREAMED_MAX_ROWS overrides all. The path is seen from outside: the N:M
     streamed kernels pick the kept inputs, so an inf of x at a pruned position leaves y finite, while decode +
     GEMM multiplies the decoded zero (NaN, as F.linear); for bitmaps, row_offsets that disagree with the bits are
     reported by the op that runs (bitmap_linear's streamed checks, or bitmap_unpack's decode)."""
@@ -180,10 +257,14 @@ def test_streamed_row_limit_decides_the_path(fmt, isa, monkeypatch):
             assert finite or bool(torch.isnan(y).all()), "one path for the whole call"
             return finite
 
-    assert streamed(64)
+    assert streamed(24)
+    assert streamed(25) == (not vector) and streamed(64) == (not vector)
+    assert not streamed(65)
+    assert not streamed(65, torch.bfloat16)
+    monkeypatch.setenv("SPARSEKIT_CPU_PANEL", "0")
     assert streamed(65) == vector and streamed(2048) == vector
     assert not streamed(2049)
-    assert not streamed(65, torch.bfloat16)
+    monkeypatch.delenv("SPARSEKIT_CPU_PANEL")
     monkeypatch.setenv("SPARSEKIT_CPU_STREAMED_MAX_ROWS", "8")
     assert streamed(8) and not streamed(9)
     monkeypatch.setenv("SPARSEKIT_CPU_STREAMED_MAX_ROWS", "3000")

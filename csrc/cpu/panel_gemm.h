@@ -27,6 +27,7 @@
 #include <c10/util/BFloat16.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/sgemm.h"
 #include "cpu/thread_buffer.h"
 
 #include <algorithm>
@@ -167,33 +168,6 @@ SPARSEKIT_AVX512_BF16 inline __m256i round_to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
 }
 
-// v[i] = row i of a 16x16 block of floats -> v[j] = column j (the usual unpack / shuffle transpose).
-SPARSEKIT_AVX512_BF16 inline void transpose16(__m512* v) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
-    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
-    v[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    v[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    v[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    v[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int h = 0; h < 16; h += 8) {
-    for (int i = 0; i < 4; ++i) {
-      t[h + i] = _mm512_shuffle_f32x4(v[h + i], v[h + i + 4], 0x88);
-      t[h + i + 4] = _mm512_shuffle_f32x4(v[h + i], v[h + i + 4], 0xDD);
-    }
-  }
-  for (int i = 0; i < 8; ++i) {
-    v[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    v[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-  }
-}
-
 // y[m][r] = bfloat16(c[r * ld + m] + bias[r]) for r < rows, m < cols (y's rows ldy apart): 16x16 blocks of c
 // transposed in registers, then one store of up to 16 outputs per row of y (a gather per row of y cost 10% of
 // the call on a 576x576 layer at M = 64).
@@ -208,7 +182,7 @@ SPARSEKIT_AVX512_BF16 __attribute__((noinline)) inline void store_tile(const flo
       const int64_t nm = std::min<int64_t>(16, cols - m0);
       __m512 v[16];
       for (int64_t i = 0; i < 16; ++i) v[i] = i < nr ? _mm512_loadu_ps(c + (r0 + i) * ld + m0) : _mm512_setzero_ps();
-      transpose16(v);
+      sgemm::transpose16(v);
       for (int64_t j = 0; j < nm; ++j) {
         _mm256_mask_storeu_epi16(y + (m0 + j) * ldy + r0, live, round_to_bf16(_mm512_add_ps(v[j], b)));
       }
@@ -308,6 +282,16 @@ inline bool applies(at::ScalarType dtype, int64_t rows_x, int64_t in_features) {
          panel_enabled();
 #else
   (void)dtype, (void)rows_x, (void)in_features;
+  return false;
+#endif
+}
+
+// True when the block path's float32 GEMMs run sgemm.h's AVX-512 kernel on this CPU instead of at::addmm
+// (SPARSEKIT_CPU_PANEL=0 or SPARSEKIT_CPU_ISA=scalar: at::addmm, as for bfloat16 above).
+inline bool float32_applies() {
+#if SPARSEKIT_HAVE_X86
+  return use_avx512() && panel_enabled();
+#else
   return false;
 #endif
 }

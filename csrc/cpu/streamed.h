@@ -22,6 +22,7 @@
 #include <ATen/ATen.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/panel_gemm.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -61,26 +62,32 @@ inline Path choose_path(at::ScalarType dtype, bool vector_kernel) {
 // Most rows of x a packed op (nm_linear, bitmap_linear) runs through its streamed kernels; above, it hands the
 // call to decode + GEMM (nm_unpack_linear / bitmap_unpack_linear). The streamed kernels' time grows linearly in M
 // (one pass over the packed weight per 8 rows of x, x's block in L1).
-// * float32 on the AVX-512 lanes: kMaxRowsFloat32. Per 32 weight columns and row of x, the N:M kernels issue one
-//   vpermt2ps (the kept inputs) and one FMA on 16 kept weights, the bitmap kernels two FMAs on expanded values
-//   (zeros included): about a dense product's instruction count, which they run at or above the rate of torch's
-//   float32 F.linear here (MKL sgemm: 115 GFLOP/s at 1 thread, 2048 x 4096 x 4096). benchmarks/results/
-//   prefill_cpu_{1t,2t}.md (eighth session, cold weights, M = 64..2048): 1 thread, 2:4 1.03-1.52x, 4:8
-//   1.05-1.53x and bitmap 1.12-1.56x dense at every M and shape, where decode + BLAS ran 0.95-1.17x; 2 threads,
-//   1.04-2.06x on the Llama-3-8B shapes, while SmolLM2's small layers fell to 0.88-0.94x at M = 512-2048
-//   (SparseLinear caps those at 256 rows with 2 threads: CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT).
+// * float32 on the AVX-512 lanes: kMaxRowsFloat32 (24), above which decode + sgemm.h's AVX-512 GEMM wins. Per 32
+//   weight columns and row of x, the N:M kernels issue one vpermt2ps (the kept inputs) and one FMA on 16 kept
+//   weights, the bitmap kernels two FMAs on expanded values (zeros included): about a dense product's
+//   instruction count, at about MKL's AVX2 rate (prefill_cpu_{1t,2t}.md, eighth session: 1.03-2.06x dense
+//   F.linear at M = 64..2048, SmolLM2's small layers 0.88-0.94x at M = 512-2048 with 2 threads), while the
+//   decoded GEMM reaches ~80% of the FMA peak, about 2x MKL's rate here. Development runs (eleventh session,
+//   warm weights, 2:4 and bitmap, Llama-3-8B and SmolLM2 shapes, 1 and 2 threads): the streamed kernels won at
+//   M <= 20, ran level at 25-28 on the Llama-3-8B shapes (the GEMM's 8-row tiles pay 32 rows for 25), and lost from
+//   32 on (4096x4096, 1 thread, M = 32: 1.54x dense streamed, 1.68x decoded); SmolLM2's layers switched at 16-24.
+//   Without the AVX-512 GEMM (SPARSEKIT_CPU_PANEL=0: decode + MKL) the streamed kernels keep kMaxRowsFloat32Blas.
 // * Everything else: kMaxRows. bfloat16 dot products do twice the work per instruction, so the streamed kernels'
 //   permute or expand per row of x weighs more (0.6-0.8x dense at M = 64 before the panel path took those rows);
 //   the scalar loops are far slower than dense.
-// SPARSEKIT_CPU_STREAMED_MAX_ROWS=N overrides both (benchmarks and tests), read on every call.
+// SPARSEKIT_CPU_STREAMED_MAX_ROWS=N overrides all of them (benchmarks and tests), read on every call.
 constexpr int64_t kMaxRows = 64;
-constexpr int64_t kMaxRowsFloat32 = 2048;
+constexpr int64_t kMaxRowsFloat32 = 24;
+constexpr int64_t kMaxRowsFloat32Blas = 2048;
 inline int64_t max_rows(Path path, at::ScalarType dtype) {
   if (const char* s = std::getenv("SPARSEKIT_CPU_STREAMED_MAX_ROWS")) {
     const long long v = std::atoll(s);
     if (v > 0) return v;
   }
-  return path == Path::kAvx512 && dtype == at::kFloat ? kMaxRowsFloat32 : kMaxRows;
+  if (path == Path::kAvx512 && dtype == at::kFloat) {
+    return panel::float32_applies() ? kMaxRowsFloat32 : kMaxRowsFloat32Blas;
+  }
+  return kMaxRows;
 }
 
 // x (rows, in_padded), in_padded a multiple of 64 bytes' worth of elements -> the pass-chunked layout above,

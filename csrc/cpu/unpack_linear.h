@@ -112,6 +112,10 @@ at::Tensor unpack_linear_blocked(const at::Tensor& x, int64_t out_features, int6
     return y.reshape(out_shape);
   }
   const int64_t elem = x.element_size();
+  // float32 on a CPU with AVX-512: sgemm.h's GEMM on the decoded block instead of MKL's (AVX2 on AMD CPUs)
+  const bool own_sgemm = x2.scalar_type() == at::kFloat && panel::float32_applies();
+  at::Tensor bias_c;
+  if (own_sgemm && bias.has_value()) bias_c = bias->contiguous();
   const int64_t block = unpack_block_rows(rows_x, out_features, in_features, elem);
   const int64_t blocks = (out_features + block - 1) / block;
   // The GEMMs are ATen ops: workers need the caller's thread-local state (inference mode, grad mode).
@@ -123,6 +127,12 @@ at::Tensor unpack_linear_blocked(const at::Tensor& x, int64_t out_features, int6
       const int64_t r0 = b * block;
       const int64_t count = std::min(block, out_features - r0);
       decode_rows(r0, r0 + count, scratch);
+      if (own_sgemm) {
+        sgemm::linear_block(x2.const_data_ptr<float>(), rows_x, in_features, static_cast<const float*>(scratch), count,
+                            bias_c.defined() ? bias_c.const_data_ptr<float>() + r0 : nullptr,
+                            y.data_ptr<float>() + r0, out_features);
+        continue;
+      }
       const at::Tensor w = at::from_blob(scratch, {count, in_features}, x.options());
       at::Tensor y_block = y.narrow(1, r0, count);
       if (bias.has_value()) {
