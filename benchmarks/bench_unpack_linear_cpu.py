@@ -4,17 +4,23 @@ Llama-3-8B and SmolLM2 shapes: the packed ops as they dispatch, and decode + den
     python benchmarks/bench_unpack_linear_cpu.py --threads 1 --dtypes float32
     python benchmarks/bench_unpack_linear_cpu.py --threads 2 --shapes smollm2-135m.mlp.up --rows 8 512
     SPARSEKIT_CPU_STREAMED_MAX_ROWS=100000 python benchmarks/bench_unpack_linear_cpu.py ...  # streamed at every M
+    SPARSEKIT_CPU_PANEL=0 python benchmarks/bench_unpack_linear_cpu.py ...  # decode + MKL, as before the 11th session
 
 Variants, on one random weight pruned 2:4 and 4:8 by |W| per group, and 50% unstructured by |W| per row:
 
 * ``dense``: ``F.linear`` on the 2:4-pruned weight stored dense (the baseline; its time does not depend on
   zeros);
+* ``dense oneDNN`` (only with ``--onednn``): oneDNN's matmul on the same dense weight. In float32 torch's
+  ``F.linear`` runs MKL's sgemm, which takes its AVX2 path on AMD CPUs; oneDNN's runs AVX-512 there (see
+  bench_dense_baseline_cpu.py), so this is the faster dense baseline a float32 user could reach;
 * ``nm_linear`` / ``4:8 nm_linear`` / ``bitmap_linear``: the packed ops, which run their streamed kernels up to
-  ``streamed::max_rows`` rows of x (float32 on the AVX-512 lanes: 2048; otherwise 64; bfloat16 hands 13 rows and
-  more to the panel path) and decode + GEMM above (``csrc/cpu/streamed.h``);
+  ``streamed::max_rows`` rows of x (float32 on the AVX-512 lanes: 24, or 2048 with ``SPARSEKIT_CPU_PANEL=0``;
+  otherwise 64; bfloat16 hands 13 rows and more to the panel path) and decode + GEMM above
+  (``csrc/cpu/streamed.h``);
 * ``unpack_linear`` / ``bitmap unpack_linear``: ``sparsekit::nm_unpack_linear`` / ``bitmap_unpack_linear``, what
   ``SparseLinear`` runs above its packed-kernel limits: bfloat16 up to 128 rows the panel path, otherwise blocks
-  of 4-32 MiB of dense weight decoded into a reused per-thread buffer, one BLAS GEMM each;
+  of 4-32 MiB of dense weight decoded into a reused per-thread buffer, one GEMM each (float32 with AVX-512:
+  sparsekit's own, ``csrc/cpu/sgemm.h``; otherwise BLAS; ``SPARSEKIT_CPU_PANEL=0`` forces BLAS);
 * ``unpack + F.linear`` (only with ``--fresh-unpack``): ``sparsekit::nm_unpack`` into a fresh dense tensor, then
   ``F.linear``, which pays a fresh (page-faulted) allocation of the whole weight on every call.
 
@@ -33,6 +39,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_dense_baseline_cpu import onednn_linear
 from bench_sparse_linear import SHAPES  # benchmarks/ (run from there): Llama-3-8B and SmolLM2 linears
 from bench_sparse_linear_cpu import (
     DTYPES,
@@ -46,11 +53,11 @@ import sparsekit
 from sparsekit import ops
 from sparsekit.formats import nm_index_codes, pack_bitmap, pack_nm
 
-VARIANTS = ("dense", "nm_linear", "unpack_linear", "4:8 nm_linear", "bitmap_linear", "bitmap unpack_linear",
-            "unpack + F.linear")
+VARIANTS = ("dense", "dense oneDNN", "nm_linear", "unpack_linear", "4:8 nm_linear", "bitmap_linear",
+            "bitmap unpack_linear", "unpack + F.linear")
 
 
-def make_cases(out_f: int, in_f: int, dtype, fresh_unpack: bool) -> dict:
+def make_cases(out_f: int, in_f: int, dtype, fresh_unpack: bool, onednn: bool) -> dict:
     """{variant: (tensors, fn(x, tensors))}."""
     w = torch.randn(out_f, in_f)
     w24 = (w * ops.nm_mask(w.abs(), 2, 4)).to(dtype)
@@ -70,6 +77,8 @@ def make_cases(out_f: int, in_f: int, dtype, fresh_unpack: bool) -> dict:
         "bitmap_linear": (bm, lambda x, t: sk.bitmap_linear(x, t[0], t[1], t[2], in_f, None)),
         "bitmap unpack_linear": (bm, lambda x, t: sk.bitmap_unpack_linear(x, t[0], t[1], t[2], in_f, None)),
     }
+    if onednn:
+        cases["dense oneDNN"] = ((w24,), lambda x, t: onednn_linear(x, t[0]))
     if fresh_unpack:
         cases["unpack + F.linear"] = (nm, lambda x, t: F.linear(x, sk.nm_unpack(t[0], t[1], 2, 4, in_f)))
     return cases
@@ -102,6 +111,9 @@ def main() -> None:
     ap.add_argument("--min-reps", type=int, default=3)
     ap.add_argument("--cold-bytes", type=int, default=None, help="bytes of weight copies cycled (default 3x L3)")
     ap.add_argument("--fresh-unpack", action="store_true", help="also time nm_unpack into a fresh tensor + F.linear")
+    ap.add_argument("--onednn", action="store_true",
+                    help="also time oneDNN's matmul on the dense weight (torch.ops.mkldnn._linear_pointwise, private; "
+                    "see bench_dense_baseline_cpu.py): torch's F.linear runs MKL's sgemm in float32")
     ap.add_argument("--note", default="", help="a line added to the markdown header (e.g. machine shared)")
     ap.add_argument("--out", default=None, help="path stem for .csv/.md")
     args = ap.parse_args()
@@ -117,7 +129,7 @@ def main() -> None:
     for name in args.shapes:
         out_f, in_f = SHAPES[name]
         for dtype_name in args.dtypes:
-            cases = make_cases(out_f, in_f, DTYPES[dtype_name], args.fresh_unpack)
+            cases = make_cases(out_f, in_f, DTYPES[dtype_name], args.fresh_unpack, args.onednn)
             copies = {}
             for v, (tensors, _) in cases.items():
                 n = max(1, min(16, -(-cold // nbytes(*tensors)))) if cold else 1
@@ -149,9 +161,13 @@ def main() -> None:
         f"{cold / 2**20:.0f} MiB per variant (at most 16 copies; cold caches)",
         f"- load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}"
         + ("  **(machine busy: > 2.5 on 2 cores, numbers are noisy)**" if max(load_before, load_after) > 2.5 else ""),
-        "- (x) = dense ms / variant ms. Weights: 2:4 and 4:8 by |W| per group, bitmap 50% by |W| per row; no bias",
+        "- (x) = dense ms / variant ms (dense = F.linear; dense oneDNN, when shown, = oneDNN's matmul on the same "
+        "dense weight). Weights: 2:4 and 4:8 by |W| per group, bitmap 50% by |W| per row; no bias",
         f"- SPARSEKIT_CPU_STREAMED_MAX_ROWS: {os.environ.get('SPARSEKIT_CPU_STREAMED_MAX_ROWS', 'unset')} (unset: the "
-        "ops' own limits, 2048 rows for float32 and 64 otherwise)",
+        "ops' own limits: float32 24 rows with sparsekit's AVX-512 GEMM above, 2048 with SPARSEKIT_CPU_PANEL=0; 64 "
+        "otherwise, bfloat16 from 13 / 25 rows on the panel path)",
+        f"- SPARSEKIT_CPU_PANEL: {os.environ.get('SPARSEKIT_CPU_PANEL', 'unset')} (0: decode + BLAS, MKL's sgemm for "
+        "float32, instead of sparsekit's GEMMs)",
     ] + ([f"- note: {args.note}"] if args.note else []) + [""]
     md = render_markdown(rows_out, header)
     write_md_csv(out, md, rows_out)

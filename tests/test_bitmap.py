@@ -81,7 +81,8 @@ def packed_args(out_f, in_f, sparsity, dtype):
 # K blocks of the streamed kernel (streamed.h): 24x2600 has several from 4 rows up and a partial last tile;
 # at 8 rows 17x1025 has a last block of one tile holding one column. Rows: passes of 1-8 rows, a short pass
 # after full ones (13, 40), the most the kernels stream in bfloat16 (64), the decode + BLAS path (70, with the
-# streamed limit held at 64), and 200: float32 on the AVX-512 lanes streams it (up to 2048 rows), the rest decode.
+# streamed limit held at 64), and 200 (40 and 200 with the streamed limit raised to 2048: float32 on the AVX-512
+# lanes streams them, the rest decode).
 @pytest.mark.parametrize(
     "shape", [(64, 128), (96, 256), (33, 512), (17, 100), (24, 2600), (17, 1025)], ids=lambda s: f"{s[0]}x{s[1]}"
 )
@@ -90,6 +91,8 @@ def test_bitmap_linear_matches_reference(rows, shape, sparsity, dtype, bias, isa
     set_isa(isa, monkeypatch)
     if rows == 70:
         monkeypatch.setenv("SPARSEKIT_CPU_STREAMED_MAX_ROWS", "64")
+    elif rows in (40, 200):  # float32 streams only 24 rows by default (decode + GEMM above: test_panel.py)
+        monkeypatch.setenv("SPARSEKIT_CPU_STREAMED_MAX_ROWS", "2048")
     out_f, in_f = shape
     bitmask, values, offsets = packed_args(out_f, in_f, sparsity, dtype)
     x = torch.randn(rows, in_f).to(dtype)

@@ -18,6 +18,8 @@ from sparsekit.nn.sparse_linear import (
     BITMAP_MIN_SPARSITY,
     CPU_BF16_MAX_ROWS_WITHOUT_DOT,
     CPU_BF16_MAX_ROWS_WITHOUT_PANEL,
+    CPU_F32_ANY_ROWS,
+    CPU_F32_MAX_ROWS_WITHOUT_GEMM,
     CPU_SPARSE_MAX_ROWS,
     CPU_SMALL_WEIGHT,
     CPU_SPARSE_MAX_ROWS_ONE_THREAD,
@@ -26,6 +28,7 @@ from sparsekit.nn.sparse_linear import (
     auto_format,
     cpu_bf16_dot,
     cpu_bf16_panel,
+    cpu_f32_gemm,
     cpu_sparse_kernels_fast,
     parse_format,
 )
@@ -71,8 +74,10 @@ def expected_path(fmt, dtype, rows, fallback, numel, sparsity=0.5):
     """The path the dispatch tables give a layer of `numel` weights, written out independently of SparseLinear."""
     table = CPU_SPARSE_MAX_ROWS if torch.get_num_threads() >= 2 else CPU_SPARSE_MAX_ROWS_ONE_THREAD
     limit = table.get((fmt, dtype), 0)
-    if torch.get_num_threads() >= 2 and numel <= CPU_SMALL_WEIGHT:
-        limit = min(limit, CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT.get((fmt, dtype), limit))
+    if dtype == torch.float32 and not cpu_f32_gemm():
+        limit = min(limit, CPU_F32_MAX_ROWS_WITHOUT_GEMM)
+        if torch.get_num_threads() >= 2 and numel <= CPU_SMALL_WEIGHT:
+            limit = min(limit, CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT.get((fmt, dtype), limit))
     if fallback == "unpack":
         limit = max(limit, CPU_SPARSE_MAX_ROWS_UNPACK.get((fmt, dtype), 0))
     if dtype == torch.bfloat16 and not cpu_bf16_dot():
@@ -92,11 +97,15 @@ def test_dispatch_policy_is_the_measured_one():
     # 1 threads): a change here must come with new measurements (benchmarks/bench_sparse_linear.py).
     f32, bf16 = torch.float32, torch.bfloat16
     # 1:2 and 8:16: benchmarks/results/nm_patterns_cpu_{2t,1t}.md
-    # float32 up to 2048 rows (eighth session): benchmarks/results/prefill_cpu_{1t,2t}.md, M = 64..2048;
-    # with 2 threads layers of at most 2^20 weights stop at 256 (prefill_cpu_2t_smollm_rerun.md)
+    # float32 at any M (eleventh session: decode + sparsekit's AVX-512 GEMM above 24 rows):
+    # benchmarks/results/prefill_cpu_{1t,2t}.md, M = 64..4096. Without that GEMM (SPARSEKIT_CPU_PANEL=0) the
+    # eighth session's limits: 2048 rows, and with 2 threads 256 for layers of at most 2^20 weights
+    # (prefill_cpu_2t_smollm_rerun.md)
     formats = ("1:2", "2:4", "4:8", "8:16", "bitmap")
-    table = {(fmt, dt): 2048 if dt == f32 else 64 for fmt in formats for dt in (f32, bf16)}
+    assert CPU_F32_ANY_ROWS >= 2**62
+    table = {(fmt, dt): CPU_F32_ANY_ROWS if dt == f32 else 64 for fmt in formats for dt in (f32, bf16)}
     assert CPU_SPARSE_MAX_ROWS == table
+    assert CPU_F32_MAX_ROWS_WITHOUT_GEMM == 2048
     assert CPU_SMALL_WEIGHT == 2**20
     assert CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT == {(fmt, f32): 256 for fmt in formats}
     assert CPU_SPARSE_MAX_ROWS_ONE_THREAD == table
@@ -111,7 +120,7 @@ def test_dispatch_policy_is_the_measured_one():
 # Outputs on every path
 # ----------------------------------------------------------------------------------------------------
 SHAPES = [(64, 24), (12, 7), (136, 33)]  # (in, out): odd out, in not a multiple of 64
-LEADING = [(1,), (2,), (3,), (8,), (9,), (70,), (2, 3), (3, 1, 4), (3, 700)]  # 2100 rows: past float32's limit
+LEADING = [(1,), (2,), (3,), (8,), (9,), (70,), (2, 3), (3, 1, 4), (3, 700)]  # 2100 rows: float32's decode + GEMM
 
 
 CASES = [(in_f, out_f, fmt) for in_f, out_f in SHAPES for fmt in ("2:4", "4:8", "bitmap")
@@ -160,18 +169,21 @@ def test_paths_cover_sparse_dense_and_unpack():
     finally:
         torch.set_num_threads(threads)
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
-    assert [cached.path(m, cpu, torch.float32) for m in (1, 256, 257)] == ["sparse", "sparse", "dense"]  # small
+    # float32: the op at every M (decode + sparsekit's GEMM inside it past 24 rows)
+    assert [cached.path(m, cpu, torch.float32) for m in (1, 257, 10**6)] == ["sparse"] * 3
     assert [cached.path(m, cpu, bf16) for m in (1, bf16_limit, bf16_limit + 1)] == ["sparse", "sparse", "dense"]
-    assert [packed.path(m, cpu, torch.float32) for m in (64, 256, 257)] == ["sparse", "sparse", "unpack"]
+    assert [packed.path(m, cpu, bf16) for m in (1, bf16_limit, bf16_limit + 1)] == ["sparse", "sparse", "unpack"]
     assert cached.path(1, cpu, torch.float16) == "dense"  # no fast float16 kernel
     if cpu_bf16_panel():  # bitmap bf16: the op (streamed kernel, then panel) up to M = 64, then dense or unpack
         assert [bitmap_cached.path(m, cpu, bf16) for m in (16, 64, 65)] == ["sparse", "sparse", "dense"]
         assert [bitmap_packed.path(m, cpu, bf16) for m in (9, 64, 65)] == ["sparse", "sparse", "unpack"]
 
 
-def test_small_weights_cap_the_float32_limit_with_two_threads():
-    """Layers of at most CPU_SMALL_WEIGHT weights stop streaming float32 at M = 256 with 2 threads (the SmolLM2
-    shapes lost to dense above it there); larger layers stream to 2048, and one thread has no cap."""
+def test_float32_limits_with_and_without_sparsekits_gemm(monkeypatch):
+    """float32 takes the packed op at any M while the ops multiply decoded blocks with sparsekit's AVX-512 GEMM.
+    Without it (SPARSEKIT_CPU_PANEL=0: decode + MKL) the eighth session's limits hold: layers of at most
+    CPU_SMALL_WEIGHT weights stop at M = 256 with 2 threads (the SmolLM2 shapes lost to dense above it there),
+    larger layers at 2048, and one thread has no small-weight cap."""
     if not FAST:
         pytest.skip(cpu_sparse_kernels_fast()[1])
     threads = torch.get_num_threads()
@@ -183,11 +195,17 @@ def test_small_weights_cap_the_float32_limit_with_two_threads():
             torch.set_num_threads(2)
             small = SparseLinear.from_linear(pruned_linear(in_f, CPU_SMALL_WEIGHT // in_f, fmt), fmt)
             big = SparseLinear.from_linear(pruned_linear(in_f, big_out, fmt), fmt)
-            assert [small.path(m, cpu, f32) for m in (256, 257)] == ["sparse", "unpack"]
-            assert [big.path(m, cpu, f32) for m in (2048, 2049)] == ["sparse", "unpack"]
+            assert cpu_f32_gemm()
+            for layer in (small, big):
+                assert [layer.path(m, cpu, f32) for m in (257, 2049, 10**9)] == ["sparse"] * 3
+            monkeypatch.setenv("SPARSEKIT_CPU_PANEL", "0")
+            assert [small.refresh_dispatch().path(m, cpu, f32) for m in (256, 257)] == ["sparse", "unpack"]
+            assert [big.refresh_dispatch().path(m, cpu, f32) for m in (2048, 2049)] == ["sparse", "unpack"]
             assert small.path(64, cpu, torch.bfloat16) == big.path(64, cpu, torch.bfloat16)  # bfloat16: no cap
             torch.set_num_threads(1)
             assert [small.refresh_dispatch().path(m, cpu, f32) for m in (2048, 2049)] == ["sparse", "unpack"]
+            monkeypatch.delenv("SPARSEKIT_CPU_PANEL")
+            assert small.refresh_dispatch().path(10**9, cpu, f32) == "sparse"
     finally:
         torch.set_num_threads(threads)
 
@@ -246,7 +264,7 @@ def test_half_density_patterns_take_the_sparse_kernel_like_2_4(fmt):
         two_four = SparseLinear.from_linear(pruned_linear(64, 8, "2:4", dtype=dtype), "2:4")
         assert [layer.path(m, cpu, dtype) for m in (1, 64, 65)] == [two_four.path(m, cpu, dtype) for m in (1, 64, 65)]
         assert layer.path(1, cpu, dtype) == "sparse"
-        for rows in (1, 3, 20, 70, 2100):  # streamed kernels, bfloat16 panel, decode + GEMM (bf16 70, float32 2100)
+        for rows in (1, 3, 20, 70, 2100):  # streamed kernels, bfloat16 panel, decode + GEMM (bf16 70, float32 70, 2100)
             x = torch.randn(rows, 64).to(dtype)
             assert_linear_close(layer(x), x, layer.to_dense(), layer.bias.detach())
 
@@ -270,8 +288,8 @@ def test_one_thread_limits():
         bitmap = SparseLinear.from_linear(pruned_linear(128, 16, "bitmap"), "bitmap", dense_fallback="cache")
         two_four = SparseLinear.from_linear(pruned_linear(128, 16, "2:4"), "2:4", dense_fallback="cache")
         dot = cpu_bf16_dot()
-        assert [bitmap.path(m, cpu, f32) for m in (2048, 2049)] == ["sparse", "dense"]
-        assert [two_four.path(m, cpu, f32) for m in (2048, 2049)] == ["sparse", "dense"]
+        assert [bitmap.path(m, cpu, f32) for m in (2048, 2049, 10**9)] == ["sparse"] * 3
+        assert [two_four.path(m, cpu, f32) for m in (2048, 2049, 10**9)] == ["sparse"] * 3
         limit = (64 if cpu_bf16_panel() else CPU_BF16_MAX_ROWS_WITHOUT_PANEL) if dot else CPU_BF16_MAX_ROWS_WITHOUT_DOT
         assert [bitmap.path(m, cpu, bf16) for m in (limit, limit + 1)] == ["sparse", "dense"]
         assert [two_four.path(m, cpu, bf16) for m in (limit, limit + 1)] == ["sparse", "dense"]

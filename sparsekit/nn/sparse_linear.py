@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,8 @@ __all__ = [
     "CUDA_SPARSE_MAX_ROWS",
     "BITMAP_MIN_SPARSITY",
     "CPU_SPARSE_MAX_ROWS_ONE_THREAD",
+    "CPU_F32_ANY_ROWS",
+    "CPU_F32_MAX_ROWS_WITHOUT_GEMM",
     "CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT",
     "CPU_SMALL_WEIGHT",
     "CPU_SPARSE_MAX_ROWS_UNPACK",
@@ -106,6 +109,7 @@ __all__ = [
     "CPU_BF16_MAX_ROWS_WITHOUT_PANEL",
     "cpu_bf16_dot",
     "cpu_bf16_panel",
+    "cpu_f32_gemm",
     "cpu_sparse_kernels_fast",
     "DENSE_FALLBACKS",
 ]
@@ -122,36 +126,32 @@ DENSE_FALLBACKS = ("unpack", "cache")
 # session's (12:09: 2:4 1.05x, bitmap 1.01x, 4:8 0.95x at M = 16-24). At M = 128 (decode + GEMM inside the op)
 # about what the dense fallback gives. The ops run their streamed kernels to 12 / 24 rows (8 for weights of at
 # most 2^20 elements) and the panel path above (csrc/cpu/panel_gemm.h).
-# float32, up to 2048 rows since the eighth session: the streamed kernels' time grows linearly in M, at about a
-# dense product's instruction count run faster than torch's float32 F.linear (MKL sgemm) here (csrc/cpu/streamed.h),
-# so they stay ahead of dense far past M = 64 (M = 1..64: the table above, float32 >= 1.27x at M = 64).
-# benchmarks/results/prefill_cpu_2t.md (2026-11-24 14:54, same six shapes, M = 64..2048): 2:4 1.09-1.93x, 4:8
-# 1.08-1.99x and bitmap 1.04-2.06x on the Llama-3-8B shapes at every M, where decode + BLAS (the fallback
-# before) fell as low as 0.87-0.90x at M = 1024-2048 (up, down). On the SmolLM2
-# shapes two threads gain less: 576x576 N:M fell to 0.88-0.94x at M = 512-2048 in that run and again in a re-run
-# (prefill_cpu_2t_smollm_rerun.md, where 576x1536 also read 0.89-0.91x at M = 1024-2048 and bitmap 0.94-0.96x
-# at 2048; a first re-run, not kept, read 0.97-1.04x), hence CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT.
-# 1:2 and 8:16 from benchmarks/results/nm_patterns_cpu_2t.md (same machine, the op only, three shapes, M = 1..64,
-# seventh session): 1:2 ran within 7% of 2:4 and 8:16 within 6% of 4:8 in every cell (float32 >= 1.43x; bfloat16
-# 1:2 >= 1.05x, 8:16 >= 0.95x at M = 24, as 4:8); nm_patterns_cpu_prefill_2t.md: float32 M = 128..2048, all four
-# patterns within 3% of each other (>= 1.00x).
+# float32, at any M since the eleventh session (CPU_F32_ANY_ROWS): the ops stream up to 24 rows and above decode
+# the weight in blocks and multiply with sparsekit's AVX-512 GEMM (csrc/cpu/sgemm.h), about twice the rate of
+# torch's float32 F.linear here (MKL's sgemm runs its AVX2 path on this AMD CPU). benchmarks/results/
+# prefill_cpu_2t.md (M = 64..2048, six shapes, cold weights): F32_PREFILL_2T; M = 4096: F32_4096_2T.
+# Without that GEMM (SPARSEKIT_CPU_PANEL=0: decode + MKL) the eighth session's limits hold: CPU_F32_MAX_ROWS_WITHOUT_GEMM
+# (the streamed kernels to 2048 rows), and CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT below.
 # Re-measure with benchmarks/bench_sparse_linear.py, bench_unpack_linear_cpu.py and bench_nm_patterns_cpu.py before
 # changing.
+CPU_F32_ANY_ROWS = sys.maxsize
+CPU_F32_MAX_ROWS_WITHOUT_GEMM = 2048
 CPU_SPARSE_MAX_ROWS: dict[tuple[str, torch.dtype], int] = {
-    ("1:2", torch.float32): 2048,
+    ("1:2", torch.float32): CPU_F32_ANY_ROWS,
     ("1:2", torch.bfloat16): 64,
-    ("2:4", torch.float32): 2048,
+    ("2:4", torch.float32): CPU_F32_ANY_ROWS,
     ("2:4", torch.bfloat16): 64,
-    ("4:8", torch.float32): 2048,
+    ("4:8", torch.float32): CPU_F32_ANY_ROWS,
     ("4:8", torch.bfloat16): 64,
-    ("8:16", torch.float32): 2048,
+    ("8:16", torch.float32): CPU_F32_ANY_ROWS,
     ("8:16", torch.bfloat16): 64,
-    ("bitmap", torch.float32): 2048,
+    ("bitmap", torch.float32): CPU_F32_ANY_ROWS,
     ("bitmap", torch.bfloat16): 64,
 }
-# With two or more threads, the limits of layers of at most CPU_SMALL_WEIGHT elements (SmolLM2's) are capped at
-# these: float32 at M = 256, where those runs had 576x576 at 1.01-1.04x (N:M) and 1.15-1.18x (bitmap) and
-# 576x1536 at 1.07-1.11x and 1.17-1.20x. Above, such layers take decode + BLAS (0.94-1.08x there).
+# Without sparsekit's float32 GEMM (SPARSEKIT_CPU_PANEL=0), with two or more threads, the float32 limits of layers
+# of at most CPU_SMALL_WEIGHT elements (SmolLM2's) are capped at these: M = 256, where the eighth session's runs had
+# 576x576 at 1.01-1.04x (N:M) and 1.15-1.18x (bitmap) and 576x1536 at 1.07-1.11x and 1.17-1.20x. Above, such
+# layers took decode + BLAS (0.94-1.08x there).
 CPU_SMALL_WEIGHT = 1 << 20
 CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT: dict[tuple[str, torch.dtype], int] = {
     (fmt, torch.float32): 256 for fmt in ("1:2", "2:4", "4:8", "8:16", "bitmap")
@@ -162,19 +162,17 @@ CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT: dict[tuple[str, torch.dtype], int] = {
 # bitmap at M = 24 (0.96x; 1.05x in the 15:57 run, the results at commit 8920e9c). The fallback there (unpack:
 # the same panel path) is no faster. 4:8 read 0.87-0.99x at M = 16-24 before its rank decode (12:15), 1.04-1.41x
 # now; 8:16 as 4:8 (nm_patterns_cpu_1t_bf16.md: >= 1.13x at every M).
-# float32 from prefill_cpu_1t.md (14:44, M = 64..2048): 2:4 1.03-1.52x, 4:8 1.05-1.53x, bitmap 1.12-1.56x
-# at every M and shape, where decode + BLAS ran 0.95-1.17x; nm_patterns_cpu_prefill_1t.md: 1:2 and 8:16
-# 1.06-1.29x at M = 128..2048.
+# float32 from prefill_cpu_1t.md (M = 64..2048): F32_PREFILL_1T.
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
-    ("1:2", torch.float32): 2048,
+    ("1:2", torch.float32): CPU_F32_ANY_ROWS,
     ("1:2", torch.bfloat16): 64,
-    ("2:4", torch.float32): 2048,
+    ("2:4", torch.float32): CPU_F32_ANY_ROWS,
     ("2:4", torch.bfloat16): 64,
-    ("4:8", torch.float32): 2048,
+    ("4:8", torch.float32): CPU_F32_ANY_ROWS,
     ("4:8", torch.bfloat16): 64,
-    ("8:16", torch.float32): 2048,
+    ("8:16", torch.float32): CPU_F32_ANY_ROWS,
     ("8:16", torch.bfloat16): 64,
-    ("bitmap", torch.float32): 2048,
+    ("bitmap", torch.float32): CPU_F32_ANY_ROWS,
     ("bitmap", torch.bfloat16): 64,
 }
 # With dense_fallback="unpack" the alternative to the op is decode + GEMM, not dense F.linear, and where both
@@ -252,6 +250,13 @@ def cpu_bf16_panel() -> bool:
     """True when the bfloat16 CPU ops take the panel path for many rows: cpu_bf16_dot() and SPARSEKIT_CPU_PANEL
     is not "0" (csrc/cpu/panel_gemm.h reads the same switch on every call)."""
     return cpu_bf16_dot() and os.environ.get("SPARSEKIT_CPU_PANEL", "") != "0"
+
+
+def cpu_f32_gemm() -> bool:
+    """True when the float32 CPU ops multiply decoded weight blocks with sparsekit's AVX-512 GEMM
+    (csrc/cpu/sgemm.h, which reads the same switch on every call): the CPU kernels' AVX-512 path runs
+    (cpu_sparse_kernels_fast()) and SPARSEKIT_CPU_PANEL is not "0"."""
+    return cpu_sparse_kernels_fast()[0] and os.environ.get("SPARSEKIT_CPU_PANEL", "") != "0"
 
 
 def parse_format(fmt: str) -> tuple[str, int | None, int | None]:
@@ -567,10 +572,12 @@ class SparseLinear(nn.Module):
         threads = torch.get_num_threads()
         table = CPU_SPARSE_MAX_ROWS if threads >= 2 else CPU_SPARSE_MAX_ROWS_ONE_THREAD
         limits = {dt: rows for (fmt, dt), rows in table.items() if fmt == key}
-        if threads >= 2 and self.in_features * self.out_features <= CPU_SMALL_WEIGHT:
-            for (fmt, dt), rows in CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT.items():
-                if fmt == key and dt in limits:
-                    limits[dt] = min(limits[dt], rows)
+        if torch.float32 in limits and not cpu_f32_gemm():
+            limits[torch.float32] = min(limits[torch.float32], CPU_F32_MAX_ROWS_WITHOUT_GEMM)
+            if threads >= 2 and self.in_features * self.out_features <= CPU_SMALL_WEIGHT:
+                for (fmt, dt), rows in CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT.items():
+                    if fmt == key and dt in limits:
+                        limits[dt] = min(limits[dt], rows)
         if self.dense_fallback == "unpack":
             for (fmt, dt), rows in CPU_SPARSE_MAX_ROWS_UNPACK.items():
                 if fmt == key:

@@ -455,9 +455,10 @@ def nm_linear(x, values, index_codes, n: int, m: int, in_features: int, bias=Non
     x: (..., in_features) float32/bfloat16/float16; values: (out, in_features / m * (m - n)) x's dtype;
     index_codes: uint8 (out, ceil(kept * b / 8)), b = 2 bits for m <= 4 else 4; bias: (out,) x's dtype or
     None. Returns (..., out) in x's dtype. The CPU kernel accumulates in float32 and rounds once, and raises on
-    a position >= m. It runs its streamed kernels up to 64 rows of x (float32 with AVX-512: 2048;
+    a position >= m. It runs its streamed kernels up to 64 rows of x (float32 with AVX-512: 24;
     ``SPARSEKIT_CPU_STREAMED_MAX_ROWS`` overrides both) and decode + GEMM above (bfloat16 with AVX512-BF16 from
-    13 rows, 9 for small weights, on the panel path). The positions within a group must be distinct, as
+    13 rows, 9 for small weights, on the panel path; float32 with AVX-512 on sparsekit's own GEMM,
+    ``csrc/cpu/sgemm.h``). The positions within a group must be distinct, as
     ``pack_nm`` makes them. That is not checked per call (at a repeated position the streamed paths add both
     values' products, while the reference and the decode + GEMM paths keep the last value): a check in the
     loops cost up to 10% at M = 1-8 on one thread (bfloat16 4:8). ``sparsekit.formats.check_nm_packed``
@@ -479,8 +480,9 @@ def bitmap_linear(x, bitmask, values, row_offsets, in_features: int, bias=None) 
     checks once, with a message naming the row, and ``SparseLinear`` runs it on what it loads. bias: (out,) x's
     dtype or None. Returns (..., out) in x's dtype.
     The CPU kernel accumulates in float32 and rounds once; it streams up to 64 rows of x (float32 with AVX-512:
-    2048; ``SPARSEKIT_CPU_STREAMED_MAX_ROWS`` overrides both) and decodes + GEMMs above (bfloat16 with
-    AVX512-BF16 from 25 rows, 9 for small weights, on the panel path).
+    24; ``SPARSEKIT_CPU_STREAMED_MAX_ROWS`` overrides both) and decodes + GEMMs above (bfloat16 with
+    AVX512-BF16 from 25 rows, 9 for small weights, on the panel path; float32 with AVX-512 on sparsekit's own
+    GEMM, ``csrc/cpu/sgemm.h``).
     """
     _check_bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
     return torch.ops.sparsekit.bitmap_linear(x, bitmask, values, row_offsets, in_features, bias)
@@ -512,10 +514,13 @@ def bitmap_unpack(bitmask, values, row_offsets, in_features: int) -> torch.Tenso
 def nm_unpack_linear(x, values, index_codes, n: int, m: int, in_features: int, bias=None) -> torch.Tensor:
     """``F.linear(x, nm_unpack(values, index_codes, n, m, in_features), bias)`` without the dense weight.
 
-    Arguments and result as ``nm_linear``. The CPU kernel decodes blocks of output rows into a small per-thread
-    buffer and runs a BLAS GEMM on each, so its numerics are those of ``F.linear`` in x's dtype; it is the
-    kernel for many rows of x (prefill), where ``nm_linear``'s streaming kernel loses to dense BLAS. Other
-    devices run the reference (unpack, then ``F.linear``).
+    Arguments and result as ``nm_linear``. The CPU kernel decodes blocks of output rows into a per-thread buffer
+    and runs one GEMM on each: for float32 on CPUs with AVX-512 sparsekit's own (``csrc/cpu/sgemm.h``, about
+    twice the rate of torch's float32 GEMM, MKL's AVX2 sgemm, on the development machine's AMD CPU), otherwise a
+    BLAS GEMM (``SPARSEKIT_CPU_PANEL=0`` forces it); bfloat16 with AVX512-BF16 up to 128 rows runs the panel path
+    (``csrc/cpu/panel_gemm.h``). Products and float32 accumulation as ``F.linear`` in x's dtype, in another
+    order. It is the kernel for many rows of x (prefill), where ``nm_linear``'s streaming kernel stops paying.
+    Other devices run the reference (unpack, then ``F.linear``).
     """
     _check_nm_linear(x, values, index_codes, n, m, in_features, bias)
     return torch.ops.sparsekit.nm_unpack_linear(x, values, index_codes, n, m, in_features, bias)
