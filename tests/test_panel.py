@@ -106,17 +106,18 @@ def test_bf16_panel_leading_dims_threads_and_odd_width(fmt):
 
 
 # ----------------------------------------------------------------------------------------------------
-# float32: decode + the AVX-512 GEMM of csrc/cpu/sgemm.h (8-row x 48-feature tiles, 192-feature x 256-column
-# packed blocks), which nm_unpack_linear / bitmap_unpack_linear run on CPUs with AVX-512 (at::addmm elsewhere,
-# with SPARSEKIT_CPU_PANEL=0 and on the scalar ISA path), and nm_linear / bitmap_linear above 24 rows of x.
+# float32: decode + the AVX-512 GEMM of csrc/cpu/sgemm.h (8-row x 48-feature tiles, 384-feature x 384-column
+# packed blocks, 1024 rows of x per pass), which nm_unpack_linear / bitmap_unpack_linear run on CPUs with AVX-512
+# (at::addmm elsewhere, with SPARSEKIT_CPU_PANEL=0 and on the scalar ISA path), and nm_linear / bitmap_linear
+# above 24 rows of x.
 # ----------------------------------------------------------------------------------------------------
-# (rows, (out, in)): rows around the 8-row tiles (1, 7, 9, 25, 31, 33, 70); output features in one partial panel
-# (5), three panels and one (50), two 192-feature blocks (200, 400: the second a single panel); columns in one
-# partial 16 (24), a partial last vector (104), a second partial K block (296) and 7 blocks and a part (2000, where
-# 1100 x 2000 float32 is two decode blocks of 4 MiB and more).
-_F32_CASES = ([(rows, shape) for shape in [(5, 24), (50, 104), (200, 296), (400, 64)]
+# (rows, (out, in)): rows around the 8-row tiles (1, 7, 9, 25, 31, 33, 70) and past 1024 (1030); output features
+# in one partial panel (5), three panels and one (50), two 384-feature blocks (400: the second a single panel);
+# columns in one partial 16 (24), a partial last vector (104), a second partial K block (520 = 384 + 136, 392) and
+# 5 blocks and a part (2000, where 1100 x 2000 float32 is two decode blocks of 4 MiB and more).
+_F32_CASES = ([(rows, shape) for shape in [(5, 24), (50, 104), (200, 520), (400, 64)]
                for rows in [1, 7, 9, 25, 31, 33, 70]]
-              + [(rows, (1100, 2000)) for rows in [25, 70]])
+              + [(rows, (1100, 2000)) for rows in [25, 70]] + [(1030, (40, 392))])
 
 
 @pytest.mark.parametrize("isa", ["auto", "scalar"])

@@ -9,12 +9,12 @@
 // (csrc/cpu/xtx.cpp: 8 rows x 48 columns in 24 zmm) reached 79-85% of the peak; this is the same tile.
 //
 // Layout (the usual blocked GEMM, one thread):
-//   * output features are taken kNc (192) at a time and K kKc (256) at a time; each (kNc x kKc) block of the
-//     decoded weight is packed once into panels of 16 features, pack[p][t][16] (a 16x16 transpose in
-//     registers), 192 KiB that stay in L2;
+//   * rows of x are taken kMc (1024) at a time, output features kNc (384) and K kKc (384) at a time; each
+//     (kNc x kKc) block of the decoded weight is packed into panels of 16 features, pack[p][t][16] (a 16x16
+//     transpose in registers), 576 KiB that stay in L2;
 //   * the micro-kernel keeps 8 rows of y x 48 output features in 24 registers: per column t of the K block it
-//     loads three panel vectors and broadcasts x[m][t] for its 8 rows m, straight from x's rows (8 KiB per K
-//     block, in L1 across the block's four tiles), 24 FMAs;
+//     loads three panel vectors and broadcasts x[m][t] for its 8 rows m, straight from x's rows (12 KiB per K
+//     block, in L1 across the block's eight tiles), 24 FMAs; the first tile prefetches the next 8 rows;
 //   * the tile is stored to y at the first K block (plus the bias) and added to y at the others, so y (float32)
 //     is the accumulator; its lanes are output features, so the stores are rows of y, no transpose.
 // Products are those of the dense layer (pruned weights are decoded as zeros, so inf/NaN in x behave as in
@@ -30,8 +30,12 @@
 namespace sparsekit {
 namespace sgemm {
 
-constexpr int64_t kKc = 256;  // columns of x / W per packed block
-constexpr int64_t kNc = 192;  // output features per packed block: 4 tiles of 48; 192 KiB packed
+// Block sizes: development runs (eleventh session, 2 threads, 2:4 on the Llama-3-8B shapes at M = 256-4096) had
+// 192 x 256 blocks at 317-363 GFLOP/s at M = 4096 (the strip of y re-read per K block, and x per 192 features, from
+// memory); 384 x 384 blocks and kMc = 1024 took that to 360-404, against 410-430 at M = 256-1024.
+constexpr int64_t kKc = 384;   // columns of x / W per packed block
+constexpr int64_t kNc = 384;   // output features per packed block: 8 tiles of 48; 576 KiB packed, in L2
+constexpr int64_t kMc = 1024;  // rows of x per pass over the weight block (see linear_block)
 constexpr int64_t kMr = 8;    // rows of y per micro-kernel tile (8 broadcasts x 3 panels = 24 accumulators)
 constexpr int64_t kLanes = 16;
 
@@ -90,10 +94,15 @@ SPARSEKIT_AVX512 inline void pack_w(const float* w, int64_t ldw, int64_t nc, int
 // y[r * ldy + j] = (first ? bias[j] (0 without bias) : y[r * ldy + j]) + sum over t < kc of x_r[t] *
 // pack[(j / 16) * kc * 16 + t * 16 + j % 16], for r < rows (<= 8), j < cols, j < 16 * P. x_r = x + r * ldx;
 // rows past `rows` repeat the last one (computed, not stored), columns past cols are not stored.
+// next (or nullptr): the next 8-row group's columns [0, kc) (rows ldx apart, up to next_rows of them), prefetched
+// into L2 one cache line every other column t: each row's segment is only kc * 4 bytes (1.5 KiB) of a long row,
+// too short a stream for the hardware prefetcher, and at 2048-4096 rows x no longer fits in L3 (development run,
+// 2 threads, M = 4096, 192 x 256 blocks: 4096 x 4096 from 440 to 378 ms, 4096 x 14336 from 1483 to 1431 ms).
 template <int P>
 SPARSEKIT_AVX512 __attribute__((noinline)) void tile(const float* x, int64_t ldx, int64_t rows, const float* pack,
                                                      int64_t kc, float* y, int64_t ldy, int64_t cols,
-                                                     const float* bias, bool first) {
+                                                     const float* bias, bool first, const float* next,
+                                                     int64_t next_rows) {
   const float* xr[kMr];
   for (int64_t r = 0; r < kMr; ++r) xr[r] = x + std::min(r, rows - 1) * ldx;
   __m512 acc[kMr][P];
@@ -101,7 +110,15 @@ SPARSEKIT_AVX512 __attribute__((noinline)) void tile(const float* x, int64_t ldx
   for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 3
     for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
+  // the prefetch cursor: row pf_row of next, byte offset pf_byte in it
+  const int64_t row_bytes = kc * static_cast<int64_t>(sizeof(float));
+  int64_t pf_row = next ? 0 : next_rows, pf_byte = 0;
   for (int64_t t = 0; t < kc; ++t) {
+    if ((t & 1) == 0 && pf_row < next_rows) {
+      __builtin_prefetch(reinterpret_cast<const char*>(next + pf_row * ldx) + pf_byte, 0, 2);
+      pf_byte += 64;
+      if (pf_byte >= row_bytes) pf_byte = 0, ++pf_row;
+    }
     __m512 b[P];
 #pragma GCC unroll 3
     for (int p = 0; p < P; ++p) b[p] = _mm512_loadu_ps(pack + p * kc * kLanes + t * kLanes);
@@ -128,11 +145,9 @@ SPARSEKIT_AVX512 __attribute__((noinline)) void tile(const float* x, int64_t ldx
   }
 }
 
-// y[m * ldy + n] = bias[n] (0 without bias) + sum over k < K of x[m * K + k] * w[n * K + k], for m < M, n < N:
-// one thread. x: (M, K) row-major, w: (N, K) row-major (a block of decoded weight rows), y: rows ldy apart.
-SPARSEKIT_AVX512 inline void linear_block(const float* x, int64_t M, int64_t K, const float* w, int64_t N,
-                                          const float* bias, float* y, int64_t ldy) {
-  auto* pack = static_cast<float*>(thread_buffer<PackTag>(static_cast<size_t>(kNc * kKc) * sizeof(float)));
+// linear_block for at most kMc rows of x; pack: kNc * kKc floats of scratch.
+SPARSEKIT_AVX512 inline void linear_rows(const float* x, int64_t M, int64_t K, const float* w, int64_t N,
+                                         const float* bias, float* y, int64_t ldy, float* pack) {
   for (int64_t n0 = 0; n0 < N; n0 += kNc) {
     const int64_t nc = std::min(kNc, N - n0);
     const int64_t panels = (nc + kLanes - 1) / kLanes;
@@ -144,20 +159,35 @@ SPARSEKIT_AVX512 inline void linear_block(const float* x, int64_t M, int64_t K, 
         const int64_t rows = std::min(kMr, M - m0);
         const float* xm = x + m0 * K + k0;
         float* ym = y + m0 * ldy + n0;
+        // the first tile of this row group prefetches the next group's x (the others find this group's in L1)
+        const int64_t next_rows = std::min(kMr, M - m0 - kMr);
+        const float* next = next_rows > 0 ? xm + kMr * K : nullptr;
         int64_t p = 0;
         for (; p + 3 <= panels; p += 3) {
           tile<3>(xm, K, rows, pack + p * kc * kLanes, kc, ym + p * kLanes, ldy, nc - p * kLanes,
-                  bias ? bias + n0 + p * kLanes : nullptr, first);
+                  bias ? bias + n0 + p * kLanes : nullptr, first, p == 0 ? next : nullptr, next_rows);
         }
         if (panels - p == 2) {
           tile<2>(xm, K, rows, pack + p * kc * kLanes, kc, ym + p * kLanes, ldy, nc - p * kLanes,
-                  bias ? bias + n0 + p * kLanes : nullptr, first);
+                  bias ? bias + n0 + p * kLanes : nullptr, first, p == 0 ? next : nullptr, next_rows);
         } else if (panels - p == 1) {
           tile<1>(xm, K, rows, pack + p * kc * kLanes, kc, ym + p * kLanes, ldy, nc - p * kLanes,
-                  bias ? bias + n0 + p * kLanes : nullptr, first);
+                  bias ? bias + n0 + p * kLanes : nullptr, first, p == 0 ? next : nullptr, next_rows);
         }
       }
     }
+  }
+}
+
+// y[m * ldy + n] = bias[n] (0 without bias) + sum over k < K of x[m * K + k] * w[n * K + k], for m < M, n < N:
+// one thread. x: (M, K) row-major, w: (N, K) row-major (a block of decoded weight rows), y: rows ldy apart.
+// Rows of x are taken kMc at a time, so that the strip of y that the K blocks add to (kMc x kNc floats) stays in
+// L3; the weight block is packed again for each (a 1/kMc share of the multiply-adds).
+SPARSEKIT_AVX512 inline void linear_block(const float* x, int64_t M, int64_t K, const float* w, int64_t N,
+                                          const float* bias, float* y, int64_t ldy) {
+  auto* pack = static_cast<float*>(thread_buffer<PackTag>(static_cast<size_t>(kNc * kKc) * sizeof(float)));
+  for (int64_t mb = 0; mb < M; mb += kMc) {
+    linear_rows(x + mb * K, std::min(kMc, M - mb), K, w, N, bias, y + mb * ldy, ldy, pack);
   }
 }
 
