@@ -138,34 +138,42 @@ def test_f32_linear_matches_reference_across_gemm_boundaries(rows, shape, fmt, o
 
 @pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
 def test_f32_gemm_threads_strided_bias_and_non_finite(fmt):
-    """float32 decode + GEMM gives the same bits with 1, 2 and 3 threads (each output is one thread's sum over
-    K blocks in order, whatever the blocks of output features), takes a strided bias, and multiplies the decoded
-    zeros as F.linear does: an inf of x at a pruned position gives NaN in every output, a NaN in x its row."""
+    """float32 decode + GEMM gives the same bits with 1, 2 and 3 threads, which cut a 96 x 520 weight into 1, 2 and 3
+    blocks of output features (each output is one thread's sum over K blocks in order, whatever the blocks); one
+    thread runs an 800 x 520 weight as one block, whose GEMM crosses two 384-feature blocks (the second ending in a
+    partial panel) with a strided bias; and it multiplies the decoded zeros as F.linear does: an inf of x gives NaN
+    wherever the weight's column is zero, a NaN in x its whole row."""
     torch.manual_seed(1)
-    w = _bitmap_weight(1100, 2000, 0.6, torch.float32) if fmt == "bitmap" else _nm_weight(1100, 2000, 2, 4,
-                                                                                         torch.float32)
-    x = torch.randn(3, 15, 2000)
-    b = torch.randn(2200)[::2]  # strided
+
+    def weight(out_f, in_f):
+        return (_bitmap_weight(out_f, in_f, 0.6, torch.float32) if fmt == "bitmap"
+                else _nm_weight(out_f, in_f, 2, 4, torch.float32))
+
+    w, x = weight(96, 520), torch.randn(3, 15, 520)
+    b = torch.randn(192)[::2]  # strided
+    w_big, x_big, b_big = weight(800, 520), torch.randn(70, 520), torch.randn(1600)[::2]
     previous = torch.get_num_threads()
     outs = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             outs.append(_run(fmt, "unpack", x, w, b))
+        torch.set_num_threads(1)
+        y_big = _run(fmt, "unpack", x_big, w_big, b_big)
     finally:
         torch.set_num_threads(previous)
-    assert outs[0].shape == (3, 15, 1100)
+    assert outs[0].shape == (3, 15, 96)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-    assert_linear_close(outs[0].reshape(45, 1100), x.reshape(45, 2000), w, b)
-    col = int((w == 0).all(dim=0).nonzero()[0]) if bool((w == 0).all(dim=0).any()) else None
-    x2 = torch.randn(40, 2000)
+    assert_linear_close(outs[0].reshape(45, 96), x.reshape(45, 520), w, b)
+    assert_linear_close(y_big, x_big, w_big, b_big)
+    x2 = torch.randn(40, 520)
     x2[7, 11] = float("nan")
-    if col is not None:
-        x2[20, col] = float("inf")
+    x2[20, 3] = float("inf")  # column 3 is pruned in some rows of w: NaN there, +-inf elsewhere
     y = _run(fmt, "unpack", x2, w, None)
     expected = torch.nn.functional.linear(x2, w)
+    assert bool((w[:, 3] == 0).any()) and bool((w[:, 3] != 0).any())
     assert torch.equal(torch.isnan(y), torch.isnan(expected))
-    assert bool(torch.isnan(y[7]).all())
+    assert bool(torch.isnan(y[7]).all()) and bool(torch.isnan(y[20]).any()) and not bool(torch.isnan(y[20]).all())
 
 
 @pytest.mark.parametrize("rows", [1, 25, 31])

@@ -11,7 +11,7 @@
 // Layout (the usual blocked GEMM, one thread):
 //   * rows of x are taken kMc (1024) at a time, output features kNc (384) and K kKc (384) at a time; each
 //     (kNc x kKc) block of the decoded weight is packed into panels of 16 features, pack[p][t][16] (a 16x16
-//     transpose in registers), 576 KiB that stay in L2;
+//     transpose in registers), 576 KiB that stay in L2 (1 MiB per core on the development machine);
 //   * the micro-kernel keeps 8 rows of y x 48 output features in 24 registers: per column t of the K block it
 //     loads three panel vectors and broadcasts x[m][t] for its 8 rows m, straight from x's rows (12 KiB per K
 //     block, in L1 across the block's eight tiles), 24 FMAs; the first tile prefetches the next 8 rows;
@@ -95,7 +95,7 @@ SPARSEKIT_AVX512 inline void pack_w(const float* w, int64_t ldw, int64_t nc, int
 // pack[(j / 16) * kc * 16 + t * 16 + j % 16], for r < rows (<= 8), j < cols, j < 16 * P. x_r = x + r * ldx;
 // rows past `rows` repeat the last one (computed, not stored), columns past cols are not stored.
 // next (or nullptr): the next 8-row group's columns [0, kc) (rows ldx apart, up to next_rows of them), prefetched
-// into L2 one cache line every other column t: each row's segment is only kc * 4 bytes (1.5 KiB) of a long row,
+// into L2 one cache line per column t (8 rows of at most kc / 16 + 1 lines each): each row's segment is only kc * 4 bytes (1.5 KiB) of a long row,
 // too short a stream for the hardware prefetcher, and at 2048-4096 rows x no longer fits in L3 (development run,
 // 2 threads, M = 4096, 192 x 256 blocks: 4096 x 4096 from 440 to 378 ms, 4096 x 14336 from 1483 to 1431 ms).
 template <int P>
@@ -110,14 +110,21 @@ SPARSEKIT_AVX512 __attribute__((noinline)) void tile(const float* x, int64_t ldx
   for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 3
     for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
-  // the prefetch cursor: row pf_row of next, byte offset pf_byte in it
-  const int64_t row_bytes = kc * static_cast<int64_t>(sizeof(float));
-  int64_t pf_row = next ? 0 : next_rows, pf_byte = 0;
+  // the prefetch cursor: the cache lines of row pf_row of next, from its first line (pf_line) to its last
+  const uintptr_t row_bytes = static_cast<uintptr_t>(kc) * sizeof(float);
+  int64_t pf_row = next ? 0 : next_rows;
+  uintptr_t pf_line = 0, pf_end = 0;
+  const auto start_row = [&] {
+    const auto begin = reinterpret_cast<uintptr_t>(next + pf_row * ldx);
+    pf_line = begin & ~uintptr_t{63};
+    pf_end = begin + row_bytes;
+  };
+  if (pf_row < next_rows) start_row();
   for (int64_t t = 0; t < kc; ++t) {
-    if ((t & 1) == 0 && pf_row < next_rows) {
-      __builtin_prefetch(reinterpret_cast<const char*>(next + pf_row * ldx) + pf_byte, 0, 2);
-      pf_byte += 64;
-      if (pf_byte >= row_bytes) pf_byte = 0, ++pf_row;
+    if (pf_row < next_rows) {
+      __builtin_prefetch(reinterpret_cast<const char*>(pf_line), 0, 2);
+      pf_line += 64;
+      if (pf_line >= pf_end && ++pf_row < next_rows) start_row();
     }
     __m512 b[P];
 #pragma GCC unroll 3

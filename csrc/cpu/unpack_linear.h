@@ -6,9 +6,11 @@
 // weight: ~35 ms to fault in against ~7 ms to write warm pages, on the development machine), and the dense
 // weight is written to memory and read back. Here the output features are cut into blocks of 4 to 32 MiB of
 // dense weight (unpack_block_rows); a thread decodes one block into its own scratch buffer, kept from call to
-// call so that its pages stay mapped, and runs one BLAS GEMM (at::addmm_out) into that block's columns of y
-// while the block is still in cache. The bias is the addmm input, as at::linear does, so it is added before
-// the one rounding to x's dtype. The packed weight is read from memory once.
+// call so that its pages stay mapped, and runs one GEMM into that block's columns of y while the block is still
+// in cache: for float32 on CPUs with AVX-512 sparsekit's own (sgemm.h: MKL's sgemm runs its AVX2 path on AMD
+// CPUs, at about half the rate), otherwise BLAS (at::addmm_out; SPARSEKIT_CPU_PANEL=0 forces it). The bias goes
+// in before the one rounding to x's dtype (the addmm input, as at::linear does; sgemm.h adds it in float32 at
+// the first K block). The packed weight is read from memory once.
 //
 // Threads: one at::parallel_for over the blocks, so a call has a single parallel region (a design with a
 // parallel decode and a multi-threaded GEMM per block had two per block, and on a busy 2-core machine each
@@ -127,12 +129,14 @@ at::Tensor unpack_linear_blocked(const at::Tensor& x, int64_t out_features, int6
       const int64_t r0 = b * block;
       const int64_t count = std::min(block, out_features - r0);
       decode_rows(r0, r0 + count, scratch);
+#if SPARSEKIT_HAVE_X86
       if (own_sgemm) {
         sgemm::linear_block(x2.const_data_ptr<float>(), rows_x, in_features, static_cast<const float*>(scratch), count,
                             bias_c.defined() ? bias_c.const_data_ptr<float>() + r0 : nullptr,
                             y.data_ptr<float>() + r0, out_features);
         continue;
       }
+#endif
       const at::Tensor w = at::from_blob(scratch, {count, in_features}, x.options());
       at::Tensor y_block = y.narrow(1, r0, count);
       if (bias.has_value()) {

@@ -15,10 +15,11 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 * ``"sparse"``: ``sparsekit.ops.nm_linear`` / ``bitmap_linear`` where the packed kernel was measured to beat
   dense ``F.linear`` (``CPU_SPARSE_MAX_ROWS`` below, from ``benchmarks/results/sparse_linear_cpu_dispatch_2t.md``:
   cold weights, 2 threads, quiet machine; ``CPU_SPARSE_MAX_ROWS_ONE_THREAD`` from the 1-thread run, the same
-  limits): 2:4, 4:8 and bitmap (>= 50% sparse) in bfloat16 for M <= 64 and in float32 for M <= 2048
-  (``prefill_cpu_{2t,1t}.md``: the float32 streamed kernels stay ahead of torch's float32 F.linear here
-  through prefill-sized calls; with two or more threads float32 layers of at most 2^20
-  weights stop at M = 256, ``CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT``); 1:2 and 8:16 the same
+  limits): 2:4, 4:8 and bitmap (>= 50% sparse) in bfloat16 for M <= 64 and in float32 at any M
+  (``prefill_cpu_{2t,1t}.md``: the float32 ops stream up to 24 rows and above multiply decoded weight blocks
+  with sparsekit's AVX-512 GEMM, ``csrc/cpu/sgemm.h``, about twice the rate of torch's float32 F.linear, MKL's
+  AVX2 sgemm, on the development machine's AMD CPU; with ``SPARSEKIT_CPU_PANEL=0`` they use MKL there and the
+  float32 limit is 2048, 256 for layers of at most 2^20 weights with two or more threads); 1:2 and 8:16 the same
   (``benchmarks/results/nm_patterns_cpu_*.md``: they run like 2:4 and 4:8). In bfloat16 the ops run their
   streamed kernels up to 12 (2:4, 4:8) / 24 (bitmap) rows (8 for weights of at most 2^20 elements) and the panel
   path above (``csrc/cpu/panel_gemm.h``: the weight decoded 24 rows at a time into L2, a ``vdpbf16ps``
@@ -38,8 +39,9 @@ its leading dims); ``SparseLinear.path(rows, device, dtype)`` says which one a c
 * ``"unpack"``: everywhere else with ``dense_fallback="unpack"`` (the default): ``sparsekit.ops.nm_unpack_linear``
   / ``bitmap_unpack_linear``, i.e. ``F.linear`` on the unpacked weight without keeping it. On CPU, bfloat16
   with AVX512-BF16 up to M = 128 takes the panel path above; otherwise the kernel decodes blocks of 4-32 MiB
-  of dense weight into a per-thread scratch buffer (reused from call to call) and runs one BLAS GEMM per
-  block (``csrc/cpu/unpack_linear.h``). On other devices: decode, then ``F.linear``.
+  of dense weight into a per-thread scratch buffer (reused from call to call) and runs one GEMM per block
+  (``csrc/cpu/unpack_linear.h``: sparsekit's AVX-512 GEMM for float32, BLAS otherwise). On other devices:
+  decode, then ``F.linear``.
 * ``"grad"``: when x requires grad: ``F.linear`` on the unpacked weight (``sparsekit.ops.nm_unpack``), so
   gradients reach x (the ops have no autograd formula). The packed weight itself is frozen.
 
@@ -50,10 +52,11 @@ The dense fallback's storage, a trade-off to choose per model:
   thread, shared by all layers). Its calls outside the kernel's region (M above the limits: prefill) cost decode + GEMM.
   bfloat16 up to M = 128 (AVX512-BF16): the panel path, at M = 128 1.01-1.34x dense for 2:4, 1.02-1.35x for 4:8 and
   1.02-1.37x for bitmap with 2 threads, 1.01-1.05x with 1 thread (sparse_linear_cpu_dispatch runs of 2026-11-24
-  16:11-16:17). Otherwise decode + BLAS, measured against dense ``F.linear`` with cold weights on a quiet machine:
-  float32, where it now runs only past the float32 limits (M > 2048, or M > 256 for small layers with 2 threads),
-  0.95-1.17x at M = 64..2048 with 1 thread and 0.87-1.54x with 2 (``benchmarks/results/prefill_cpu_{1t,2t}.md``,
-  2026-11-24 14:44-14:54; 0.94-1.08x on the SmolLM2 shapes above M = 256 with 2 threads); bfloat16 above M = 128
+  16:11-16:17). float32 (any M past 24 rows; SparseLinear sends float32 to the op itself, which runs the same):
+  decode + sparsekit's GEMM, see CPU_SPARSE_MAX_ROWS. Otherwise decode + BLAS, measured against dense
+  ``F.linear`` with cold weights on a quiet machine: float32 with SPARSEKIT_CPU_PANEL=0 0.95-1.17x at M = 64..2048
+  with 1 thread and 0.87-1.54x with 2 (the eighth session's ``prefill_cpu_{1t,2t}.md``; 0.94-1.08x on the SmolLM2
+  shapes above M = 256 with 2 threads); bfloat16 above M = 128
   0.93-1.01x (development runs, 1 thread, M = 256 and 1024 on 4096x4096 and 576x576: no compute is saved, and the
   decode is not free); before the
   panel path, bfloat16 at M >= 32 ran 2:4 0.81-1.25x and bitmap 0.78-1.27x (``unpack_linear_cpu_{1t,2t}.md``,
