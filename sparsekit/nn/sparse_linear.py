@@ -132,9 +132,10 @@ DENSE_FALLBACKS = ("unpack", "cache")
 # float32, at any M since the eleventh session (CPU_F32_ANY_ROWS): the ops stream up to 24 rows and above decode
 # the weight in blocks and multiply with sparsekit's AVX-512 GEMM (csrc/cpu/sgemm.h), about twice the rate of
 # torch's float32 F.linear here (MKL's sgemm runs its AVX2 path on this AMD CPU). benchmarks/results/
-# prefill_cpu_2t.md (M = 64..2048, six shapes, cold weights): F32_PREFILL_2T; M = 4096: F32_4096_2T.
-# Without that GEMM (SPARSEKIT_CPU_PANEL=0: decode + MKL) the eighth session's limits hold: CPU_F32_MAX_ROWS_WITHOUT_GEMM
-# (the streamed kernels to 2048 rows), and CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT below.
+# prefill_cpu_2t.md (2026-11-24 22:42, M = 64..4096, six shapes, cold weights): 2:4 1.77-2.62x, 4:8 1.68-2.55x,
+# bitmap 1.71-2.66x dense; sparse_linear_cpu_dispatch_f32_2t.md (22:48, M = 1..128): SparseLinear >= 1.60x.
+# Without that GEMM (SPARSEKIT_CPU_PANEL=0: decode + MKL) the eighth session's limits hold:
+# CPU_F32_MAX_ROWS_WITHOUT_GEMM (the streamed kernels to 2048 rows), and CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT below.
 # Re-measure with benchmarks/bench_sparse_linear.py, bench_unpack_linear_cpu.py and bench_nm_patterns_cpu.py before
 # changing.
 CPU_F32_ANY_ROWS = sys.maxsize
@@ -165,7 +166,8 @@ CPU_SPARSE_MAX_ROWS_SMALL_WEIGHT: dict[tuple[str, torch.dtype], int] = {
 # bitmap at M = 24 (0.96x; 1.05x in the 15:57 run, the results at commit 8920e9c). The fallback there (unpack:
 # the same panel path) is no faster. 4:8 read 0.87-0.99x at M = 16-24 before its rank decode (12:15), 1.04-1.41x
 # now; 8:16 as 4:8 (nm_patterns_cpu_1t_bf16.md: >= 1.13x at every M).
-# float32 from prefill_cpu_1t.md (M = 64..2048): F32_PREFILL_1T.
+# float32 from prefill_cpu_1t.md (22:36, M = 64..4096): 2:4 1.91-2.30x, 4:8 1.83-2.24x, bitmap 1.88-2.35x;
+# sparse_linear_cpu_dispatch_f32_1t.md (22:45, M = 1..128): SparseLinear >= 1.44x.
 CPU_SPARSE_MAX_ROWS_ONE_THREAD: dict[tuple[str, torch.dtype], int] = {
     ("1:2", torch.float32): CPU_F32_ANY_ROWS,
     ("1:2", torch.bfloat16): 64,
