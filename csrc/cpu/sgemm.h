@@ -4,9 +4,10 @@
 //
 // Why not at::addmm_out: torch's float32 GEMM on CPU is MKL's sgemm, which takes its AVX2 code path on AMD
 // CPUs: 112-114 GFLOP/s per core on the development machine's Zen 5 against an AVX-512 FMA peak of ~285
-// (benchmarks/results/xtx_cpu_1t.md). The sparse layer's float32 decode + GEMM path then ran at 0.94-1.08x
-// the dense F.linear (the same MKL) where the streamed kernels had stopped paying. The XᵀX kernel's tile
-// (csrc/cpu/xtx.cpp: 8 rows x 48 columns in 24 zmm) reached 79-85% of the peak; this is the same tile.
+// (benchmarks/results/xtx_cpu_1t.md). The sparse layer's float32 decode + GEMM path then ran at 0.95-1.17x the
+// dense F.linear (the same MKL) with 1 thread and 0.87-1.54x with 2 (eighth session, M = 64-2048), 0.94-1.08x on
+// SmolLM2's layers above M = 256 with 2 threads, where the streamed kernels had stopped paying. The XᵀX kernel's
+// tile (csrc/cpu/xtx.cpp: 8 rows x 48 columns in 24 zmm) reached 79-85% of the peak; this is the same tile.
 //
 // Layout (the usual blocked GEMM, one thread):
 //   * rows of x are taken kMc (1024) at a time, output features kNc (384) and K kKc (384) at a time; each
@@ -95,9 +96,10 @@ SPARSEKIT_AVX512 inline void pack_w(const float* w, int64_t ldw, int64_t nc, int
 // pack[(j / 16) * kc * 16 + t * 16 + j % 16], for r < rows (<= 8), j < cols, j < 16 * P. x_r = x + r * ldx;
 // rows past `rows` repeat the last one (computed, not stored), columns past cols are not stored.
 // next (or nullptr): the next 8-row group's columns [0, kc) (rows ldx apart, up to next_rows of them), prefetched
-// into L2 one cache line per column t (8 rows of at most kc / 16 + 1 lines each): each row's segment is only kc * 4 bytes (1.5 KiB) of a long row,
-// too short a stream for the hardware prefetcher, and at 2048-4096 rows x no longer fits in L3 (development run,
-// 2 threads, M = 4096, 192 x 256 blocks: 4096 x 4096 from 440 to 378 ms, 4096 x 14336 from 1483 to 1431 ms).
+// into L2 one cache line per column t (8 rows of at most kc / 16 + 1 lines each): each row's segment is only
+// kc * 4 bytes (1.5 KiB) of a long row, too short a stream for the hardware prefetcher, and at 2048-4096 rows x
+// no longer fits in L3 (development run, 2 threads, M = 4096, 192 x 256 blocks: 4096 x 4096 from 440 to 378 ms,
+// 4096 x 14336 from 1483 to 1431 ms).
 template <int P>
 SPARSEKIT_AVX512 __attribute__((noinline)) void tile(const float* x, int64_t ldx, int64_t rows, const float* pack,
                                                      int64_t kc, float* y, int64_t ldy, int64_t cols,
