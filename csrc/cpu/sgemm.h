@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace sparsekit {
 namespace sgemm {
@@ -41,6 +42,19 @@ constexpr int64_t kMr = 8;    // rows of y per micro-kernel tile (8 broadcasts x
 constexpr int64_t kLanes = 16;
 
 struct PackTag;
+
+// Calls tile(p, std::integral_constant<int, n>{}) for the 16-lane panels [p, p + n) of `panels`: three at a time
+// (the 8 x 48 tiles), then the one or two left. Shared with the XᵀX kernel (xtx.cpp), whose tiles are the same.
+template <typename Tile>
+inline void for_each_panel_group(int64_t panels, const Tile& tile) {
+  int64_t p = 0;
+  for (; p + 3 <= panels; p += 3) tile(p, std::integral_constant<int, 3>{});
+  if (panels - p == 2) {
+    tile(p, std::integral_constant<int, 2>{});
+  } else if (panels - p == 1) {
+    tile(p, std::integral_constant<int, 1>{});
+  }
+}
 
 #if SPARSEKIT_HAVE_X86
 SPARSEKIT_INTRINSICS_BEGIN
@@ -171,18 +185,11 @@ SPARSEKIT_AVX512 inline void linear_rows(const float* x, int64_t M, int64_t K, c
         // the first tile of this row group prefetches the next group's x (the others find this group's in L1)
         const int64_t next_rows = std::min(kMr, M - m0 - kMr);
         const float* next = next_rows > 0 ? xm + kMr * K : nullptr;
-        int64_t p = 0;
-        for (; p + 3 <= panels; p += 3) {
-          tile<3>(xm, K, rows, pack + p * kc * kLanes, kc, ym + p * kLanes, ldy, nc - p * kLanes,
-                  bias ? bias + n0 + p * kLanes : nullptr, first, p == 0 ? next : nullptr, next_rows);
-        }
-        if (panels - p == 2) {
-          tile<2>(xm, K, rows, pack + p * kc * kLanes, kc, ym + p * kLanes, ldy, nc - p * kLanes,
-                  bias ? bias + n0 + p * kLanes : nullptr, first, p == 0 ? next : nullptr, next_rows);
-        } else if (panels - p == 1) {
-          tile<1>(xm, K, rows, pack + p * kc * kLanes, kc, ym + p * kLanes, ldy, nc - p * kLanes,
-                  bias ? bias + n0 + p * kLanes : nullptr, first, p == 0 ? next : nullptr, next_rows);
-        }
+        for_each_panel_group(panels, [&](int64_t p, auto n) {
+          tile<decltype(n)::value>(xm, K, rows, pack + p * kc * kLanes, kc, ym + p * kLanes, ldy, nc - p * kLanes,
+                                   bias ? bias + n0 + p * kLanes : nullptr, first, p == 0 ? next : nullptr,
+                                   next_rows);
+        });
       }
     }
   }

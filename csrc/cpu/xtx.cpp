@@ -39,6 +39,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/sgemm.h"
 #include "cpu/to_float.h"
 
 #include <algorithm>
@@ -52,7 +53,6 @@ namespace {
 constexpr int64_t kKc = 256;     // rows of x per packed block: 16 * 256 * 4 B = 16 KB per panel
 constexpr int64_t kPanel = 16;   // channels per panel: one zmm of float32
 constexpr int64_t kRows = 8;     // rows of xtx per micro-kernel tile (8 broadcasts x 3 panels = 24 accumulators)
-constexpr int64_t kMaxPanels = 3;
 
 // The reference's column blocks (sparsekit/ops/reference.py xtx_lower_blocks): at most 8, none narrower
 // than 32 channels, widths rounded up to a multiple of 8. Used by the path without AVX-512.
@@ -87,18 +87,12 @@ void pack_panels(const scalar_t* x, int64_t channels, int64_t t0, int64_t kc, in
 }
 
 // Calls tile(p, std::integral_constant<int, n>) for the column panels [p, p + n) of the 8-row block at row i0:
-// the panels of columns [0, min(C, i0 + 8)), three at a time, then the one or two left.
+// the panels of columns [0, min(C, i0 + 8)), three at a time, then the one or two left (sgemm.h's
+// for_each_panel_group, shared with the float32 GEMM's tiles).
 template <typename Tile>
 void for_each_tile(int64_t i0, int64_t channels, const Tile& tile) {
   const int64_t col_end = std::min<int64_t>(channels, i0 + kRows);
-  const int64_t panels = (col_end + kPanel - 1) / kPanel;
-  int64_t p = 0;
-  for (; p + kMaxPanels <= panels; p += kMaxPanels) tile(p, std::integral_constant<int, 3>{});
-  if (panels - p == 2) {
-    tile(p, std::integral_constant<int, 2>{});
-  } else if (panels - p == 1) {
-    tile(p, std::integral_constant<int, 1>{});
-  }
+  sgemm::for_each_panel_group((col_end + kPanel - 1) / kPanel, tile);
 }
 
 #if SPARSEKIT_HAVE_X86

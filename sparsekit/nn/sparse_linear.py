@@ -251,17 +251,23 @@ def cpu_bf16_dot() -> bool:
     return flags is not None and "avx512_bf16" in flags and "avx512_vbmi2" in flags
 
 
+def _cpu_panel_switch_on() -> bool:
+    """SPARSEKIT_CPU_PANEL is not "0": the switch that csrc/cpu/panel_gemm.h's panel_enabled() reads on every
+    call, for the bfloat16 panel path and the float32 GEMM alike."""
+    return os.environ.get("SPARSEKIT_CPU_PANEL", "") != "0"
+
+
 def cpu_bf16_panel() -> bool:
     """True when the bfloat16 CPU ops take the panel path for many rows: cpu_bf16_dot() and SPARSEKIT_CPU_PANEL
-    is not "0" (csrc/cpu/panel_gemm.h reads the same switch on every call)."""
-    return cpu_bf16_dot() and os.environ.get("SPARSEKIT_CPU_PANEL", "") != "0"
+    is not "0"."""
+    return cpu_bf16_dot() and _cpu_panel_switch_on()
 
 
 def cpu_f32_gemm() -> bool:
     """True when the float32 CPU ops multiply decoded weight blocks with sparsekit's AVX-512 GEMM
-    (csrc/cpu/sgemm.h, which reads the same switch on every call): the CPU kernels' AVX-512 path runs
-    (cpu_sparse_kernels_fast()) and SPARSEKIT_CPU_PANEL is not "0"."""
-    return cpu_sparse_kernels_fast()[0] and os.environ.get("SPARSEKIT_CPU_PANEL", "") != "0"
+    (csrc/cpu/sgemm.h): the CPU kernels' AVX-512 path runs (cpu_sparse_kernels_fast()) and SPARSEKIT_CPU_PANEL
+    is not "0"."""
+    return cpu_sparse_kernels_fast()[0] and _cpu_panel_switch_on()
 
 
 def parse_format(fmt: str) -> tuple[str, int | None, int | None]:
