@@ -33,8 +33,9 @@ what it does:
      --scope global), or those below --threshold;
   4. fine-tunes the remaining weights for --finetune-steps on the fine-tune part (early stopping on the
      validation part), evaluates again, and writes OUTPUT atomically: the model (sparsekit.load_compressed
-     loads it; with the same width in every layer, so does AutoModelForCausalLM.from_pretrained), its
-     tokenizer, and report.json (dense_params, pruned_params, dense_ppl, pruned_ppl, ...).
+     loads it; AutoModelForCausalLM.from_pretrained too where every layer keeps the same width and head count
+     and the architecture's config can state them, which the last line printed says), its tokenizer, and
+     report.json (dense_params, pruned_params, dense_ppl, pruned_ppl, ...).
 
 perplexity: exp(total NLL / number of dense-tokenizer tokens) over chunks of --seqlen dense tokens of the
 held-out part, each model using its own tokenizer; so a pruned vocabulary is compared fairly.
@@ -237,7 +238,8 @@ def run(args) -> int:
         "versions": _versions(),
     }
     extra = {"vocab_map": plan.vocab_keep.tolist()} if plan.vocab_keep is not None else None
-    save_compressed(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite, extra=extra)
+    manifest = save_compressed(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite,
+                               extra=extra)
 
     rows = [("", "dense", "pruned"),
             ("parameters", f"{dense_params:,}", f"{pruned_params:,} ({pruned_params / dense_params:.1%})"),
@@ -252,4 +254,10 @@ def run(args) -> int:
     print(_table(rows))
     print(f"held-out: {len(test_chunks.texts)} chunks x {args.seqlen} dense tokens; total {t_end - t0:.1f} s; "
           f"saved to {args.output}/ (report.json)")
+    if manifest["plain_transformers_loadable"]:
+        print(f"load it with sparsekit.load_compressed({args.output!r}) or "
+              f"AutoModelForCausalLM.from_pretrained({args.output!r})")
+    else:
+        print(f"load it with sparsekit.load_compressed({args.output!r}): its layers differ in width or head count, "
+              "or this architecture's config cannot state the new head count, so from_pretrained cannot build it")
     return 0

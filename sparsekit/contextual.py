@@ -672,6 +672,57 @@ def prune_vocabulary_(model: nn.Module, tokenizer, keep: torch.Tensor):
 _WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
 
 
+_HEAD_FIELDS = ("head_dim", "num_key_value_heads", "num_attention_heads")
+
+
+def _config_says_heads(model: nn.Module, layers: list[nn.Module], hidden: int, n: int) -> bool:
+    """Write the head count ``n`` that every layer kept into the config (``num_attention_heads``, ``head_dim``,
+    and ``num_key_value_heads`` without GQA), and keep it only where a model built from the config (on the meta
+    device) has the pruned attention's shapes and head counts. Returns whether the config was kept.
+
+    Whether a config can say it depends on the architecture, so it is checked, not assumed: Llama, Mistral,
+    Qwen2 and Phi read ``config.head_dim`` (Qwen2's and Phi's configs have no such field; it is added), but
+    Llama's config refuses a hidden_size that is not a multiple of the head count, and OPT derives head_dim from
+    hidden_size / heads. Where the config cannot say it, it is left as it was, and the saved manifest carries the
+    per-layer head counts (``sparsekit.load_compressed``; ``plain_transformers_loadable`` is then false).
+    """
+    from .compressed import _module_attributes, _reference, _spec_of
+
+    cfg = model.config
+    before = {f: getattr(cfg, f) for f in _HEAD_FIELDS if hasattr(cfg, f)}
+    kv = getattr(cfg, "num_key_value_heads", None)
+    if kv is not None and kv == cfg.num_attention_heads:  # no GQA: the k/v heads went with the q heads
+        cfg.num_key_value_heads = n
+    cfg.head_dim = find_attention(layers[0], hidden).head_dim
+    cfg.num_attention_heads = n
+    names = {id(m): name for name, m in model.named_modules()}
+    attention = [names[id(find_attention(layer, hidden).module)] for layer in layers]
+    try:
+        validate = getattr(cfg, "validate", None)  # transformers' strict configs check again when saved
+        if callable(validate):
+            validate()
+        ref, ref_attrs = _reference(cfg)
+    except Exception:  # the config's own validation refused it (e.g. hidden_size % heads != 0)
+        ref, ref_attrs = None, {}
+    ok = ref is not None
+    if ok:
+        for prefix in attention:
+            sub = model.get_submodule(prefix)
+            for name, m in sub.named_modules():
+                spec = _spec_of(m)
+                full = f"{prefix}.{name}" if name else prefix
+                if spec is not None and spec != ref.get(full):
+                    ok = False
+        ok = ok and not any(k in attention for k in _module_attributes(model, ref_attrs))
+    if not ok:
+        for f in _HEAD_FIELDS:
+            if f in before:
+                setattr(cfg, f, before[f])
+            elif hasattr(cfg, f):
+                delattr(cfg, f)
+    return ok
+
+
 @torch.no_grad()
 def apply_plan(model: nn.Module, tokenizer, plan: ContextualPlan):
     """Remove what ``plan`` says, physically. Returns the (possibly remapped) tokenizer.
@@ -702,18 +753,8 @@ def apply_plan(model: nn.Module, tokenizer, plan: ContextualPlan):
             if keep is not None and keep.numel() != attn.num_heads:
                 remove_heads_(attn, keep)
             counts.add(keep.numel() if keep is not None else attn.num_heads)
-        n = next(iter(counts))
-        # The config can say so only where every layer kept the same count and the architecture's own check
-        # (hidden_size a multiple of the head count) still holds; otherwise the manifest's module attributes carry
-        # the per-layer head counts (sparsekit.load_compressed).
-        if (len(counts) == 1 and hasattr(cfg, "head_dim") and hasattr(cfg, "num_attention_heads")
-                and getattr(cfg, "hidden_size", 0) % n == 0):
-            attn0 = find_attention(layers[0], hidden)
-            cfg.head_dim = attn0.head_dim
-            kv = getattr(cfg, "num_key_value_heads", None)
-            if kv is not None and kv == cfg.num_attention_heads:  # no GQA: the k/v heads went with the q heads
-                cfg.num_key_value_heads = n
-            cfg.num_attention_heads = n
+        if len(counts) == 1 and hasattr(cfg, "num_attention_heads"):
+            _config_says_heads(model, layers, hidden, next(iter(counts)))
     if plan.vocab_keep is not None:
         tokenizer = prune_vocabulary_(model, tokenizer, plan.vocab_keep)
     return tokenizer

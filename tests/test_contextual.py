@@ -327,6 +327,43 @@ def test_save_load_uniform_is_plain_transformers(tmp_path, bpe, corpus):
     assert on_disk < 4 * count_parameters(_model_for(bpe, tie=True))
 
 
+@pytest.mark.parametrize("arch,kw,heads,plain", [
+    ("llama", {}, 0.5, True),  # GQA: head_dim is a config field
+    ("mistral", {}, 0.5, True),
+    ("qwen2", {}, 0.5, True),  # no head_dim field, but the model reads config.head_dim: added
+    ("phi", {}, 0.25, True),
+    ("llama", {"num_key_value_heads": 4}, 0.25, False),  # 3 heads: hidden_size 64 % 3 fails the config's check
+    ("opt", {}, 0.25, False),  # OPT derives head_dim from hidden_size / heads
+])
+def test_uniform_head_removal_is_plain_transformers_where_the_config_can_say_it(tmp_path, arch, kw, heads, plain):
+    """The same head count in every layer goes into the config where a model built from it has the pruned
+    shapes (checked, not assumed per architecture), so from_pretrained loads the folder; elsewhere the config is
+    left as it was, it still saves (a config refused by its own validation would not), and load_compressed
+    rebuilds it."""
+    from transformers import AutoModelForCausalLM
+
+    m = tiny_model(arch, **kw)
+    before = m.config.to_dict()
+    plan = C.plan_removal(m, _stats(m), target_params=1.0, heads=heads)
+    C.apply_plan(m, None, plan)
+    kept = {k.numel() for k in plan.head_keep}
+    assert len(kept) == 1 and kept.pop() < before["num_attention_heads"]
+    manifest = save_compressed(m, str(tmp_path / "out"))
+    assert manifest["plain_transformers_loadable"] is plain
+    x = random_windows(1, 13, seed=2)
+    want = _logits(m, x)
+    if plain:
+        assert m.config.num_attention_heads == plan.head_keep[0].numel()
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager").eval()
+        assert torch.equal(_logits(loaded, x), want)
+    else:
+        fields = ("head_dim", "num_key_value_heads", "num_attention_heads")
+        assert {k: m.config.to_dict().get(k) for k in fields} == {k: before.get(k) for k in fields}
+        with pytest.raises(Exception):
+            AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
+    assert torch.equal(_logits(load_compressed(str(tmp_path / "out"), attn_implementation="eager"), x), want)
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi"])
 def test_save_load_per_layer_widths(tmp_path, arch):
     m = tiny_model(arch)
