@@ -22,8 +22,14 @@ class OutputExistsError(FileExistsError):
     """The output folder exists and --overwrite was not given."""
 
 
-def check_output_dir(path: str, overwrite: bool) -> None:
-    """Fail early (before any long work) if ``path`` cannot be written."""
+def check_output_dir(path: str, overwrite: bool, reads: str | None = None) -> None:
+    """Fail early (before any long work) if ``path`` cannot be written. ``reads``: a folder the command reads
+    (its --model); writing the output there or to a folder that contains it would replace the input."""
+    if reads is not None and os.path.exists(path):
+        out, src = os.path.realpath(path), os.path.realpath(reads)
+        if src == out or src.startswith(out.rstrip(os.sep) + os.sep):
+            raise ValueError(f"--output {path} {'is' if src == out else 'contains'} the --model folder {reads}; "
+                             "writing there would replace the model being read: choose another folder")
     if os.path.exists(path) and not overwrite:
         raise OutputExistsError(f"output folder {path} exists; pass --overwrite to replace it")
     parent = os.path.dirname(os.path.abspath(path))
@@ -74,6 +80,7 @@ def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to the file ``path`` through a temporary file beside it, renamed into place: a reader never
     sees it half-written, and a failed write leaves what was there."""
     tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as the output folders are
     try:
         with open(tmp, "w") as f:
             f.write(text)
@@ -117,9 +124,17 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def save_pruned_model(model, tokenizer, path: str, report: dict, overwrite: bool = False) -> None:
+def save_pruned_model(model, tokenizer, path: str, report: dict, overwrite: bool = False) -> bool:
     """Save model (safetensors, loadable with AutoModelForCausalLM.from_pretrained), tokenizer and
-    ``report.json`` into ``path`` atomically."""
+    ``report.json`` into ``path`` atomically. Returns True; or, where the model's structure is not what its config
+    builds (it was loaded from a ``sparsekit contextual`` or ``sparsekit laser`` folder: shrunk or low-rank
+    layers), saves it with ``sparsekit.save_compressed`` instead and returns False: ``save_pretrained`` would
+    write a folder that from_pretrained loads with those layers randomly initialised."""
+    from .compressed import config_builds, save_compressed
+
+    if not config_builds(model):
+        save_compressed(model, path, tokenizer=tokenizer, report=report, overwrite=overwrite)
+        return False
     with atomic_output_dir(path, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -127,3 +142,4 @@ def save_pruned_model(model, tokenizer, path: str, report: dict, overwrite: bool
         with open(os.path.join(tmp, "report.json"), "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
+    return True

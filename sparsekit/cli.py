@@ -41,8 +41,10 @@ what it does:
   3. prunes the linear layers of each decoder block in turn (embeddings and LM head are never pruned),
      collecting input statistics on the outputs of the already-pruned blocks (Wanda's sequential scheme);
   4. evaluates the pruned model, prints a table, and writes OUTPUT atomically: the pruned model
-     (safetensors, loadable with transformers' AutoModelForCausalLM.from_pretrained), its tokenizer,
-     and report.json (dense_ppl, pruned_ppl, sparsity, prune_seconds, method, pattern, ...).
+     (safetensors, loadable with transformers' AutoModelForCausalLM.from_pretrained; with --save-compressed,
+     or for a --model folder written by `sparsekit contextual` or `sparsekit laser` whose layers the config
+     does not describe, only with sparsekit.load_compressed: the last line printed says which), its
+     tokenizer, and report.json (dense_ppl, pruned_ppl, sparsity, prune_seconds, method, pattern, ...).
 
 perplexity: exp(mean NLL over every predicted token) on non-overlapping --seqlen windows over the
 first --eval-tokens tokens of the evaluation text.
@@ -109,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "while each layer runs on the GPU")
     pr.add_argument("--save-compressed", action="store_true",
                     help="save OUTPUT with sparsekit.save_compressed: pruned linears become SparseLinear layers "
-                         "in packed formats (2:4/N:M or bitmap, chosen per layer); reload with "
-                         "sparsekit.load_compressed, or run `sparsekit bench --model OUTPUT`")
+                         "in packed formats (per layer 2:4 where the layer fits it, else bitmap: other N:M "
+                         "patterns are stored as bitmaps, which are no larger); reload with "
+                         "sparsekit.load_compressed (from_pretrained cannot), or run `sparsekit bench --model OUTPUT`")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ev = sub.add_parser(
@@ -191,8 +194,7 @@ def run_prune(args) -> int:
     spec = PruneSpec(args.method, args.sparsity, parse_pattern(args.pattern), blocksize=args.blocksize,
                      percdamp=args.percdamp, profile=args.sparsity_profile, owl_m=args.owl_m,
                      owl_lambda=args.owl_lambda)
-    check_output_dir(args.output, args.overwrite)
-    resolve_model(args.model)
+    check_output_dir(args.output, args.overwrite, reads=resolve_model(args.model).folder)
     calib_text = data.read_text(args.calib)
     eval_text = data.read_text(args.eval)
     if args.eval_tokens < 1:
@@ -244,15 +246,27 @@ def run_prune(args) -> int:
         from .sparsify import sparsify_
 
         sparsify_(model)
-        save_compressed(model, args.output, tokenizer=tokenizer, report=out, overwrite=args.overwrite)
+        plain = save_compressed(model, args.output, tokenizer=tokenizer, report=out,
+                                overwrite=args.overwrite)["plain_transformers_loadable"]
     else:
-        save_pruned_model(model, tokenizer, args.output, out, overwrite=args.overwrite)
+        plain = save_pruned_model(model, tokenizer, args.output, out, overwrite=args.overwrite)
     distributed.barrier()
 
     _print_prune_table(spec, report, dense_ppl, pruned_ppl)
     print(f"eval: {windows.shape[0]} windows x {args.seqlen} tokens of {args.eval}; "
           f"total {t_end - t_start:.1f} s; saved to {args.output}/ (report.json)")
+    print(loader_line(args.output, plain))
     return 0
+
+
+def loader_line(folder: str, plain: bool) -> str:
+    """The last line of the commands that save a model: which loader rebuilds the folder."""
+    if plain:
+        return (f"load it with AutoModelForCausalLM.from_pretrained({folder!r}) or "
+                f"sparsekit.load_compressed({folder!r})")
+    return (f"load it with sparsekit.load_compressed({folder!r}) (or `sparsekit eval/bench --model {folder}`): its "
+            "layers are packed, shrunk per layer or low-rank, or carry head counts its config cannot state, "
+            "so from_pretrained cannot rebuild it")
 
 
 def _prune_report(args, spec, report, dense_ppl: float, pruned_ppl: float, windows, world_size: int,
@@ -298,6 +312,10 @@ def _run_prune_offload(args, spec, calib_text: str, eval_text: str, progress: bo
     if src.gguf_file:
         raise ValueError(f"--offload reads a safetensors checkpoint folder; {args.model} is a GGUF file. Save it "
                          "with `sparsekit prune ... --sparsity 0 --output DIR` (or save_pretrained) first")
+    if os.path.exists(os.path.join(src.folder, "sparsekit.json")):
+        raise ValueError(f"--offload reads a plain transformers checkpoint; {args.model} was written by "
+                         "sparsekit.save_compressed (contextual, laser or --save-compressed): prune it without "
+                         "--offload")
     if distributed.world_size() > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
         raise ValueError("--offload runs in one process; do not combine it with torchrun")
     if args.save_compressed:
@@ -359,9 +377,20 @@ def run_eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1 (omit it for every question), got {args.limit}")
     resolve_model(args.model)
+    if args.output:  # fail before the evaluation, not after it
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        if os.path.isdir(args.output):
+            raise ValueError(f"--output {args.output} is a folder; give a file name (e.g. results.json)")
+        existing = out_dir
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+            raise PermissionError(f"cannot write --output {args.output}: {existing} is not a writable folder")
     kinds = {}
+    from .cli_laser import _is_text
+
     for name in names:  # validate every task before loading the model
-        if name in data.BUILTIN_TEXTS or (os.path.isfile(name) and not name.endswith(".jsonl")):
+        if _is_text(name):  # a missing .txt / .jsonl path is reported as a missing file, not an unknown task
             kinds[name] = ("ppl", data.read_text(name))
         else:
             kinds[name] = ("mc", tasks.load_task(name, args.data_dir, args.limit))

@@ -118,7 +118,7 @@ def run(args) -> int:
     from . import contextual as ctx
     from . import data, tasks
     from .checkpoint import check_output_dir
-    from .cli import _progress, _table, _versions
+    from .cli import _progress, _table, _versions, loader_line
     from .compressed import count_parameters, save_compressed
     from .domain import chunk_perplexity, make_eval_chunks, split_documents
     from .finetune import FinetuneConfig, finetune_
@@ -144,8 +144,7 @@ def run(args) -> int:
         raise ValueError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {args.seqlen}")
     ft_cfg = FinetuneConfig(args.finetune_steps, lr=args.lr, batch_size=args.batch_size, seqlen=args.finetune_seqlen,
                             eval_every=args.eval_every, seed=args.seed)
-    check_output_dir(args.output, args.overwrite)
-    resolve_model(args.model)
+    check_output_dir(args.output, args.overwrite, reads=resolve_model(args.model).folder)
     parts = split_documents(data.read_text(args.domain), _parse_splits(args.splits))
     task_sets = {}
     if args.tasks:
@@ -158,6 +157,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     print(f"loading {args.model}", file=sys.stderr)
     model, tokenizer = load_model(args.model, "float32", args.device)
+    ctx.check_plain_layers(model)
     check_seqlen_fits(model, args.seqlen)
     if args.finetune_steps:
         check_seqlen_fits(model, args.finetune_seqlen, "--finetune-seqlen")
@@ -254,10 +254,5 @@ def run(args) -> int:
     print(_table(rows))
     print(f"held-out: {len(test_chunks.texts)} chunks x {args.seqlen} dense tokens; total {t_end - t0:.1f} s; "
           f"saved to {args.output}/ (report.json)")
-    if manifest["plain_transformers_loadable"]:
-        print(f"load it with sparsekit.load_compressed({args.output!r}) or "
-              f"AutoModelForCausalLM.from_pretrained({args.output!r})")
-    else:
-        print(f"load it with sparsekit.load_compressed({args.output!r}): its layers differ in width or head count, "
-              "or this architecture's config cannot state the new head count, so from_pretrained cannot build it")
+    print(loader_line(args.output, manifest["plain_transformers_loadable"]))
     return 0

@@ -166,7 +166,7 @@ def _check_args(args) -> dict:
         raise ValueError("--oversample and --power-iters must be >= 0")
     if args.cache_mb < 0:
         raise ValueError(f"--cache-mb must be >= 0, got {args.cache_mb}")
-    check_output_dir(args.output, args.overwrite)
+    check_output_dir(args.output, args.overwrite, reads=resolve_model(args.model).folder)
     loaded = {"kind": kind}
     if kind == "mc":
         same = args.test_set is None
@@ -238,7 +238,7 @@ def _print_types(model_name: str, types) -> None:
 def _run(args) -> int:
     import torch
 
-    from .cli import _progress, _versions
+    from .cli import _progress, _versions, loader_line
     from .compressed import count_parameters, save_compressed
     from .laser import (Intervention, LaserFactors, MultipleChoiceObjective, PrefixCache, apply_interventions,
                         discover_matrix_types, laser_search, parse_layers, parse_rhos, resolve_matrix_types)
@@ -342,7 +342,8 @@ def _run(args) -> int:
                     "test": t_tested - t_test, "total": time.perf_counter() - t_start},
         "versions": _versions(),
     }
-    save_compressed(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+    plain = save_compressed(model, args.output, tokenizer=tokenizer, report=report,
+                            overwrite=args.overwrite)["plain_transformers_loadable"]
 
     base_v = val_obj.headline(search.base)
     rows = [("#", "intervention", "rank", "stored", f"val {metric}", "delta")]
@@ -365,7 +366,8 @@ def _run(args) -> int:
         ("parameters", f"{params_before:,}", "", f"{params_after:,}"),
     ], "lrrr"))
     print(f"total {time.perf_counter() - t_start:.1f} s (SVD {factors.seconds:.1f} s, search {search.seconds:.1f} s); "
-          f"saved to {args.output}/ (report.json; reload with sparsekit.load_compressed)")
+          f"saved to {args.output}/ (report.json)")
+    print(loader_line(args.output, plain))
     return 0
 
 

@@ -10,7 +10,10 @@ sparsekit changes models in three ways that a plain ``from_pretrained`` cannot a
 ``save_compressed(model, DIR)`` writes, atomically:
 
 * ``config.json`` / ``generation_config.json``: the model's (possibly updated) transformers config;
-* ``model.safetensors``: the state dict; tensors shared between modules (tied embeddings) are stored once;
+* ``model.safetensors``: the state dict; tensors shared between modules (tied embeddings) are stored once. Where
+  the folder is not a plain transformers checkpoint (see below) the file is ``sparsekit_model.safetensors``
+  instead, so that ``from_pretrained`` refuses the folder (no weights file) rather than loading the config's
+  shapes with the differing layers randomly initialised;
 * ``sparsekit.json``: for every module that differs from what the config builds, its class and constructor
   arguments, plus module attributes to restore (e.g. an attention layer's head counts);
 * the tokenizer and ``report.json`` when given.
@@ -36,12 +39,16 @@ from torch import nn
 
 from .checkpoint import atomic_output_dir
 
-__all__ = ["register_compressed_module", "save_compressed", "load_compressed", "count_parameters",
+__all__ = ["register_compressed_module", "save_compressed", "load_compressed", "count_parameters", "config_builds",
            "FORMAT_VERSION", "MANIFEST"]
 
 FORMAT_VERSION = 1
 MANIFEST = "sparsekit.json"
 WEIGHTS = "model.safetensors"
+# The weights of a folder that from_pretrained cannot rebuild: under another name, so that from_pretrained fails
+# with "no file named model.safetensors" instead of loading the config's shapes with every mismatched layer
+# freshly (randomly) initialised, which transformers only reports in a load log.
+WEIGHTS_SPARSEKIT_ONLY = "sparsekit_model.safetensors"
 
 _REGISTRY: dict[str, type] = {}
 
@@ -159,6 +166,39 @@ def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, tied
 
 
+def compressed_modules(module: nn.Module) -> dict[str, str]:
+    """Qualified name -> class name of every registered compressed module (``SparseLinear``, ``LowRankLinear``)
+    inside ``module``."""
+    return {name: type(m).__name__ for name, m in module.named_modules()
+            if type(m).__name__ in _REGISTRY and isinstance(m, _REGISTRY[type(m).__name__])}
+
+
+def _differences(model: nn.Module, config) -> tuple[dict, dict]:
+    """The modules (class and spec) and module attributes (head counts) of ``model`` that differ from what
+    ``config`` builds."""
+    ref, ref_attrs = _reference(config)
+    modules = {}
+    for name, m in model.named_modules():
+        s = _spec_of(m)
+        if s is None:
+            continue
+        if s != ref.get(name):
+            modules[name] = {"class": s[0], "spec": s[1]}
+    return modules, _module_attributes(model, ref_attrs)
+
+
+def config_builds(model: nn.Module) -> bool:
+    """Whether ``AutoModelForCausalLM.from_config(model.config)`` builds ``model``'s structure: the same linear and
+    embedding shapes, no compressed module classes, the same head counts. Where it does not, only
+    ``save_compressed`` keeps the model (``save_pretrained`` would write a folder that from_pretrained loads
+    with the mismatched layers re-initialised)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    modules, attributes = _differences(model, config)
+    return not modules and not attributes
+
+
 def save_compressed(model: nn.Module, path: str, tokenizer=None, report: dict | None = None,
                     overwrite: bool = False, extra: dict | None = None) -> dict:
     """Write ``model`` (with compressed or shrunk modules) to ``path`` atomically; return the manifest.
@@ -171,20 +211,14 @@ def save_compressed(model: nn.Module, path: str, tokenizer=None, report: dict | 
     if config is None:
         raise TypeError(f"{type(model).__name__} has no transformers config; save_compressed needs a "
                         "transformers model")
-    ref, ref_attrs = _reference(config)
-    modules = {}
-    for name, m in model.named_modules():
-        s = _spec_of(m)
-        if s is None:
-            continue
-        if s != ref.get(name):
-            modules[name] = {"class": s[0], "spec": s[1]}
-    attributes = _module_attributes(model, ref_attrs)
+    modules, attributes = _differences(model, config)
     tensors, tied = _dedup_state_dict(model)
     dtype = next(model.parameters()).dtype
+    plain = not modules and not attributes
+    weights = WEIGHTS if plain else WEIGHTS_SPARSEKIT_ONLY
     manifest = {"format_version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""),
-                "modules": modules, "attributes": attributes, "tied": tied,
-                "plain_transformers_loadable": not modules and not attributes}
+                "modules": modules, "attributes": attributes, "tied": tied, "weights": weights,
+                "plain_transformers_loadable": plain}
     if extra:
         manifest["extra"] = extra
     with atomic_output_dir(path, overwrite) as tmp:
@@ -195,7 +229,7 @@ def save_compressed(model: nn.Module, path: str, tokenizer=None, report: dict | 
                 gen.save_pretrained(tmp)
             except ValueError:  # an invalid generation config must not block saving the weights
                 pass
-        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, weights), metadata={"format": "pt"})
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
@@ -272,7 +306,10 @@ def load_compressed(path: str, device: str | torch.device = "cpu", dtype: torch.
         mod = model.get_submodule(name)
         for k, v in attrs.items():
             setattr(mod, k, v)
-    state = load_file(os.path.join(path, WEIGHTS))
+    weights = manifest.get("weights", WEIGHTS)  # folders written before the twelfth session: model.safetensors
+    if weights not in (WEIGHTS, WEIGHTS_SPARSEKIT_ONLY):
+        raise ValueError(f"{mpath}: unknown weights file {weights!r}")
+    state = load_file(os.path.join(path, weights))
     tied = manifest.get("tied", {})
     for dropped, kept in tied.items():
         state[dropped] = state[kept]

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import LinearStats, capture_layer_inputs, collect_input_stats, run_layer
-from .compressed import count_parameters
+from .compressed import compressed_modules, count_parameters
 from .models import find_decoder_layers, find_linears
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "apply_plan",
     "shrink_mlp_",
     "remove_heads_",
+    "check_plain_layers",
     "vocabulary_keep_set",
     "prune_vocabulary_",
 ]
@@ -214,6 +215,19 @@ class DomainStats:
 
 
 @torch.no_grad()
+def check_plain_layers(model: nn.Module) -> None:
+    """Raise ContextualError if ``model`` holds compressed layers (``LowRankLinear`` from ``sparsekit laser``,
+    ``SparseLinear`` from ``--save-compressed``): contextual pruning shrinks plain ``nn.Linear`` layers, and an MLP
+    with a low-rank projection would be shrunk in its other projections only."""
+    packed = compressed_modules(model)
+    if packed:
+        name, kind = next(iter(packed.items()))
+        raise ContextualError(
+            f"the model has {len(packed)} compressed layers ({kind} at {name}, as `sparsekit laser` or "
+            "--save-compressed write them); contextual pruning shrinks plain nn.Linear layers: run it on the dense "
+            "model first, then laser or prune its output")
+
+
 def collect_domain_stats(model: nn.Module, windows: torch.Tensor, token_ids: torch.Tensor | None = None,
                          progress: bool = False) -> DomainStats:
     """One streaming pass over the calibration ``windows`` (n, L), layer by layer (bounded memory), with the
@@ -221,6 +235,7 @@ def collect_domain_stats(model: nn.Module, windows: torch.Tensor, token_ids: tor
     linear's input (shared by linears reading the same tensor) and a hook for each linear's mean |output|.
     ``token_ids`` (1-D): the domain text whose token frequencies decide the vocabulary (default: windows).
     """
+    check_plain_layers(model)
     layers = find_decoder_layers(model)
     hidden = model.config.hidden_size
     vocab = model.get_input_embeddings().num_embeddings

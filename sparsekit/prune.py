@@ -90,8 +90,11 @@ class PruneSpec:
             raise ValueError("give a sparsity (in [0, 1)) or an N:M pattern")
         if not (0.0 <= float(self.sparsity) < 1.0):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.blocksize < 1 or (self.pattern is not None and self.blocksize % self.pattern[1]):
-            raise ValueError(f"blocksize must be a positive multiple of M, got {self.blocksize}")
+        # --blocksize is SparseGPT's alone: other methods ignore it (its default, 128, need not be a multiple of M)
+        if self.method == "sparsegpt" and (
+                self.blocksize < 1 or (self.pattern is not None and self.blocksize % self.pattern[1])):
+            m = f" of M={self.pattern[1]}" if self.pattern is not None else ""
+            raise ValueError(f"sparsegpt's --blocksize must be a positive multiple{m}, got {self.blocksize}")
         if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
             raise ValueError(f"percdamp (--percdamp) must be a finite number >= 0, got {self.percdamp}")
         if not (math.isfinite(self.owl_m) and self.owl_m > 0):

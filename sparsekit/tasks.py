@@ -64,9 +64,14 @@ MMLU_DOMAINS = {
 
 def find_data_dir(explicit: str | None = None) -> str:
     """The shared data folder: ``explicit``, $SPARSEKIT_DATA, or ../shared/data next to the repo or cwd."""
+    # A folder the user named must exist: falling through to the default would score other data silently.
+    for given, what in ((explicit, "--data-dir"), (os.environ.get("SPARSEKIT_DATA"), "SPARSEKIT_DATA")):
+        if given:
+            if not os.path.isdir(given):
+                raise FileNotFoundError(f"{what} {given!r} is not a folder")
+            return os.path.abspath(given)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidates = [explicit, os.environ.get("SPARSEKIT_DATA"), os.path.join(here, "..", "shared", "data"),
-                  os.path.join(os.getcwd(), "..", "shared", "data")]
+    candidates = [os.path.join(here, "..", "shared", "data"), os.path.join(os.getcwd(), "..", "shared", "data")]
     for c in candidates:
         if c and os.path.isdir(c):
             return os.path.abspath(c)

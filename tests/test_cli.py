@@ -156,3 +156,166 @@ def test_eval_unknown_task(capsys):
 def test_eval_bad_input(extra, message, capsys):
     code, _, err = run(["eval", "--tasks", "wikitext2-test"] + extra, capsys)
     assert code == 2 and message in err, err
+
+
+# ---------------------------------------------------------------- outputs that only load_compressed rebuilds
+
+
+def _structured_folder(src: str, dst: str, kind: str) -> str:
+    """A copy of the tiny model whose structure its config does not describe, saved as sparsekit does: MLP widths
+    that differ per layer (what `sparsekit contextual --scope global` writes) or a low-rank MLP projection (what
+    `sparsekit laser` writes)."""
+    from transformers import AutoTokenizer
+
+    from sparsekit import save_compressed
+    from sparsekit.contextual import find_mlp, shrink_mlp_
+    from sparsekit.models import find_decoder_layers, load_model
+    from sparsekit.nn import LowRankLinear
+
+    model, _ = load_model(src)
+    layers = find_decoder_layers(model)
+    if kind == "widths":
+        parts = find_mlp(layers[1], model.config.hidden_size)
+        shrink_mlp_(parts, torch.arange(parts.width - 8))
+    else:
+        layers[0].mlp.gate_proj = LowRankLinear.from_linear(layers[0].mlp.gate_proj, rank=4)
+    save_compressed(model, dst, tokenizer=AutoTokenizer.from_pretrained(src))
+    return dst
+
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("kind", ["widths", "low_rank"])
+def test_prune_keeps_the_structure_of_a_contextual_or_laser_folder(tiny_folder, calib_file, tmp_path, capsys, kind):
+    """save_pretrained would write the config's shapes' names with other shapes (from_pretrained then re-initialises
+    those layers at random and only logs it): the output is written with save_compressed instead, its weights
+    file named so that from_pretrained refuses the folder, and load_compressed rebuilds what prune produced."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsekit import load_compressed
+    from sparsekit.models import find_decoder_layers
+
+    src = _structured_folder(tiny_folder, str(tmp_path / "src"), kind)
+    out = tmp_path / "out"
+    code, stdout, err = run(["prune", "--model", src, "--method", "magnitude", "--sparsity", "0.5",
+                             "--calib", calib_file, "--eval", calib_file, "--nsamples", "2", "--seqlen", "32",
+                             "--eval-tokens", "128", "--output", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "sparsekit.load_compressed" in stdout.strip().splitlines()[-1]
+    assert (out / "sparsekit_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    manifest = json.loads((out / "sparsekit.json").read_text())
+    assert not manifest["plain_transformers_loadable"] and manifest["modules"]
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(str(out))
+    again = load_compressed(str(out))
+    source = load_compressed(src)
+    for a, b in zip(find_decoder_layers(again), find_decoder_layers(source)):
+        assert [type(m).__name__ for m in a.modules()] == [type(m).__name__ for m in b.modules()]
+        assert [tuple(p.shape) for p in a.parameters()] == [tuple(p.shape) for p in b.parameters()]
+    # the pruned weights came back (half of each pruned linear is zero), not a fresh initialisation
+    down = find_decoder_layers(again)[1].mlp.down_proj.weight
+    assert float((down == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+    report = json.loads((out / "report.json").read_text())
+    code, stdout, err = run(["eval", "--model", str(out), "--tasks", calib_file, "--seqlen", "32",
+                             "--eval-tokens", "128", "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"{report['pruned_ppl']:.3f}"[:5] in stdout
+
+
+def test_a_plain_prune_output_still_loads_with_from_pretrained(tiny_folder, calib_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run(["prune", "--model", tiny_folder, "--method", "magnitude", "--sparsity", "0.3",
+                             "--calib", calib_file, "--eval", calib_file, "--nsamples", "2", "--seqlen", "32",
+                             "--eval-tokens", "64", "--output", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "from_pretrained" in stdout.strip().splitlines()[-1] and not (out / "sparsekit.json").exists()
+
+
+def test_save_compressed_output_refuses_from_pretrained_and_old_folders_still_load(tiny_folder, tmp_path):
+    """A packed (SparseLinear) folder has no model.safetensors, so from_pretrained fails loudly; a folder written
+    before the weights file was renamed (model.safetensors, no "weights" key) still loads."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsekit import load_compressed, save_compressed, sparsify_
+    from sparsekit.models import load_model
+
+    model, _ = load_model(tiny_folder)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings():
+            w = m.weight.data
+            w.view(-1, 4)[:, :2] = 0  # 2:4
+    sparsify_(model)
+    x = torch.randint(0, 200, (1, 9))
+    want = model(input_ids=x).logits
+    manifest = save_compressed(model, str(tmp_path / "c"))
+    assert manifest["weights"] == "sparsekit_model.safetensors" and not manifest["plain_transformers_loadable"]
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "c"))
+    assert torch.equal(load_compressed(str(tmp_path / "c"))(input_ids=x).logits, want)
+    # the older layout
+    old = tmp_path / "c"
+    (old / "sparsekit_model.safetensors").rename(old / "model.safetensors")
+    m = json.loads((old / "sparsekit.json").read_text())
+    del m["weights"]
+    (old / "sparsekit.json").write_text(json.dumps(m))
+    assert torch.equal(load_compressed(str(old))(input_ids=x).logits, want)
+
+
+def test_contextual_refuses_a_laser_folder_and_prune_a_packed_one(tiny_folder, calib_file, tmp_path, capsys):
+    src = _structured_folder(tiny_folder, str(tmp_path / "laser"), "low_rank")
+    code, _, err = run(["contextual", "--model", src, "--domain", calib_file, "--target-params", "0.9",
+                        "--output", str(tmp_path / "o"), "--no-progress"], capsys)
+    assert code == 2 and "compressed layers (LowRankLinear at" in err and "Traceback" not in err, err
+    code, _, err = run(["prune", "--model", tiny_folder, "--method", "magnitude", "--pattern", "2:4",
+                        "--calib", calib_file, "--eval", calib_file, "--nsamples", "2", "--seqlen", "32",
+                        "--eval-tokens", "64", "--save-compressed", "--output", str(tmp_path / "packed"),
+                        "--no-progress"], capsys)
+    assert code == 0, err
+    code, _, err = run(["prune", "--model", str(tmp_path / "packed"), "--method", "magnitude", "--sparsity", "0.5",
+                        "--calib", calib_file, "--eval", calib_file, "--nsamples", "2", "--seqlen", "32",
+                        "--eval-tokens", "64", "--output", str(tmp_path / "o2"), "--no-progress"], capsys)
+    assert code == 2 and "already packed" in err and "SparseLinear" in err, err
+
+
+def test_wanda_nm_is_not_held_to_sparsegpt_blocksize(tiny_folder, calib_file, tmp_path, capsys):
+    """--blocksize is SparseGPT's: Wanda runs with a blocksize that is no multiple of M, and a pattern that does not
+    divide the width gets its own error, not the blocksize one (128 % 5 != 0); SparseGPT still checks it."""
+    common = ["--calib", calib_file, "--eval", calib_file, "--nsamples", "2", "--seqlen", "32", "--eval-tokens", "64",
+              "--no-progress", "--model", tiny_folder]
+    code, _, err = run(["prune", "--method", "wanda", "--pattern", "2:4", "--blocksize", "6",
+                        "--output", str(tmp_path / "a")] + common, capsys)
+    assert code == 0, err
+    code, _, err = run(["prune", "--method", "wanda", "--pattern", "3:5", "--output", str(tmp_path / "b")] + common,
+                       capsys)
+    assert code == 2 and "blocksize" not in err and "5" in err, err
+    code, _, err = run(["prune", "--method", "sparsegpt", "--pattern", "3:5", "--output", str(tmp_path / "c")]
+                       + common, capsys)
+    assert code == 2 and "sparsegpt's --blocksize must be a positive multiple of M=5, got 128" in err, err
+
+
+def test_output_that_holds_the_model_is_refused(tiny_folder, calib_file, tmp_path, capsys):
+    import shutil
+
+    parent = tmp_path / "parent"
+    shutil.copytree(tiny_folder, parent / "model")
+    for out in (parent, parent / "model"):
+        code, _, err = run(["prune", "--model", str(parent / "model"), "--method", "magnitude", "--sparsity", "0.5",
+                            "--calib", calib_file, "--output", str(out), "--overwrite", "--no-progress"], capsys)
+        assert code == 2 and "--model folder" in err, err
+    assert (parent / "model" / "config.json").exists()
+
+
+def test_eval_output_and_task_paths(tiny_folder, calib_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "new" / "dir" / "res.json"
+    code, _, err = run(["eval", "--model", tiny_folder, "--tasks", calib_file, "--seqlen", "32",
+                        "--eval-tokens", "64", "--output", str(out), "--no-progress"], capsys)
+    assert code == 0 and out.exists(), err
+    code, _, err = run(["eval", "--model", tiny_folder, "--tasks", str(tmp_path / "missing.txt")], capsys)
+    assert code == 2 and "no such text file" in err, err
+    code, _, err = run(["eval", "--model", tiny_folder, "--tasks", "arc_easy", "--data-dir",
+                        str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "--data-dir" in err and "is not a folder" in err, err
+    monkeypatch.setenv("SPARSEKIT_DATA", str(tmp_path / "nowhere"))
+    code, _, err = run(["eval", "--model", tiny_folder, "--tasks", "arc_easy"], capsys)
+    assert code == 2 and "SPARSEKIT_DATA" in err, err
