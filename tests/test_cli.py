@@ -319,3 +319,12 @@ def test_eval_output_and_task_paths(tiny_folder, calib_file, tmp_path, capsys, m
     monkeypatch.setenv("SPARSEKIT_DATA", str(tmp_path / "nowhere"))
     code, _, err = run(["eval", "--model", tiny_folder, "--tasks", "arc_easy"], capsys)
     assert code == 2 and "SPARSEKIT_DATA" in err, err
+
+
+def test_offload_refuses_a_save_compressed_folder(tiny_folder, calib_file, tmp_path, capsys):
+    src = _structured_folder(tiny_folder, str(tmp_path / "ctx"), "widths")
+    code, _, err = run(["prune", "--model", src, "--method", "magnitude", "--sparsity", "0.5", "--offload",
+                        "--calib", calib_file, "--eval", calib_file, "--output", str(tmp_path / "o"),
+                        "--no-progress"], capsys)
+    assert code == 2 and "written by sparsekit.save_compressed" in err, err
+    assert not (tmp_path / "o").exists()
