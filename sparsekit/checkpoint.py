@@ -25,6 +25,8 @@ class OutputExistsError(FileExistsError):
 def check_output_dir(path: str, overwrite: bool, reads: str | None = None) -> None:
     """Fail early (before any long work) if ``path`` cannot be written. ``reads``: a folder the command reads
     (its --model); writing the output there or to a folder that contains it would replace the input."""
+    if not str(path).strip():  # abspath("") is the working directory, which overwrite would replace
+        raise ValueError("the output path is empty; name a folder")
     if reads is not None and os.path.exists(path):
         out, src = os.path.realpath(path), os.path.realpath(reads)
         if src == out or src.startswith(out.rstrip(os.sep) + os.sep):

@@ -126,6 +126,8 @@ def wanda_mask(weight: torch.Tensor, sq_norm: torch.Tensor, sparsity: float,
 
     Unstructured: ``int(in * sparsity)`` lowest scores pruned in each output row. N:M: per group of M.
     """
+    if pattern is None and not (0.0 <= sparsity < 1.0):  # NaN fails too
+        raise ValueError(f"wanda_mask: sparsity must be in [0, 1), got {sparsity}")
     score = ops.wanda_score(weight, sq_norm.to(weight.device))
     if pattern is not None:
         return ops.nm_mask(score, *pattern)

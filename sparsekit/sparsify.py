@@ -89,6 +89,18 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _reads_child_weights(parent: nn.Module) -> bool:
+    """torch.nn's own composite modules (MultiheadAttention, TransformerEncoderLayer, ...) pass their linears'
+    ``.weight`` to fused functions rather than calling them, so a SparseLinear there (no ``.weight``) breaks them.
+    Containers call their children; modules defined outside torch.nn (transformers' layers, a user's) are taken
+    to call them."""
+    cls = type(parent)
+    return cls.__module__.startswith("torch.nn.") and not isinstance(parent, _CONTAINERS)
+
+
 @torch.no_grad()
 def sparsify_(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None = None, format: str = "auto",
               min_sparsity: float = 0.5, include_lm_head: bool = False,
@@ -117,8 +129,14 @@ def sparsify_(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | No
 
     report = SparsifyReport()
     planned: list[tuple[str, SparseLinear, SparsifiedLayer]] = []
+    modules = dict(model.named_modules())
     for name, mod in model.named_modules():
         if not name or not is_linear(mod):
+            continue
+        parent = modules[name.rpartition(".")[0]]
+        if _reads_child_weights(parent):
+            report.skipped.append((name, f"its parent {type(parent).__name__} (a torch.nn module) reads the weight "
+                                         "tensor itself instead of calling the layer"))
             continue
         if head is not None and mod is head and not include_lm_head:
             report.skipped.append((name, "LM head (include_lm_head=True to swap it)"))

@@ -63,7 +63,7 @@ def unpack_bitmap(packed: BitmapPacked) -> torch.Tensor:
     """The dense (out, in) weight of ``packed``, its values' dtype and device."""
     rows, cols = packed.shape
     bits = (packed.bitmask.unsqueeze(-1) >> torch.arange(BITMAP_TILE, device=packed.bitmask.device)) & 1
-    mask = bits.reshape(rows, -1)[:, :cols].bool()
+    mask = bits.reshape(rows, packed.bitmask.shape[1] * BITMAP_TILE)[:, :cols].bool()  # rows may be 0
     dense = packed.values.new_zeros(rows, cols)
     dense[mask] = packed.values
     return dense
@@ -91,6 +91,12 @@ def check_bitmap_packed(bitmask: torch.Tensor, values: torch.Tensor, row_offsets
     device, the Triton kernel writes NaN rows); packers produce them consistent, so this is for what comes from
     outside, a checkpoint: one clear error before any kernel runs.
     O(out * T) on the mask, once, not per call."""
+    if bitmask.dim() != 2 or bitmask.dtype != torch.int64:
+        raise ValueError(f"{what}: bitmask must be a 2-D int64 tensor (out, tiles), got {bitmask.dtype} "
+                         f"{tuple(bitmask.shape)}")
+    if row_offsets.dim() != 1 or row_offsets.is_floating_point() or row_offsets.dtype == torch.bool:
+        raise ValueError(f"{what}: row_offsets must be a 1-D integer tensor, got {row_offsets.dtype} "
+                         f"{tuple(row_offsets.shape)}")
     out, tiles = bitmask.shape
     if tiles != -(-in_features // BITMAP_TILE) or row_offsets.shape != (out + 1,):
         raise ValueError(f"{what}: bitmask {tuple(bitmask.shape)} and row_offsets {tuple(row_offsets.shape)} do "

@@ -25,6 +25,7 @@ Not done: cuSPARSELt's compressed layout (``SparseLinear`` builds that with ``to
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +125,8 @@ def nm_index_codes(indices: torch.Tensor, m: int) -> torch.Tensor:
     per_byte = 8 // bits
     if indices.dim() != 2:
         raise ValueError(f"indices must be 2-D (out, kept), got shape {tuple(indices.shape)}")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be an integer tensor (uint8 positions), got {indices.dtype}")
     rows, count = indices.shape
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= m):
         bad = ((indices.to(torch.int64) < 0) | (indices.to(torch.int64) >= m)).nonzero()[0].tolist()
@@ -157,7 +160,12 @@ def check_nm_packed(values: torch.Tensor, index_codes: torch.Tensor, n: int, m: 
     position >= M, which would read outside the group. O(values) once, not per call."""
     _check_pattern(n, m)
     kept = m - n
-    if not isinstance(in_features, int) or in_features < 0 or in_features % m:
+    if isinstance(in_features, bool) or not isinstance(in_features, int):
+        try:
+            in_features = operator.index(in_features)  # numpy and torch integers
+        except TypeError:
+            raise ValueError(f"{what}: in_features must be an integer, got {in_features!r}") from None
+    if in_features < 0 or in_features % m:
         raise ValueError(f"{what}: M={m} does not divide in_features={in_features}")
     groups = in_features // m
     if values.dim() != 2 or values.shape[1] != groups * kept:

@@ -305,6 +305,8 @@ def auto_format(weight: torch.Tensor) -> str | None:
     """The format ``format="auto"`` picks for W (out, in): the smaller of 2:4 (when every group of 4 holds at
     most 2 non-zeros) and bitmap, 2:4 on a tie; None when neither is smaller than the dense weight."""
     out_f, in_f = weight.shape
+    if weight.numel() == 0:
+        raise ValueError(f"weight {out_f}x{in_f} has no elements: there is nothing to pack")
     elem = weight.element_size()
     dense = out_f * in_f * elem
     nnz = int((weight != 0).sum())
@@ -495,8 +497,20 @@ class SparseLinear(nn.Module):
         target = fn(torch.empty(0, dtype=self.values.dtype, device=self.values.device)).dtype
         if target not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"SparseLinear holds float32, bfloat16 or float16 values; a conversion would make them "
-                             f"{target} (the packed kernels have no {target} path)")
-        super()._apply(fn, recurse)
+                             f"{target} (the packed kernels have no {target} path). This layer is unchanged; in a "
+                             "model, the modules converted before it were not restored: convert the model back "
+                             "(e.g. model.float())")
+        integer = {n for n, b in self._buffers.items() if b is not None and not b.is_floating_point()}
+
+        def keep_integers(t: torch.Tensor) -> torch.Tensor:
+            # Module.type(dtype) converts every tensor; the packed codes, bitmask and row offsets must keep their
+            # integer dtype (float16 row offsets would lose bits), so they only follow a device move.
+            out = fn(t)
+            if not t.is_floating_point() and out.dtype != t.dtype:
+                return t.to(out.device)
+            return out
+
+        super()._apply(keep_integers if integer else fn, recurse)
         self._refresh_cslt()  # the cuSPARSELt copy is device-specific: rebuild it for the new device / dtype
         return self
 
