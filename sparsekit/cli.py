@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="save OUTPUT with sparsekit.save_compressed: pruned linears become SparseLinear layers "
                          "in packed formats (per layer 2:4 where the layer fits it, else bitmap: other N:M "
                          "patterns are stored as bitmaps, which are no larger); reload with "
-                         "sparsekit.load_compressed (from_pretrained cannot), or run `sparsekit bench --model OUTPUT`")
+                         "sparsekit.load_compressed (from_pretrained cannot, unless no layer was packed: the last "
+                         "line printed says which), or run `sparsekit bench --model OUTPUT`")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ev = sub.add_parser(
@@ -248,22 +249,25 @@ def run_prune(args) -> int:
         sparsify_(model)
         plain = save_compressed(model, args.output, tokenizer=tokenizer, report=out,
                                 overwrite=args.overwrite)["plain_transformers_loadable"]
-    else:
+        manifest = True
+    else:  # True: save_pretrained wrote it (no manifest); False: save_compressed did
         plain = save_pruned_model(model, tokenizer, args.output, out, overwrite=args.overwrite)
+        manifest = not plain
     distributed.barrier()
 
     _print_prune_table(spec, report, dense_ppl, pruned_ppl)
     print(f"eval: {windows.shape[0]} windows x {args.seqlen} tokens of {args.eval}; "
           f"total {t_end - t_start:.1f} s; saved to {args.output}/ (report.json)")
-    print(loader_line(args.output, plain))
+    print(loader_line(args.output, plain, manifest))
     return 0
 
 
-def loader_line(folder: str, plain: bool) -> str:
-    """The last line of the commands that save a model: which loader rebuilds the folder."""
+def loader_line(folder: str, plain: bool, manifest: bool = True) -> str:
+    """The last line of the commands that save a model: which loader rebuilds the folder. ``plain``: from_pretrained
+    can; ``manifest``: the folder has save_compressed's sparsekit.json (load_compressed needs it)."""
     if plain:
-        return (f"load it with AutoModelForCausalLM.from_pretrained({folder!r}) or "
-                f"sparsekit.load_compressed({folder!r})")
+        also = f" or sparsekit.load_compressed({folder!r})" if manifest else ""
+        return f"load it with AutoModelForCausalLM.from_pretrained({folder!r}){also}"
     return (f"load it with sparsekit.load_compressed({folder!r}) (or `sparsekit eval/bench --model {folder}`): its "
             "layers are packed, shrunk per layer or low-rank, or carry head counts its config cannot state, "
             "so from_pretrained cannot rebuild it")
@@ -312,10 +316,13 @@ def _run_prune_offload(args, spec, calib_text: str, eval_text: str, progress: bo
     if src.gguf_file:
         raise ValueError(f"--offload reads a safetensors checkpoint folder; {args.model} is a GGUF file. Save it "
                          "with `sparsekit prune ... --sparsity 0 --output DIR` (or save_pretrained) first")
-    if os.path.exists(os.path.join(src.folder, "sparsekit.json")):
-        raise ValueError(f"--offload reads a plain transformers checkpoint; {args.model} was written by "
-                         "sparsekit.save_compressed (contextual, laser or --save-compressed): prune it without "
-                         "--offload")
+    manifest_path = os.path.join(src.folder, "sparsekit.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            if not json.load(f).get("plain_transformers_loadable", False):
+                raise ValueError(f"--offload reads a plain transformers checkpoint; {args.model} was written by "
+                                 "sparsekit.save_compressed with layers its config does not describe (contextual, "
+                                 "laser or --save-compressed): prune it without --offload")
     if distributed.world_size() > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
         raise ValueError("--offload runs in one process; do not combine it with torchrun")
     if args.save_compressed:
@@ -360,6 +367,7 @@ def _run_prune_offload(args, spec, calib_text: str, eval_text: str, progress: bo
     _print_prune_table(spec, report, dense_ppl, pruned_ppl)
     print(f"offload: model {om.parameter_bytes / 2**30:.2f} GiB in {args.dtype}, peak RSS "
           f"{out['peak_rss_bytes'] / 2**30:.2f} GiB; total {t_end - t_start:.1f} s; saved to {args.output}/")
+    print(loader_line(args.output, plain=True, manifest=False))
     return 0
 
 

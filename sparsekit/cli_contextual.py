@@ -64,7 +64,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "number from every key/value group); default %(default)s")
     p.add_argument("--scope", choices=["layer", "global"], default="layer",
                    help="layer: the same number of MLP channels removed from every layer (plain transformers can "
-                        "load the result); global: channels ranked across layers (default %(default)s)")
+                        "load the result, unless --heads leaves a head count the architecture's config cannot "
+                        "state: the last line printed says); global: channels ranked across layers (default "
+                        "%(default)s)")
     p.add_argument("--score", choices=["activation", "wanda"], default="activation",
                    help="activation: mean |activation| (Mini-GPTs); wanda: ||X_j|| * sum_i |W_ij| of the channel "
                         "(structured Wanda-style baseline); default %(default)s")

@@ -20,7 +20,8 @@ sparsekit changes models in three ways that a plain ``from_pretrained`` cannot a
 
 ``load_compressed(DIR)`` builds the architecture from the config, swaps in the recorded modules, restores
 the attributes, loads the state dict strictly and re-ties shared tensors. When ``sparsekit.json`` records no
-module (every shape matches the config), the folder is also a plain transformers checkpoint that
+module and no attribute (every shape and head count matches the config), the folder is also a plain
+transformers checkpoint that
 ``AutoModelForCausalLM.from_pretrained(DIR)`` loads.
 
 A module class takes part by ``@register_compressed_module`` and two methods: ``compressed_spec(self) ->
@@ -40,6 +41,7 @@ from torch import nn
 from .checkpoint import atomic_output_dir
 
 __all__ = ["register_compressed_module", "save_compressed", "load_compressed", "count_parameters", "config_builds",
+           "compressed_modules", "compressed_layers_error",
            "FORMAT_VERSION", "MANIFEST"]
 
 FORMAT_VERSION = 1
@@ -171,6 +173,18 @@ def compressed_modules(module: nn.Module) -> dict[str, str]:
     inside ``module``."""
     return {name: type(m).__name__ for name, m in module.named_modules()
             if type(m).__name__ in _REGISTRY and isinstance(m, _REGISTRY[type(m).__name__])}
+
+
+def compressed_layers_error(module: nn.Module, what: str) -> str | None:
+    """A one-line reason that ``what`` (a command or step) needs plain nn.Linear layers, naming the first
+    compressed layer of ``module``; None when it has none."""
+    packed = compressed_modules(module)
+    if not packed:
+        return None
+    name, kind = next(iter(packed.items()))
+    return (f"the model has {len(packed)} compressed layers ({kind} at {name}, as `sparsekit laser` and "
+            f"--save-compressed write them); {what} works on plain nn.Linear layers: run it on the dense model "
+            "first")
 
 
 def _differences(model: nn.Module, config) -> tuple[dict, dict]:

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import LinearStats, capture_layer_inputs, collect_input_stats, run_layer
-from .compressed import compressed_modules, count_parameters
+from .compressed import compressed_layers_error, count_parameters
 from .models import find_decoder_layers, find_linears
 
 __all__ = [
@@ -214,20 +214,16 @@ class DomainStats:
     tokens: int = 0
 
 
-@torch.no_grad()
 def check_plain_layers(model: nn.Module) -> None:
     """Raise ContextualError if ``model`` holds compressed layers (``LowRankLinear`` from ``sparsekit laser``,
     ``SparseLinear`` from ``--save-compressed``): contextual pruning shrinks plain ``nn.Linear`` layers, and an MLP
     with a low-rank projection would be shrunk in its other projections only."""
-    packed = compressed_modules(model)
-    if packed:
-        name, kind = next(iter(packed.items()))
-        raise ContextualError(
-            f"the model has {len(packed)} compressed layers ({kind} at {name}, as `sparsekit laser` or "
-            "--save-compressed write them); contextual pruning shrinks plain nn.Linear layers: run it on the dense "
-            "model first, then laser or prune its output")
+    reason = compressed_layers_error(model, "contextual pruning")
+    if reason:
+        raise ContextualError(reason + ", then laser or prune its output")
 
 
+@torch.no_grad()
 def collect_domain_stats(model: nn.Module, windows: torch.Tensor, token_ids: torch.Tensor | None = None,
                          progress: bool = False) -> DomainStats:
     """One streaming pass over the calibration ``windows`` (n, L), layer by layer (bounded memory), with the
@@ -351,7 +347,8 @@ def plan_removal(model: nn.Module, stats: DomainStats, *, target_params: float |
     * then MLP channels, by ``target_params`` (fraction of the dense parameter count to keep, counted in
       memory with embeddings) or by ``threshold`` (remove channels whose mean |activation| is below it).
       ``scope="layer"`` removes the same number of channels from every layer (the same width everywhere, so
-      the result is also a plain transformers checkpoint); ``"global"`` ranks channels of all layers
+      the result is also a plain transformers checkpoint where the config can state its head count too, see
+      ``apply_plan``); ``"global"`` ranks channels of all layers
       together, each layer's scores divided by their mean so that layers compare.
     """
     if score not in SCORES:
@@ -701,34 +698,25 @@ def _config_says_heads(model: nn.Module, layers: list[nn.Module], hidden: int, n
     hidden_size / heads. Where the config cannot say it, it is left as it was, and the saved manifest carries the
     per-layer head counts (``sparsekit.load_compressed``; ``plain_transformers_loadable`` is then false).
     """
-    from .compressed import _module_attributes, _reference, _spec_of
+    from .compressed import _differences
 
     cfg = model.config
     before = {f: getattr(cfg, f) for f in _HEAD_FIELDS if hasattr(cfg, f)}
-    kv = getattr(cfg, "num_key_value_heads", None)
-    if kv is not None and kv == cfg.num_attention_heads:  # no GQA: the k/v heads went with the q heads
-        cfg.num_key_value_heads = n
-    cfg.head_dim = find_attention(layers[0], hidden).head_dim
-    cfg.num_attention_heads = n
     names = {id(m): name for name, m in model.named_modules()}
     attention = [names[id(find_attention(layer, hidden).module)] for layer in layers]
     try:
+        kv = getattr(cfg, "num_key_value_heads", None)
+        if kv is not None and kv == cfg.num_attention_heads:  # no GQA: the k/v heads went with the q heads
+            cfg.num_key_value_heads = n
+        cfg.head_dim = find_attention(layers[0], hidden).head_dim
+        cfg.num_attention_heads = n
         validate = getattr(cfg, "validate", None)  # transformers' strict configs check again when saved
         if callable(validate):
             validate()
-        ref, ref_attrs = _reference(cfg)
-    except Exception:  # the config's own validation refused it (e.g. hidden_size % heads != 0)
-        ref, ref_attrs = None, {}
-    ok = ref is not None
-    if ok:
-        for prefix in attention:
-            sub = model.get_submodule(prefix)
-            for name, m in sub.named_modules():
-                spec = _spec_of(m)
-                full = f"{prefix}.{name}" if name else prefix
-                if spec is not None and spec != ref.get(full):
-                    ok = False
-        ok = ok and not any(k in attention for k in _module_attributes(model, ref_attrs))
+        modules, attributes = _differences(model, cfg)
+        ok = not any(name == a or name.startswith(a + ".") for name in [*modules, *attributes] for a in attention)
+    except Exception:  # noqa: BLE001 - the config refused it (validation, a read-only field): keep the old one
+        ok = False
     if not ok:
         for f in _HEAD_FIELDS:
             if f in before:
@@ -742,9 +730,10 @@ def _config_says_heads(model: nn.Module, layers: list[nn.Module], hidden: int, n
 def apply_plan(model: nn.Module, tokenizer, plan: ContextualPlan):
     """Remove what ``plan`` says, physically. Returns the (possibly remapped) tokenizer.
 
-    Where every layer keeps the same width / head count, the config says so too (``intermediate_size``,
-    ``num_attention_heads`` with an explicit ``head_dim``), so the saved folder is a plain transformers
-    checkpoint; otherwise ``sparsekit.load_compressed`` rebuilds the per-layer shapes.
+    Where every layer keeps the same width / head count, the config says so too (``intermediate_size``;
+    ``num_attention_heads`` with an explicit ``head_dim`` where the config can state it, ``_config_says_heads``),
+    so the saved folder is a plain transformers checkpoint; otherwise ``sparsekit.load_compressed`` rebuilds the
+    per-layer shapes.
     """
     layers = find_decoder_layers(model)
     hidden = model.config.hidden_size

@@ -181,15 +181,11 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
                 continue
             candidates.append((sum(p.numel() for p in mod.parameters()), name, mod))
     if not candidates:
-        from .compressed import compressed_modules
+        from .compressed import compressed_layers_error
 
-        packed = compressed_modules(model)
-        if packed:
-            name, kind = next(iter(packed.items()))
-            raise ValueError(
-                f"{type(model).__name__}: its linear layers are already packed ({len(packed)} compressed layers, "
-                f"{kind} at {name}, as --save-compressed writes them); prune, laser and contextual work on a "
-                "dense model: load or prune the dense one instead")
+        reason = compressed_layers_error(model, "pruning (prune, laser, contextual)")
+        if reason:
+            raise ValueError(f"{type(model).__name__}: its linear layers are already packed: {reason}")
         raise ValueError(
             f"{type(model).__name__}: found no list of decoder layers holding linear layers "
             "(sparsekit prunes the nn.Linear / Conv1D layers inside decoder blocks)"

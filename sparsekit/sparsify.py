@@ -89,16 +89,14 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# torch.nn modules that pass their child linears' .weight to fused functions instead of calling them (subclasses
+# inherit that): MultiheadAttention always (out_proj), TransformerEncoderLayer on its inference fast path
+# (linear1/linear2). A SparseLinear there (no .weight) breaks them. TransformerDecoderLayer calls its linears.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 
 def _reads_child_weights(parent: nn.Module) -> bool:
-    """torch.nn's own composite modules (MultiheadAttention, TransformerEncoderLayer, ...) pass their linears'
-    ``.weight`` to fused functions rather than calling them, so a SparseLinear there (no ``.weight``) breaks them.
-    Containers call their children; modules defined outside torch.nn (transformers' layers, a user's) are taken
-    to call them."""
-    cls = type(parent)
-    return cls.__module__.startswith("torch.nn.") and not isinstance(parent, _CONTAINERS)
+    return isinstance(parent, _READS_CHILD_WEIGHTS)
 
 
 @torch.no_grad()
@@ -135,8 +133,8 @@ def sparsify_(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | No
             continue
         parent = modules[name.rpartition(".")[0]]
         if _reads_child_weights(parent):
-            report.skipped.append((name, f"its parent {type(parent).__name__} (a torch.nn module) reads the weight "
-                                         "tensor itself instead of calling the layer"))
+            report.skipped.append((name, f"its parent {type(parent).__name__} reads the weight tensor itself "
+                                         "instead of calling the layer"))
             continue
         if head is not None and mod is head and not include_lm_head:
             report.skipped.append((name, "LM head (include_lm_head=True to swap it)"))

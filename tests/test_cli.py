@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from sparsekit.cli import main
 from tiny_models import WORDS, save_tiny_hf_folder
@@ -183,7 +184,12 @@ def _structured_folder(src: str, dst: str, kind: str) -> str:
     return dst
 
 
-torch = pytest.importorskip("torch")
+
+
+def _small_prune(model: str, calib_file: str, out, *method_args: str, eval_tokens: int = 64) -> list[str]:
+    """`sparsekit prune` arguments for a quick run on a tiny model."""
+    return ["prune", "--model", model, *method_args, "--calib", calib_file, "--eval", calib_file, "--nsamples", "2",
+            "--seqlen", "32", "--eval-tokens", str(eval_tokens), "--output", str(out), "--no-progress"]
 
 
 @pytest.mark.parametrize("kind", ["widths", "low_rank"])
@@ -198,9 +204,8 @@ def test_prune_keeps_the_structure_of_a_contextual_or_laser_folder(tiny_folder, 
 
     src = _structured_folder(tiny_folder, str(tmp_path / "src"), kind)
     out = tmp_path / "out"
-    code, stdout, err = run(["prune", "--model", src, "--method", "magnitude", "--sparsity", "0.5",
-                             "--calib", calib_file, "--eval", calib_file, "--nsamples", "2", "--seqlen", "32",
-                             "--eval-tokens", "128", "--output", str(out), "--no-progress"], capsys)
+    code, stdout, err = run(_small_prune(src, calib_file, out, "--method", "magnitude", "--sparsity", "0.5",
+                                         eval_tokens=128), capsys)
     assert code == 0, err
     assert "sparsekit.load_compressed" in stdout.strip().splitlines()[-1]
     assert (out / "sparsekit_model.safetensors").exists() and not (out / "model.safetensors").exists()
@@ -225,11 +230,11 @@ def test_prune_keeps_the_structure_of_a_contextual_or_laser_folder(tiny_folder, 
 
 def test_a_plain_prune_output_still_loads_with_from_pretrained(tiny_folder, calib_file, tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, err = run(["prune", "--model", tiny_folder, "--method", "magnitude", "--sparsity", "0.3",
-                             "--calib", calib_file, "--eval", calib_file, "--nsamples", "2", "--seqlen", "32",
-                             "--eval-tokens", "64", "--output", str(out), "--no-progress"], capsys)
+    code, stdout, err = run(_small_prune(tiny_folder, calib_file, out, "--method", "magnitude", "--sparsity", "0.3"),
+                            capsys)
     assert code == 0, err
-    assert "from_pretrained" in stdout.strip().splitlines()[-1] and not (out / "sparsekit.json").exists()
+    last = stdout.strip().splitlines()[-1]
+    assert "from_pretrained" in last and "load_compressed" not in last and not (out / "sparsekit.json").exists()
 
 
 def test_save_compressed_output_refuses_from_pretrained_and_old_folders_still_load(tiny_folder, tmp_path):
@@ -267,30 +272,25 @@ def test_contextual_refuses_a_laser_folder_and_prune_a_packed_one(tiny_folder, c
     code, _, err = run(["contextual", "--model", src, "--domain", calib_file, "--target-params", "0.9",
                         "--output", str(tmp_path / "o"), "--no-progress"], capsys)
     assert code == 2 and "compressed layers (LowRankLinear at" in err and "Traceback" not in err, err
-    code, _, err = run(["prune", "--model", tiny_folder, "--method", "magnitude", "--pattern", "2:4",
-                        "--calib", calib_file, "--eval", calib_file, "--nsamples", "2", "--seqlen", "32",
-                        "--eval-tokens", "64", "--save-compressed", "--output", str(tmp_path / "packed"),
-                        "--no-progress"], capsys)
+    code, _, err = run(_small_prune(tiny_folder, calib_file, tmp_path / "packed", "--method", "magnitude",
+                                    "--pattern", "2:4", "--save-compressed"), capsys)
     assert code == 0, err
-    code, _, err = run(["prune", "--model", str(tmp_path / "packed"), "--method", "magnitude", "--sparsity", "0.5",
-                        "--calib", calib_file, "--eval", calib_file, "--nsamples", "2", "--seqlen", "32",
-                        "--eval-tokens", "64", "--output", str(tmp_path / "o2"), "--no-progress"], capsys)
+    code, _, err = run(_small_prune(str(tmp_path / "packed"), calib_file, tmp_path / "o2", "--method", "magnitude",
+                                    "--sparsity", "0.5"), capsys)
     assert code == 2 and "already packed" in err and "SparseLinear" in err, err
 
 
 def test_wanda_nm_is_not_held_to_sparsegpt_blocksize(tiny_folder, calib_file, tmp_path, capsys):
     """--blocksize is SparseGPT's: Wanda runs with a blocksize that is no multiple of M, and a pattern that does not
     divide the width gets its own error, not the blocksize one (128 % 5 != 0); SparseGPT still checks it."""
-    common = ["--calib", calib_file, "--eval", calib_file, "--nsamples", "2", "--seqlen", "32", "--eval-tokens", "64",
-              "--no-progress", "--model", tiny_folder]
-    code, _, err = run(["prune", "--method", "wanda", "--pattern", "2:4", "--blocksize", "6",
-                        "--output", str(tmp_path / "a")] + common, capsys)
+    code, _, err = run(_small_prune(tiny_folder, calib_file, tmp_path / "a", "--method", "wanda", "--pattern", "2:4",
+                                    "--blocksize", "6"), capsys)
     assert code == 0, err
-    code, _, err = run(["prune", "--method", "wanda", "--pattern", "3:5", "--output", str(tmp_path / "b")] + common,
+    code, _, err = run(_small_prune(tiny_folder, calib_file, tmp_path / "b", "--method", "wanda", "--pattern", "3:5"),
                        capsys)
-    assert code == 2 and "blocksize" not in err and "5" in err, err
-    code, _, err = run(["prune", "--method", "sparsegpt", "--pattern", "3:5", "--output", str(tmp_path / "c")]
-                       + common, capsys)
+    assert code == 2 and "blocksize" not in err and "M=5 does not divide" in err, err
+    code, _, err = run(_small_prune(tiny_folder, calib_file, tmp_path / "c", "--method", "sparsegpt",
+                                    "--pattern", "3:5"), capsys)
     assert code == 2 and "sparsegpt's --blocksize must be a positive multiple of M=5, got 128" in err, err
 
 
@@ -323,8 +323,7 @@ def test_eval_output_and_task_paths(tiny_folder, calib_file, tmp_path, capsys, m
 
 def test_offload_refuses_a_save_compressed_folder(tiny_folder, calib_file, tmp_path, capsys):
     src = _structured_folder(tiny_folder, str(tmp_path / "ctx"), "widths")
-    code, _, err = run(["prune", "--model", src, "--method", "magnitude", "--sparsity", "0.5", "--offload",
-                        "--calib", calib_file, "--eval", calib_file, "--output", str(tmp_path / "o"),
-                        "--no-progress"], capsys)
+    code, _, err = run(_small_prune(src, calib_file, tmp_path / "o", "--method", "magnitude", "--sparsity", "0.5",
+                                    "--offload"), capsys)
     assert code == 2 and "written by sparsekit.save_compressed" in err, err
     assert not (tmp_path / "o").exists()

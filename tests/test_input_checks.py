@@ -36,6 +36,24 @@ def test_sparsify_leaves_linears_whose_torch_nn_parent_reads_their_weight():
         assert torch.equal(layer(x), want)
     assert {n for n, _ in report.skipped} == {"self_attn.out_proj", "linear1", "linear2"}
     assert all("reads the weight" in why for _, why in report.skipped)
+    dec = nn.TransformerDecoderLayer(64, 4, 128, batch_first=True).eval()  # calls linear1 / linear2
+    for m in dec.modules():
+        if isinstance(m, nn.Linear):
+            _pruned_24(m)
+    mem = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        want = dec(x, mem)
+        report = sparsekit.sparsify_(dec)
+        torch.testing.assert_close(dec(x, mem), want, rtol=1e-5, atol=1e-5)
+    assert {r.name for r in report.layers} == {"linear1", "linear2"}
+    assert {n for n, _ in report.skipped} == {"self_attn.out_proj", "multihead_attn.out_proj"}
+
+    class MyAttention(nn.MultiheadAttention):  # a subclass inherits the forward that reads out_proj.weight
+        pass
+
+    attn = MyAttention(64, 4, batch_first=True)
+    _pruned_24(attn.out_proj)
+    assert [n for n, _ in sparsekit.sparsify_(attn).skipped] == ["out_proj"]
     seq = nn.Sequential(_pruned_24(nn.Linear(64, 32)), nn.ReLU())
     assert len(sparsekit.sparsify_(seq).layers) == 1 and isinstance(seq[0], SparseLinear)
 
@@ -106,6 +124,6 @@ def test_format_and_layer_arguments():
     with pytest.raises(ValueError, match="has no elements"):
         SparseLinear.from_linear(nn.Linear(0, 8))
     for rank in (8.0, True, 0):
-        with pytest.raises(ValueError, match="rank must be a positive integer"):
+        with pytest.raises(ValueError, match="rank must be (an integer|>= 1)"):
             LowRankLinear.from_linear(nn.Linear(64, 64), rank)
     assert LowRankLinear.from_linear(nn.Linear(64, 64), np.int64(8)).rank == 8

@@ -25,10 +25,11 @@ Not done: cuSPARSELt's compressed layout (``SparseLinear`` builds that with ``to
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
+
+from .._checks import as_int
 
 __all__ = ["NMPacked", "pack_nm", "unpack_nm", "nm_index_bits", "nm_index_codes", "nm_indices_from_codes",
            "check_nm_packed"]
@@ -160,11 +161,7 @@ def check_nm_packed(values: torch.Tensor, index_codes: torch.Tensor, n: int, m: 
     position >= M, which would read outside the group. O(values) once, not per call."""
     _check_pattern(n, m)
     kept = m - n
-    if isinstance(in_features, bool) or not isinstance(in_features, int):
-        try:
-            in_features = operator.index(in_features)  # numpy and torch integers
-        except TypeError:
-            raise ValueError(f"{what}: in_features must be an integer, got {in_features!r}") from None
+    in_features = as_int(in_features, f"{what}: in_features")
     if in_features < 0 or in_features % m:
         raise ValueError(f"{what}: M={m} does not divide in_features={in_features}")
     groups = in_features // m

@@ -11,11 +11,10 @@ and ``load_compressed`` rebuilds it, so a model with LowRankLinear layers round-
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import nn
 
+from .._checks import as_int
 from ..compressed import register_compressed_module
 from ..svd import truncated_svd
 
@@ -28,12 +27,8 @@ def low_rank_saves_bytes(out_features: int, in_features: int, rank: int) -> bool
 
 
 def _check_saves_bytes(out_f: int, in_f: int, rank: int) -> None:
-    try:
-        ok = not isinstance(rank, bool) and operator.index(rank) >= 1  # numpy / torch integers too; not 8.0
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if as_int(rank, "rank") < 1:
+        raise ValueError(f"rank must be >= 1, got {rank!r}")
     if not low_rank_saves_bytes(out_f, in_f, rank):
         raise ValueError(f"rank {rank} factors of a {out_f}x{in_f} weight are not smaller than the weight "
                          f"(need rank < {in_f * out_f / (in_f + out_f):.1f}); keep it dense")

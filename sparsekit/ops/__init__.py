@@ -15,10 +15,9 @@ arguments and raise a ``ValueError`` naming the problem; ``torch.ops.sparsekit.*
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
+from .._checks import as_int
 from . import reference
 from .reference import (
     channel_sqnorm_accumulate_reference_,
@@ -103,11 +102,7 @@ def _check_nm(score: torch.Tensor, n: int, m: int) -> None:
 
 def _check_rowwise(score: torch.Tensor, num_pruned: int) -> None:
     _check_score(score)
-    if isinstance(num_pruned, bool) or not isinstance(num_pruned, int):
-        try:
-            num_pruned = operator.index(num_pruned)  # numpy and torch integers; not 3.0
-        except TypeError:
-            raise ValueError(f"num_pruned must be an integer, got {num_pruned!r}") from None
+    num_pruned = as_int(num_pruned, "num_pruned")
     if not (0 <= num_pruned <= score.shape[1]):
         raise ValueError(f"num_pruned must be in [0, {score.shape[1]}], got {num_pruned}")
 
@@ -236,7 +231,7 @@ def rowwise_prune_mask(score: torch.Tensor, num_pruned: int) -> torch.Tensor:
     score: (rows, cols) float. For one threshold per matrix, pass ``score.reshape(1, -1)``.
     """
     _check_rowwise(score, num_pruned)
-    return torch.ops.sparsekit.rowwise_prune_mask(score, operator.index(num_pruned))
+    return torch.ops.sparsekit.rowwise_prune_mask(score, as_int(num_pruned, "num_pruned"))
 
 
 def matrix_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
