@@ -32,7 +32,8 @@ examples:
   sparsekit bench --model out/wanda24c
 
   # distributed calibration: the ranks split the windows and all-reduce their statistics (gloo on CPU,
-  # NCCL on GPU); the masks equal the single-process run up to float rounding; rank 0 writes OUTPUT:
+  # NCCL on GPU); the masks equal the single-process run up to float rounding; rank 0 writes OUTPUT
+  # (torchrun --no-python finds sparsekit on PATH: activate the environment, or PATH=.venv/bin:$PATH):
   torchrun --nproc-per-node 2 --no-python sparsekit prune --method sparsegpt --sparsity 0.5 --output out/sg50
 
 what it does:

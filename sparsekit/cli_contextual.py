@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 
 __all__ = ["add_parser", "run"]
 
@@ -191,8 +192,15 @@ def run(args) -> int:
         extra_ids = data.tokenize(tokenizer, keep_text).tolist()
     vocab_keep = None if args.no_vocab else ctx.vocabulary_keep_set(tokenizer, stats.token_counts,
                                                                     args.vocab_min_count, extra_ids=extra_ids)
-    plan = ctx.plan_removal(model, stats, target_params=args.target_params, threshold=args.threshold,
-                            heads=args.heads, scope=args.scope, score=args.score, vocab_keep=vocab_keep)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ctx.ContextualWarning)
+        plan = ctx.plan_removal(model, stats, target_params=args.target_params, threshold=args.threshold,
+                                heads=args.heads, scope=args.scope, score=args.score, vocab_keep=vocab_keep)
+    for w in caught:
+        if issubclass(w.category, ctx.ContextualWarning):
+            print(f"sparsekit: note: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     layers = ctx.find_decoder_layers(model)
     hidden = model.config.hidden_size
     widths = [ctx.find_mlp(layer, hidden).width for layer in layers]

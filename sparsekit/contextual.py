@@ -27,6 +27,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,7 @@ __all__ = [
     "DomainStats",
     "collect_domain_stats",
     "ContextualPlan",
+    "ContextualWarning",
     "plan_removal",
     "apply_plan",
     "shrink_mlp_",
@@ -58,6 +60,10 @@ __all__ = [
 
 class ContextualError(ValueError):
     """A contextual-pruning request that cannot be carried out (named reason)."""
+
+
+class ContextualWarning(UserWarning):
+    """A contextual-pruning request carried out differently from what was asked (named reason)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,6 +417,12 @@ def plan_removal(model: nn.Module, stats: DomainStats, *, target_params: float |
                                       f"mean |activation| is {float(s.max()):.4g})")
     else:
         need = dense * (1.0 - target_params) - removed
+        # The vocabulary and the heads alone went past the target: no MLP channel goes (1.0 asks for none anyway).
+        if need < 0 and target_params < 1.0:
+            warnings.warn(ContextualWarning(
+                f"removing the vocabulary and heads alone keeps {(dense - removed) / dense:.1%} of the parameters, "
+                f"below target_params={target_params:g}: no MLP channel is removed (--no-vocab or --keep-text keep more of "
+                "the vocabulary, a smaller --heads more heads)"), stacklevel=2)
         if need > 0:
             costs = [p.channel_cost() for p in mlps]
             if scope == "layer":

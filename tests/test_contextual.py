@@ -580,3 +580,17 @@ def test_cli_checks_threshold_before_loading(tmp_path, capsys, bad):
     code = main(["contextual", "--model", "no-such-model", "--domain", str(domain), "--threshold", bad,
                  "--output", str(tmp_path / "o")])
     assert code == 2 and "--threshold is a mean |activation|, a finite number >= 0" in capsys.readouterr().err
+
+
+def test_target_already_passed_by_vocabulary_and_heads_is_said(bpe, corpus):
+    """Removing the vocabulary and heads can keep less than target_params by itself; then no MLP channel goes, and
+    the plan says so instead of keeping quietly less than asked."""
+    m = _model_for(bpe, tie=True)
+    ids = bpe(corpus[:3000], add_special_tokens=False)["input_ids"]
+    st = C.collect_domain_stats(m, torch.tensor(ids[:64]).reshape(4, 16), token_ids=torch.tensor(ids))
+    keep = C.vocabulary_keep_set(bpe, st.token_counts)
+    with pytest.warns(C.ContextualWarning, match="no MLP channel is removed"):
+        plan = C.plan_removal(m, st, target_params=0.999, heads=0.5, vocab_keep=keep)
+    assert plan.planned_params / plan.dense_params < 0.999  # vocabulary and heads alone went past 0.999
+    assert all(k.numel() == w for k, w in zip(plan.mlp_keep, [C.find_mlp(layer, m.config.hidden_size).width
+                                                               for layer in find_decoder_layers(m)]))
