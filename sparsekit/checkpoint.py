@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 
-__all__ = ["OutputExistsError", "check_output_dir", "atomic_output_dir", "save_pruned_model"]
+__all__ = ["OutputExistsError", "check_output_dir", "check_writable_parent", "atomic_output_dir", "save_pruned_model"]
 
 
 class OutputExistsError(FileExistsError):
@@ -34,9 +34,17 @@ def check_output_dir(path: str, overwrite: bool, reads: str | None = None) -> No
                              "writing there would replace the model being read: choose another folder")
     if os.path.exists(path) and not overwrite:
         raise OutputExistsError(f"output folder {path} exists; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(parent) and not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write to {parent}")
+    check_writable_parent(path, f"output folder {path}")
+
+
+def check_writable_parent(path: str, what: str) -> None:
+    """Raise PermissionError unless the nearest existing folder above ``path`` is a writable folder: the writers
+    here create the missing ones (atomic_output_dir, write_text_atomic), so that is where the write lands."""
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise PermissionError(f"cannot write {what}: {existing} is not a writable folder")
 
 
 @contextlib.contextmanager

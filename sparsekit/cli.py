@@ -374,6 +374,7 @@ def _run_prune_offload(args, spec, calib_text: str, eval_text: str, progress: bo
 
 def run_eval(args) -> int:
     from . import data, evaluate, tasks
+    from .checkpoint import check_writable_parent
     from .models import load_model, resolve_model
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -387,14 +388,9 @@ def run_eval(args) -> int:
         raise ValueError(f"--limit must be >= 1 (omit it for every question), got {args.limit}")
     resolve_model(args.model)
     if args.output:  # fail before the evaluation, not after it
-        out_dir = os.path.dirname(os.path.abspath(args.output))
         if os.path.isdir(args.output):
             raise ValueError(f"--output {args.output} is a folder; give a file name (e.g. results.json)")
-        existing = out_dir
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-            raise PermissionError(f"cannot write --output {args.output}: {existing} is not a writable folder")
+        check_writable_parent(args.output, f"--output {args.output}")
     kinds = {}
     from .cli_laser import _is_text
 

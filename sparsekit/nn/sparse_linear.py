@@ -500,8 +500,6 @@ class SparseLinear(nn.Module):
                              f"{target} (the packed kernels have no {target} path). This layer is unchanged; in a "
                              "model, the modules converted before it were not restored: convert the model back "
                              "(e.g. model.float())")
-        integer = {n for n, b in self._buffers.items() if b is not None and not b.is_floating_point()}
-
         def keep_integers(t: torch.Tensor) -> torch.Tensor:
             # Module.type(dtype) converts every tensor; the packed codes, bitmask and row offsets must keep their
             # integer dtype (float16 row offsets would lose bits), so they only follow a device move.
@@ -510,7 +508,7 @@ class SparseLinear(nn.Module):
                 return t.to(out.device)
             return out
 
-        super()._apply(keep_integers if integer else fn, recurse)
+        super()._apply(keep_integers, recurse)
         self._refresh_cslt()  # the cuSPARSELt copy is device-specific: rebuild it for the new device / dtype
         return self
 
