@@ -15,7 +15,7 @@
 namespace sparsekit {
 namespace {
 
-void channel_sqnorm_accumulate_cuda(at::Tensor& acc, const at::Tensor& x) {
+void channel_sqnorm_accumulate_cuda(const at::Tensor& acc, const at::Tensor& x) {
   TORCH_CHECK(acc.is_cuda(), "channel_sqnorm_accumulate_: acc must be a CUDA tensor, got ", acc.device());
   TORCH_CHECK(acc.dim() == 1 && acc.scalar_type() == at::kFloat,
               "channel_sqnorm_accumulate_: acc must be a 1-D float32 accumulator, got shape ", acc.sizes(), " dtype ",
@@ -51,7 +51,7 @@ void check_accumulator(const char* what, const at::Tensor& acc) {
   TORCH_CHECK(acc.is_contiguous(), "channel_stats_accumulate_: ", what, " must be contiguous");
 }
 
-void channel_stats_accumulate_cuda(at::Tensor& sq_acc, at::Tensor& abs_acc, const at::Tensor& x) {
+void channel_stats_accumulate_cuda(const at::Tensor& sq_acc, const at::Tensor& abs_acc, const at::Tensor& x) {
   check_accumulator("sq_acc", sq_acc);
   check_accumulator("abs_acc", abs_acc);
   TORCH_CHECK(abs_acc.sizes() == sq_acc.sizes(), "channel_stats_accumulate_: sq_acc and abs_acc must have the same "
