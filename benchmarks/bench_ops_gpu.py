@@ -15,6 +15,10 @@ Every implementation is checked against the reference before it is timed. Writes
 ``bench_ops_gpu.md`` (device, driver, torch, CUDA and triton versions, date) into --out.
 
     python benchmarks/bench_ops_gpu.py [--out benchmarks/results] [--rep 200]
+
+``--device cpu`` checks the script itself without a GPU (tests/test_gpu_scripts.py does): small shapes, the CPU
+C++ kernels in place of the CUDA C++ ones, Triton only under TRITON_INTERPRET=1, a wall-clock median for timing;
+nothing it prints is a speed figure.
 """
 
 from __future__ import annotations
@@ -22,18 +26,24 @@ from __future__ import annotations
 import csv
 import datetime
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import RESULTS, doc_parser  # noqa: E402
+from machine import RESULTS, device_name, doc_parser  # noqa: E402
 
 # Shapes from real models, by name.
 SHAPES = {
     "llama2-7b.hidden x 16384 tokens": (16384, 4096),
     "llama2-7b.mlp.down_proj": (4096, 11008),
+}
+SMOKE_SHAPES = {  # --device cpu: the same cases, small
+    "llama2-7b.hidden x 16384 tokens": (512, 264),
+    "llama2-7b.mlp.down_proj": (128, 264),
 }
 CHANNEL_STATS_TARGET = 0.70  # fraction of copy bandwidth the channel-stats kernels must reach
 
@@ -61,19 +71,20 @@ def _close(what: str, got, expect, rtol) -> bool:
         return False
 
 
-def _implementations():
+def _implementations(gpu: bool = True):
     """name -> (nm_mask, wanda_score, channel_sqnorm_accumulate_, channel_stats_accumulate_) for every
-    implementation live on CUDA."""
+    implementation live on CUDA (gpu=False: on the CPU, a check of the script)."""
     import sparsekit
     from sparsekit.kernels.triton import dispatch
     from sparsekit.ops import reference
 
     impls = {}
-    if sparsekit.backend_status()["cuda"].live:
-        ops = torch.ops.sparsekit
-        impls["CUDA C++"] = (ops.nm_mask, ops.wanda_score, ops.channel_sqnorm_accumulate_,
-                             ops.channel_stats_accumulate_)
-    impls["Triton"] = (dispatch.nm_mask, dispatch.wanda_score, dispatch.channel_sqnorm_accumulate_,
+    ops = torch.ops.sparsekit
+    if sparsekit.backend_status()["cuda" if gpu else "cpu"].live:
+        impls["CUDA C++" if gpu else "CPU C++"] = (ops.nm_mask, ops.wanda_score, ops.channel_sqnorm_accumulate_,
+                                                   ops.channel_stats_accumulate_)
+    if gpu or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        impls["Triton"] = (dispatch.nm_mask, dispatch.wanda_score, dispatch.channel_sqnorm_accumulate_,
                        dispatch.channel_stats_accumulate_)
     impls["reference"] = (reference.nm_mask_reference, reference.wanda_score_reference,
                           reference.channel_sqnorm_accumulate_reference_,
@@ -87,23 +98,38 @@ def main(argv=None) -> int:
                         help="folder for bench_ops_gpu.csv and bench_ops_gpu.md (default: benchmarks/results/)")
     parser.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, milliseconds (default 25)")
     parser.add_argument("--rep", type=float, default=200, help="do_bench repetition time, milliseconds (default 200)")
+    parser.add_argument("--device", default="cuda", help="torch device (default cuda; cpu only checks the script)")
     args = parser.parse_args(argv)
 
-    if not torch.cuda.is_available():
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    if gpu and not torch.cuda.is_available():
         print("bench_ops_gpu.py needs a CUDA device: torch.cuda.is_available() is False "
               f"(torch {torch.__version__}, CUDA {torch.version.cuda}). Nothing was timed.", file=sys.stderr)
         return 1
     import triton
-    from triton.testing import do_bench
 
     from sparsekit.ops import reference
 
-    def bench(fn) -> float:
-        return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+    if gpu:
+        from triton.testing import do_bench
 
+        def bench(fn) -> float:
+            return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+    else:  # a check of the script
+
+        def bench(fn) -> float:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+
+    shapes = SHAPES if gpu else SMOKE_SHAPES
     torch.manual_seed(0)
-    dev = torch.device("cuda")
-    impls = _implementations()
+    FAILURES.clear()
+    impls = _implementations(gpu)
     rows = []  # dicts for the CSV
 
     def record(op, shape_name, shape, dtype, impl, ms, nbytes, copy_gbs=None, ref_ms=None):
@@ -118,7 +144,7 @@ def main(argv=None) -> int:
 
     # --- channel_sqnorm_accumulate_ against copy bandwidth --------------------------------------------
     name = "llama2-7b.hidden x 16384 tokens"
-    shape = SHAPES[name]
+    shape = shapes[name]
     x = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
     nbytes = x.numel() * x.element_size()
     y = torch.empty_like(x)
@@ -167,7 +193,7 @@ def main(argv=None) -> int:
 
     # --- wanda_score and nm_mask on a Llama-2-7B weight ------------------------------------------------
     name = "llama2-7b.mlp.down_proj"
-    shape = SHAPES[name]
+    shape = shapes[name]
     weight = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
     sq_norm = torch.rand(shape[1], device=dev) * 1000
     times = {}
@@ -196,13 +222,13 @@ def main(argv=None) -> int:
                 record(f"nm_mask {n}:{m}", name, shape, dtype, impl, ms, nbytes, copy_gbs, times["reference"])
 
     # --- write ---------------------------------------------------------------------------------------
-    props = torch.cuda.get_device_properties(dev)
     header = [
-        f"device: {props.name} ({props.multi_processor_count} SMs), driver {_driver_version()}",
+        f"device: {device_name(dev)}" + (f", driver {_driver_version()}" if gpu else ""),
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}",
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"timing: triton.testing.do_bench median, warmup {args.warmup} ms, rep {args.rep} ms; GB/s counts bytes "
-        "read + written once; copy_ is a device-to-device copy of the activation (read + write).",
+        (f"timing: triton.testing.do_bench median, warmup {args.warmup} ms, rep {args.rep} ms; " if gpu else
+         "timing: wall-clock median of 3 calls on small shapes, a check of the script, not a speed figure; ")
+        + "GB/s counts bytes read + written once; copy_ is a device-to-device copy of the activation (read + write).",
     ]
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "bench_ops_gpu.csv")

@@ -18,6 +18,10 @@ GB/s counts the bytes a call must move (weight as stored, x, y) once. Writes ben
 
 Design targets (H100, bf16, speedup over cuBLAS): 2:4 at M=1 >= 1.5x, M=16 >= 1.4x, M=64 >= 1.1x; bitmap at
 M=1 >= 1.4x (50%), 2.0x (70%), 2.6x (80%). The summary says which are met on the device it ran on.
+
+``--device cpu --shapes tiny`` checks the script itself without a GPU (tests/test_gpu_scripts.py does): the CPU
+C++ kernels stand in for the CUDA C++ ones, Triton runs only under TRITON_INTERPRET=1, timing is a wall-clock
+median with no CUDA graph, and nothing it prints is a speed figure.
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from __future__ import annotations
 import csv
 import datetime
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import RESULTS, doc_parser  # noqa: E402
+from machine import RESULTS, device_name, doc_parser  # noqa: E402
 
 # (out_features, in_features) of Llama-3-8B linear layers; x is (M, in_features).
 SHAPES = {
@@ -40,6 +46,7 @@ SHAPES = {
     "llama3-8b.mlp.up": (14336, 4096),
     "llama3-8b.mlp.down": (4096, 14336),
 }
+SMOKE_SHAPES = {"tiny": (96, 256)}  # --shapes tiny: a check of the script (not in the default list)
 FORMATS = ("2:4", "bitmap50", "bitmap70", "bitmap80")
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 TARGETS = {("2:4", 1): 1.5, ("2:4", 16): 1.4, ("2:4", 64): 1.1,
@@ -95,10 +102,11 @@ def call(fmt: str, impl, x, args, in_f):
 def time_cold(fns, bench, capturable=True) -> float:
     """Median ms of one call, each call on a weight copy not in L2: fns[k]() uses copy k; one graph calls them
     all in order, and its replay time is divided by their number. capturable=False (a path that syncs with the
-    host) times the same calls eagerly, launch gaps included."""
+    host, or no GPU) times the same calls eagerly, launch gaps included."""
     for fn in fns:  # warm up: compilation, allocator, cuBLAS handles stay out of the capture
         fn()
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     if capturable:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -115,50 +123,84 @@ def time_cold(fns, bench, capturable=True) -> float:
 def main(argv=None) -> int:
     parser = doc_parser(__doc__)
     parser.add_argument("--out", default=RESULTS, help="folder for the CSV and markdown (default: benchmarks/results)")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help=f"comma-separated, from {', '.join(SHAPES)} (tiny: a check of the script)")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x (M), comma-separated")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, from {', '.join(FORMATS)}")
     parser.add_argument("--warmup", type=float, default=10, help="do_bench warm-up, milliseconds (default 10)")
     parser.add_argument("--rep", type=float, default=50, help="do_bench repetition time, milliseconds (default 50)")
+    parser.add_argument("--device", default="cuda",
+                        help="torch device (default cuda; cpu only checks the script, with --shapes tiny)")
     args = parser.parse_args(argv)
+    shapes = {**SHAPES, **SMOKE_SHAPES}
+    for name in args.shapes.split(","):
+        if name not in shapes:
+            parser.error(f"unknown shape {name!r}; choose from {', '.join(shapes)}")
+    for fmt in args.formats.split(","):
+        if fmt not in FORMATS:
+            parser.error(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    try:
+        rows_list = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        parser.error(f"--rows takes comma-separated integers, got {args.rows!r}")
+    if min(rows_list) < 1:
+        parser.error(f"--rows must be >= 1, got {args.rows!r}")
 
-    if not torch.cuda.is_available():
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    if gpu and not torch.cuda.is_available():
         print("bench_sparse_gemv_gpu.py needs a CUDA device: torch.cuda.is_available() is False "
               f"(torch {torch.__version__}, CUDA {torch.version.cuda}). Nothing was timed.", file=sys.stderr)
         return 1
     import triton
-    from triton.testing import do_bench
 
     import sparsekit
     from sparsekit.kernels.triton import dispatch
 
-    def bench(fn) -> float:
-        return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+    if gpu:
+        from triton.testing import do_bench
 
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    l2 = getattr(props, "L2_cache_size", 50 << 20) or (50 << 20)
+        def bench(fn) -> float:
+            return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+        props = torch.cuda.get_device_properties(dev)
+        l2 = getattr(props, "L2_cache_size", 50 << 20) or (50 << 20)
+    else:  # a check of the script: wall-clock median, one weight copy
+
+        def bench(fn) -> float:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+
+        l2 = 0
     dtype = torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
+    dense_label = "dense (cuBLAS)" if gpu else "dense (F.linear)"
 
     impls = {}
-    if sparsekit.backend_status()["cuda"].live:
+    if gpu and sparsekit.backend_status()["cuda"].live:
         impls["CUDA C++"] = {"nm_linear": torch.ops.sparsekit.nm_linear,
                              "bitmap_linear": torch.ops.sparsekit.bitmap_linear}
-    impls["Triton"] = {"nm_linear": dispatch.nm_linear, "bitmap_linear": dispatch.bitmap_linear}
+    elif not gpu and sparsekit.backend_status()["cpu"].live:
+        impls["CPU C++"] = {"nm_linear": torch.ops.sparsekit.nm_linear,
+                            "bitmap_linear": torch.ops.sparsekit.bitmap_linear}
+    if gpu or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        impls["Triton"] = {"nm_linear": dispatch.nm_linear, "bitmap_linear": dispatch.bitmap_linear}
 
     # Bandwidth ceiling: a 1 GiB device-to-device copy, read + write bytes.
-    src = torch.empty(1 << 29, dtype=torch.float16, device=dev).normal_(generator=gen)
+    src = torch.empty(1 << 29 if gpu else 1 << 20, dtype=torch.float16, device=dev).normal_(generator=gen)
     dst = torch.empty_like(src)
     copy_ms = bench(lambda: dst.copy_(src))
     copy_gbs = 2 * _nbytes(src) / (copy_ms * 1e-3) / 1e9
     del src, dst
 
-    rows_list = [int(r) for r in args.rows.split(",")]
     records = []
     failures = []
     for shape_name in args.shapes.split(","):
-        out_f, in_f = SHAPES[shape_name]
+        out_f, in_f = shapes[shape_name]
         for fmt in args.formats.split(","):
             weight = pruned_weight(fmt, out_f, in_f, dtype, dev, gen)
             wargs, wbytes = packed_args(fmt, weight)
@@ -169,9 +211,9 @@ def main(argv=None) -> int:
                 x = torch.randn(rows, in_f, device=dev, generator=gen).to(dtype)
                 expect = F.linear(x, weight)
                 io_bytes = _nbytes(x) + rows * out_f * 2
-                dense_ms = time_cold([lambda w=w: F.linear(x, w) for w in dense_copies], bench)
+                dense_ms = time_cold([lambda w=w: F.linear(x, w) for w in dense_copies], bench, gpu)
                 row = {"shape_name": shape_name, "out_features": out_f, "in_features": in_f, "format": fmt,
-                       "M": rows, "impl": "dense (cuBLAS)", "median_us": dense_ms * 1e3,
+                       "M": rows, "impl": dense_label, "median_us": dense_ms * 1e3,
                        "GB/s": (dense_bytes + io_bytes) / (dense_ms * 1e-3) / 1e9, "speedup_vs_dense": 1.0,
                        "weight_MB": dense_bytes / 1e6}
                 records.append(row)
@@ -184,7 +226,8 @@ def main(argv=None) -> int:
                         failures.append(f"{impl_name} {fmt} {shape_name} M={rows}: relative error {err:.3g}")
                         continue
                     # Triton's bitmap_linear sends more than 64 rows to the reference, whose unpack syncs.
-                    capturable = not (impl_name == "Triton" and fmt != "2:4" and rows > dispatch.SPARSE_GEMV_MAX_ROWS)
+                    capturable = gpu and not (impl_name == "Triton" and fmt != "2:4"
+                                              and rows > dispatch.SPARSE_GEMV_MAX_ROWS)
                     ms = time_cold([lambda a=a: call(fmt, impl, x, a, in_f) for a in sparse_copies], bench, capturable)
                     records.append({**row, "impl": impl_name, "median_us": ms * 1e3,
                                     "GB/s": (wbytes + io_bytes) / (ms * 1e-3) / 1e9,
@@ -192,9 +235,10 @@ def main(argv=None) -> int:
                 print(f"{shape_name} {fmt} M={rows}: dense {dense_ms * 1e3:.1f} us; " + ", ".join(
                     f"{r['impl']} {r['median_us']:.1f} us ({r['speedup_vs_dense']:.2f}x)"
                     for r in records if r["shape_name"] == shape_name and r["format"] == fmt and r["M"] == rows
-                    and r["impl"] != "dense (cuBLAS)"), flush=True)
+                    and r["impl"] != dense_label), flush=True)
             del dense_copies, sparse_copies, weight, wargs
-            torch.cuda.empty_cache()
+            if gpu:
+                torch.cuda.empty_cache()
 
     # --- targets -----------------------------------------------------------------------------------
     summary = []
@@ -210,14 +254,17 @@ def main(argv=None) -> int:
                            f"{verdict} the {target}x target (set for H100)")
 
     # --- write ---------------------------------------------------------------------------------------
+    where = (f"{props.name} ({props.multi_processor_count} SMs, L2 {l2 >> 20} MiB), driver {_driver_version()}"
+             if gpu else device_name(dev))
     header = [
-        f"device: {props.name} ({props.multi_processor_count} SMs, L2 {l2 >> 20} MiB), driver {_driver_version()}",
+        f"device: {where}",
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}, "
         f"sparsekit backends: {', '.join(k for k, b in sparsekit.backend_status().items() if b.live)}",
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"timing: CUDA graph over weight copies totalling >= 3x L2, replay timed with triton.testing.do_bench "
-        f"(median, warmup {args.warmup} ms, rep {args.rep} ms), divided by the copies; bf16; copy ceiling "
-        f"{copy_gbs:.0f} GB/s (1 GiB device-to-device copy, read + write)",
+        (f"timing: CUDA graph over weight copies totalling >= 3x L2, replay timed with triton.testing.do_bench "
+         f"(median, warmup {args.warmup} ms, rep {args.rep} ms), divided by the copies; bf16; copy ceiling "
+         f"{copy_gbs:.0f} GB/s (1 GiB device-to-device copy, read + write)" if gpu else
+         "timing: wall-clock median of 3 eager calls, one weight copy: a check of the script, not a speed figure"),
     ]
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "bench_sparse_gemv_gpu.csv")
@@ -233,12 +280,12 @@ def main(argv=None) -> int:
     md += [f"- {line}" for line in header] + [""]
     impl_names = list(impls)
     for shape_name in args.shapes.split(","):
-        md += [f"## {shape_name} {SHAPES[shape_name]}", "",
+        md += [f"## {shape_name} {shapes[shape_name]}", "",
                "| format | impl | " + " | ".join(f"M={m}" for m in rows_list) + " |",
                "|---|---|" + "---:|" * len(rows_list)]
         dense_us = {m: next((r["median_us"] for r in records if r["shape_name"] == shape_name
-                             and r["impl"] == "dense (cuBLAS)" and r["M"] == m), float("nan")) for m in rows_list}
-        md.append("| dense | cuBLAS (us) | " + " | ".join(f"{dense_us[m]:.1f}" for m in rows_list) + " |")
+                             and r["impl"] == dense_label and r["M"] == m), float("nan")) for m in rows_list}
+        md.append(f"| dense | {'cuBLAS' if gpu else 'F.linear'} (us) | " + " | ".join(f"{dense_us[m]:.1f}" for m in rows_list) + " |")
         for fmt in args.formats.split(","):
             for impl_name in impl_names:
                 cells = []

@@ -45,8 +45,10 @@ def run(args, capsys):
     (["--sparsity", "0.5", "--percdamp", "inf"], r"--percdamp\) must be a finite number >= 0, got inf"),
     (["--sparsity", "0.5", "--percdamp", "-0.01"], r"--percdamp\) must be a finite number >= 0"),
 ])
-def test_bad_input(extra, message, capsys, tmp_path):
-    code, _, err = run(["prune", "--method", "wanda", "--output", str(tmp_path / "o")] + extra, capsys)
+def test_bad_input(extra, message, capsys, tmp_path, tiny_folder):
+    # --model: a local folder, so the test needs no built-in model (a later --model in extra wins)
+    code, _, err = run(["prune", "--model", tiny_folder, "--method", "wanda", "--output", str(tmp_path / "o")] + extra,
+                       capsys)
     assert code == 2
     assert pytest.importorskip("re").search(message, err), err
     assert not (tmp_path / "o").exists()
@@ -70,16 +72,17 @@ def test_missing_builtin_model_says_how_to_install(monkeypatch):
         resolve_model("smollm2-135m")
 
 
-def test_existing_output(tmp_path, capsys):
+def test_existing_output(tmp_path, capsys, tiny_folder):
     (tmp_path / "o").mkdir()
-    code, _, err = run(["prune", "--method", "wanda", "--sparsity", "0.5", "--output", str(tmp_path / "o")], capsys)
+    code, _, err = run(["prune", "--model", tiny_folder, "--method", "wanda", "--sparsity", "0.5",
+                        "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and "--overwrite" in err
 
 
-def test_empty_calibration_file(tmp_path, capsys):
+def test_empty_calibration_file(tmp_path, capsys, tiny_folder):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    code, _, err = run(["prune", "--method", "wanda", "--sparsity", "0.5", "--calib", str(empty),
+    code, _, err = run(["prune", "--model", tiny_folder, "--method", "wanda", "--sparsity", "0.5", "--calib", str(empty),
                         "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and "is empty" in err
 
@@ -143,8 +146,8 @@ def test_eval_command_tiny(tiny_folder, calib_file, tmp_path, capsys):
     assert "acc / acc_norm" in stdout
 
 
-def test_eval_unknown_task(capsys):
-    code, _, err = run(["eval", "--tasks", "nope"], capsys)
+def test_eval_unknown_task(capsys, tiny_folder):
+    code, _, err = run(["eval", "--model", tiny_folder, "--tasks", "nope"], capsys)
     assert code == 2 and "unknown task 'nope'" in err
 
 
