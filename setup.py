@@ -10,6 +10,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST       CUDA targets, default "8.0;9.0+PTX" (A100 and H100 machine code, and sm_90 PTX
                              that newer GPUs compile at load time). Never hard-coded below.
   MAX_JOBS                   parallel compile jobs (read by torch's BuildExtension with ninja).
+  CUDA_HOME                  the CUDA toolkit; unset, torch takes it two folders above the nvcc on PATH (and
+                             this file corrects that when that nvcc is a wrapper outside the toolkit).
 
 Install with ``pip install -e . --no-build-isolation --no-deps`` so the build sees the torch that will run it.
 """
@@ -29,12 +31,39 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _point_cuda_home_at_the_toolkit():
+    """torch's build tooling takes CUDA_HOME two folders above the nvcc on PATH. Where that nvcc is a wrapper
+    script outside the toolkit (``/usr/local/bin/nvcc`` running ``/usr/local/cuda-13.0/bin/nvcc``), CUDA_HOME
+    becomes ``/usr/local`` and the link fails with "cannot find -lcudart". Set CUDA_HOME to the toolkit then:
+    the folder that holds both bin/nvcc and include/cuda_runtime.h. Runs before torch.utils.cpp_extension is
+    imported, which reads CUDA_HOME once."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return  # torch falls back to /usr/local/cuda by itself
+
+    def toolkit(home):
+        return os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(home, "include", "cuda_runtime.h"))
+
+    if toolkit(os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))):
+        return
+    for home in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+        if toolkit(home):
+            print(f"sparsekit: {nvcc} is not inside a CUDA toolkit; building with CUDA_HOME={home}", file=sys.stderr)
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _extensions():
     if os.environ.get("SPARSEKIT_NO_EXTENSIONS", "0") not in ("", "0"):
         print("sparsekit: SPARSEKIT_NO_EXTENSIONS set, building no extension", file=sys.stderr)
         return [], {}
 
     import torch
+
+    _point_cuda_home_at_the_toolkit()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cxx_flags = ["-O3"]  # no -std: torch's build tooling picks the standard its headers need
