@@ -354,7 +354,6 @@ class SparseLinear(nn.Module):
             if in_features % m:
                 raise ValueError(f"N:M format {format}: M={m} does not divide in_features={in_features}")
             kept = in_features // m * (m - n)
-            width = -(-kept * nm_index_bits(m) // 8)
             self.register_buffer("values", torch.zeros(out_features, kept, dtype=dtype, **kw))
             # positions 0 .. K - 1 in every group: an empty layer is a valid packed weight (of zeros). Built on
             # the CPU (nm_index_codes reads values: not possible under `with torch.device("meta")`), then moved.
