@@ -26,15 +26,13 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import RESULTS, device_name, doc_parser  # noqa: E402
+from machine import RESULTS, device_name, doc_parser, smoke_bench  # noqa: E402
 
 # Shapes from real models, by name.
 SHAPES = {
@@ -117,14 +115,7 @@ def main(argv=None) -> int:
         def bench(fn) -> float:
             return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
     else:  # a check of the script
-
-        def bench(fn) -> float:
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
+        bench = smoke_bench
 
     shapes = SHAPES if gpu else SMOKE_SHAPES
     torch.manual_seed(0)

@@ -29,16 +29,14 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import RESULTS, device_name, doc_parser  # noqa: E402
+from machine import RESULTS, device_name, doc_parser, smoke_bench  # noqa: E402
 
 # (out_features, in_features) of Llama-3-8B linear layers; x is (M, in_features).
 SHAPES = {
@@ -166,14 +164,7 @@ def main(argv=None) -> int:
         props = torch.cuda.get_device_properties(dev)
         l2 = getattr(props, "L2_cache_size", 50 << 20) or (50 << 20)
     else:  # a check of the script: wall-clock median, one weight copy
-
-        def bench(fn) -> float:
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
+        bench = smoke_bench
 
         l2 = 0
     dtype = torch.bfloat16

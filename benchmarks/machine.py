@@ -7,6 +7,8 @@ import argparse
 import csv
 import os
 import platform
+import statistics
+import time
 
 import torch
 
@@ -19,6 +21,17 @@ def doc_parser(doc: str) -> argparse.ArgumentParser:
     rest (usage examples, what is measured) as the epilog, line breaks kept."""
     first, _, rest = doc.partition("\n\n")
     return argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def smoke_bench(fn, repeats: int = 3) -> float:
+    """Median wall-clock ms of ``repeats`` calls: the GPU benchmarks' timer when they run on the CPU to check
+    the script itself (their --device cpu), never a speed figure."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def cpu_name() -> str:
