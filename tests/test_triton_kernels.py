@@ -31,6 +31,11 @@ pytest.importorskip("triton")
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("the Triton interpreter is off (a GPU is present): see test_gpu_kernels.py", allow_module_level=True)
 
+from triton_probe import interpreter_problem  # noqa: E402
+
+if interpreter_problem():
+    pytest.skip(interpreter_problem(), allow_module_level=True)
+
 from sparsekit.kernels.triton import dispatch  # noqa: E402
 from sparsekit.ops import reference  # noqa: E402
 

@@ -25,6 +25,11 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("",
     pytest.skip("the Triton interpreter is off (a GPU is present): see test_gpu_sparse_gemv.py",
                 allow_module_level=True)
 
+from triton_probe import interpreter_problem  # noqa: E402
+
+if interpreter_problem():
+    pytest.skip(interpreter_problem(), allow_module_level=True)
+
 from linear_check import assert_linear_close, bad_row_offsets_cases  # noqa: E402
 
 from sparsekit.formats import (  # noqa: E402
