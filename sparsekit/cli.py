@@ -456,9 +456,18 @@ def _check_common_args(args) -> None:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "meta":
+        raise ValueError(f"--device {device}: meta tensors hold no data to calibrate, prune or evaluate; use cpu "
+                         "or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         why = "this torch has no CUDA" if not torch.version.cuda else "no CUDA device is visible"
         raise ValueError(f"--device {device}: {why}")
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, ...: plain-PyTorch paths only, where this torch has the device
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch's first sentence
+            raise ValueError(f"--device {device}: this torch cannot use it ({why})") from None
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
 

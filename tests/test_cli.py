@@ -40,6 +40,7 @@ def run(args, capsys):
     (["--sparsity", "0.5", "--calib", "/no/such/file.txt"], "no such text file"),
     (["--sparsity", "0.5", "--threads", "-2"], "--threads must be >= 1, got -2"),
     (["--sparsity", "0.5", "--device", "cudaa"], "--device 'cudaa' is not a torch device"),
+    (["--sparsity", "0.5", "--device", "meta"], "--device meta: meta tensors hold no data"),
     (["--sparsity", "0.5", "--sparsity-profile", "owl", "--owl-m", "nan"], r"--owl-m\) must be a finite number"),
     (["--sparsity", "0.5", "--sparsity-profile", "owl", "--owl-lambda", "-0.1"], r"--owl-lambda\) must be in"),
     (["--sparsity", "0.5", "--percdamp", "inf"], r"--percdamp\) must be a finite number >= 0, got inf"),
@@ -52,6 +53,18 @@ def test_bad_input(extra, message, capsys, tmp_path, tiny_folder):
     assert code == 2
     assert pytest.importorskip("re").search(message, err), err
     assert not (tmp_path / "o").exists()
+
+
+def test_device_this_torch_cannot_use(capsys, tmp_path, tiny_folder):
+    try:
+        torch.empty(0, device="mps")
+        pytest.skip("this torch has an mps device")
+    except (RuntimeError, AssertionError):
+        pass
+    code, _, err = run(["prune", "--model", tiny_folder, "--method", "wanda", "--sparsity", "0.5", "--device", "mps",
+                        "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--device mps: this torch cannot use it" in err, err
+    assert "Traceback" not in err
 
 
 def test_unknown_method(capsys, tmp_path):
