@@ -49,7 +49,10 @@ def _point_cuda_home_at_the_toolkit():
 
     if toolkit(os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))):
         return
-    for home in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+    def version(home):  # /usr/local/cuda-13.0 -> (13, 0); numbers, not strings (13.0 after 9.2)
+        return tuple(int(v) if v.isdigit() else -1 for v in home.rsplit("-", 1)[-1].split("."))
+
+    for home in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), key=version, reverse=True)):
         if toolkit(home):
             print(f"sparsekit: {nvcc} is not inside a CUDA toolkit; building with CUDA_HOME={home}", file=sys.stderr)
             os.environ["CUDA_HOME"] = home

@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     dev = torch.device(args.device)
+    if dev.type not in ("cuda", "cpu"):
+        parser.error(f"--device {args.device}: cuda, or cpu to check the script")
     gpu = dev.type == "cuda"
     if gpu and not torch.cuda.is_available():
         print("bench_ops_gpu.py needs a CUDA device: torch.cuda.is_available() is False "
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         (f"timing: triton.testing.do_bench median, warmup {args.warmup} ms, rep {args.rep} ms; " if gpu else
          "timing: wall-clock median of 3 calls on small shapes, a check of the script, not a speed figure; ")
-        + "GB/s counts bytes read + written once; copy_ is a device-to-device copy of the activation (read + write).",
+        + "GB/s counts bytes read + written once; copy_ is a copy of the activation on the same device "
+        "(read + write).",
     ]
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "bench_ops_gpu.csv")

@@ -121,8 +121,9 @@ def time_cold(fns, bench, capturable=True) -> float:
 def main(argv=None) -> int:
     parser = doc_parser(__doc__)
     parser.add_argument("--out", default=RESULTS, help="folder for the CSV and markdown (default: benchmarks/results)")
-    parser.add_argument("--shapes", default=",".join(SHAPES),
-                        help=f"comma-separated, from {', '.join(SHAPES)} (tiny: a check of the script)")
+    parser.add_argument("--shapes", default=None,
+                        help=f"comma-separated, from {', '.join(SHAPES)} (default: all three on cuda); tiny: a check "
+                             "of the script (the default with --device cpu)")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x (M), comma-separated")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, from {', '.join(FORMATS)}")
     parser.add_argument("--warmup", type=float, default=10, help="do_bench warm-up, milliseconds (default 10)")
@@ -130,6 +131,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda",
                         help="torch device (default cuda; cpu only checks the script, with --shapes tiny)")
     args = parser.parse_args(argv)
+    if torch.device(args.device).type not in ("cuda", "cpu"):
+        parser.error(f"--device {args.device}: cuda, or cpu to check the script")
+    if args.shapes is None:
+        args.shapes = ",".join(SHAPES) if torch.device(args.device).type == "cuda" else "tiny"
     shapes = {**SHAPES, **SMOKE_SHAPES}
     for name in args.shapes.split(","):
         if name not in shapes:

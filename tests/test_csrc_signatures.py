@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-IMPL = re.compile(r'm\.impl\(\s*"(?P<op>\w+)"\s*,\s*TORCH_FN\(\s*(?P<fn>[\w:]+)\s*\)\s*\)')
+# m.impl("op", TORCH_FN(fn)), m.impl("sparsekit::op", &ns::fn), m.impl("op", fn): the op and the function
+IMPL = re.compile(r'm\.impl\(\s*"(?:\w+::)?(?P<op>\w+)"\s*,\s*(?:TORCH_FN\(\s*)?&?\s*(?P<fn>[\w:]+)\s*\)?\s*\)')
 
 
 def _split_params(params: str) -> list[str]:
@@ -34,7 +35,7 @@ def _split_params(params: str) -> list[str]:
 
 
 def _param_type(param: str) -> str:
-    """`const at::Tensor& acc = {}` -> `const at::Tensor&` (name and default dropped, spacing normalised)."""
+    """`const at::Tensor& acc = 0` -> `const at::Tensor&` (name and default dropped, spacing normalised)."""
     param = param.split("=")[0].strip()
     param = re.sub(r"\s*([&*<>,:])\s*", r"\1", param)  # `at::Tensor &` and `at::Tensor&` alike
     param = re.sub(r"\s+", " ", param)
@@ -47,9 +48,13 @@ def _param_type(param: str) -> str:
 
 def _signature(source: str, fn: str) -> tuple[str, tuple[str, ...]]:
     name = fn.split("::")[-1]
-    defn = re.search(r"(?P<ret>[\w:<>]+)\s+" + re.escape(name) + r"\s*\((?P<params>[^{;]*?)\)\s*\{", source)
-    assert defn is not None, f"no definition of {name} found"
-    return defn["ret"], tuple(_param_type(p) for p in _split_params(defn["params"]))
+    source = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source, flags=re.S)  # comments may hold commas
+    # the return type may be a template with spaces and commas (std::tuple<at::Tensor, at::Tensor>)
+    defs = list(re.finditer(r"(?P<ret>[\w:]+(?:\s*<[^;{}()]*>)?)\s+" + re.escape(name)
+                            + r"\s*\((?P<params>[^{;]*?)\)\s*\{", source))
+    assert len(defs) == 1, f"{len(defs)} definitions of {name} found (expected exactly one)"
+    ret = re.sub(r"\s+", " ", re.sub(r"\s*([<>,])\s*", r"\1", defs[0]["ret"]))
+    return ret, tuple(_param_type(p) for p in _split_params(defs[0]["params"]))
 
 
 def _kernels(folder: str, suffixes: tuple[str, ...]) -> dict[str, tuple[str, tuple[str, ...], str]]:
@@ -58,7 +63,10 @@ def _kernels(folder: str, suffixes: tuple[str, ...]) -> dict[str, tuple[str, tup
         if path.suffix not in suffixes:
             continue
         source = path.read_text()
-        for impl in IMPL.finditer(source):
+        impls = list(IMPL.finditer(source))
+        # every registration must be read, or an op would silently drop out of the comparison
+        assert len(impls) == source.count("m.impl("), f"{path.name}: an m.impl(...) this test cannot read"
+        for impl in impls:
             ret, params = _signature(source, impl["fn"])
             found[impl["op"]] = (ret, params, path.name)
     return found
@@ -90,3 +98,9 @@ def test_parser_sees_a_mismatch():
     src = "at::Tensor g(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t k = 3) {"
     assert _signature(src, "sparsekit::g") == ("at::Tensor", ("const at::Tensor&", "const std::optional<at::Tensor>&",
                                                              "int64_t"))
+    src = "std::tuple<at::Tensor, at::Tensor> h(const at::Tensor& x, // a, b\n int64_t n) {"
+    assert _signature(src, "h") == ("std::tuple<at::Tensor,at::Tensor>", ("const at::Tensor&", "int64_t"))
+    assert _signature("std::tuple<int64_t, at::Tensor> h(int64_t n) {", "h")[0] == "std::tuple<int64_t,at::Tensor>"
+    assert [m["op"] + " " + m["fn"] for m in IMPL.finditer(
+        'm.impl("a", TORCH_FN(ns::f)); m.impl("sparsekit::b", &ns::g); m.impl("c", h);')] == ["a ns::f", "b ns::g",
+                                                                                             "c h"]

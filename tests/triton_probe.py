@@ -22,7 +22,7 @@ if triton is not None:
 
 @functools.lru_cache(maxsize=None)
 def interpreter_problem() -> str | None:
-    """None when the interpreter is off, or when it runs a kernel with a runtime loop bound; else why it cannot.
+    """Why the interpreter cannot run sparsekit's kernels here, or None (interpreter off, or it works).
 
     Triton 3.6's interpreter passes a scalar argument as a one-element array and calls int() on it, which
     numpy >= 2.5 refuses ("only 0-dimensional arrays can be converted to Python scalars"): every kernel with a
@@ -37,9 +37,10 @@ def interpreter_problem() -> str | None:
     x = torch.ones(3)
     try:
         _probe_kernel[(1,)](x, 3)
-    except Exception as e:  # noqa: BLE001 - any failure of the probe says the same thing
-        return (f"Triton {triton.__version__}'s interpreter cannot run a kernel with a runtime loop bound here "
-                f"(numpy {numpy.__version__}; Triton 3.6 needs numpy < 2.4): {type(e).__name__}: {str(e)[:160]}")
-    if x[0].item() != 3.0:
-        return f"Triton {triton.__version__}'s interpreter ran a probe kernel wrong (got {x[0].item()}, expected 3)"
+    except Exception as e:  # noqa: BLE001
+        # only the known failure is a reason to skip; anything else is left for the tests to show, loudly
+        if "0-dimensional arrays" in str(e) and tuple(int(v) for v in numpy.__version__.split(".")[:2]) >= (2, 4):
+            return (f"Triton {triton.__version__}'s interpreter cannot run a kernel with a runtime loop bound "
+                    f"under numpy {numpy.__version__} (Triton 3.6 needs numpy < 2.4): {type(e).__name__}: "
+                    f"{str(e)[:160]}")
     return None
