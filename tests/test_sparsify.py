@@ -201,6 +201,24 @@ def _bench_parser():
     return parser
 
 
+def test_timed_generate_reuses_one_static_cache():
+    # transformers builds a fresh StaticCache (new addresses) per generate(); CUDA graphs would re-record in every
+    # timed decode. The benchmarks keep one per model: same addresses on every call, same tokens.
+    from sparsekit.cli_bench import _timed_generate, static_cache
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    cache = static_cache(model, ids, 6)
+    first = _timed_generate(model, ids, 6, True, cache)[2]
+    addresses = [layer.keys.data_ptr() for layer in cache.layers]
+    second = _timed_generate(model, ids, 6, True, cache)[2]
+    assert [layer.keys.data_ptr() for layer in cache.layers] == addresses
+    assert torch.equal(first, second)  # the reset cleared the first call's keys and positions
+    assert torch.equal(first, _timed_generate(model, ids, 6, True)[2])  # a fresh cache per call
+    assert torch.equal(first, _timed_generate(model, ids, 6, False)[2])  # the dynamic cache
+
+
 def test_bench_cli_on_a_pruned_folder(tmp_path, capsys):
     import json
 

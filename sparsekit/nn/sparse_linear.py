@@ -659,8 +659,11 @@ class SparseLinear(nn.Module):
         pad = -rows % _CSLT_ROWS_MULTIPLE
         if pad:
             x2 = F.pad(x2, (0, 0, 0, pad))
-        y = torch._cslt_sparse_mm(self.cslt_weight, x2.t()).t()[:rows]  # (out, rows) -> (rows, out)
-        if self.bias is not None:
+        # (out, rows) -> (rows, out). The bias goes in, as torch's own semi-structured addmm passes it: added to
+        # the float32 sum before the one rounding to x's dtype (adding it to the rounded product rounds twice)
+        fused = self.bias is not None and self.bias.dtype == x2.dtype
+        y = torch._cslt_sparse_mm(self.cslt_weight, x2.t(), bias=self.bias if fused else None).t()[:rows]
+        if self.bias is not None and not fused:
             y = y + self.bias
         return y.contiguous().reshape(*lead, self.out_features)
 
