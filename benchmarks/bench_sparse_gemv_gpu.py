@@ -214,7 +214,13 @@ def main(argv=None) -> int:
                        "weight_MB": dense_bytes / 1e6}
                 records.append(row)
                 for impl_name, impl in impls.items():
-                    got = call(fmt, impl, x, wargs, in_f)
+                    try:
+                        got = call(fmt, impl, x, wargs, in_f)
+                    except Exception as e:  # noqa: BLE001 - recorded; the other rows still run and get written
+                        print(f"FAILED: {impl_name} {fmt} {shape_name} M={rows}: {type(e).__name__}: {e}", flush=True)
+                        failures.append(f"{impl_name} {fmt} {shape_name} M={rows}: {type(e).__name__}: "
+                                        f"{str(e).splitlines()[0] if str(e) else ''}")
+                        continue
                     err = (got.float() - expect.float()).norm() / expect.float().norm()
                     if not torch.isfinite(err) or err > 1e-2:
                         print(f"WRONG RESULT: {impl_name} {fmt} {shape_name} M={rows}: relative error {err:.3g} "
@@ -224,7 +230,15 @@ def main(argv=None) -> int:
                     # Triton's bitmap_linear sends more than 64 rows to the reference, whose unpack syncs.
                     capturable = gpu and not (impl_name == "Triton" and fmt != "2:4"
                                               and rows > dispatch.SPARSE_GEMV_MAX_ROWS)
-                    ms = time_cold([lambda a=a: call(fmt, impl, x, a, in_f) for a in sparse_copies], bench, capturable)
+                    try:
+                        ms = time_cold([lambda a=a: call(fmt, impl, x, a, in_f) for a in sparse_copies], bench,
+                                       capturable)
+                    except Exception as e:  # noqa: BLE001 - a failed capture or launch: recorded, not fatal
+                        print(f"FAILED timing: {impl_name} {fmt} {shape_name} M={rows}: {type(e).__name__}: {e}",
+                              flush=True)
+                        failures.append(f"{impl_name} {fmt} {shape_name} M={rows}: timing failed, "
+                                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                        continue
                     records.append({**row, "impl": impl_name, "median_us": ms * 1e3,
                                     "GB/s": (wbytes + io_bytes) / (ms * 1e-3) / 1e9,
                                     "speedup_vs_dense": dense_ms / ms, "weight_MB": wbytes / 1e6})
@@ -293,7 +307,7 @@ def main(argv=None) -> int:
         md.append("")
     md += ["## Targets", ""] + [f"- {line}" for line in summary] + [""]
     if failures:
-        md += ["## WRONG RESULTS (not timed)", ""] + [f"- {line}" for line in failures] + [""]
+        md += ["## WRONG RESULTS OR FAILURES (not timed)", ""] + [f"- {line}" for line in failures] + [""]
     md_path = os.path.join(args.out, "bench_sparse_gemv_gpu.md")
     with open(md_path, "w") as f:
         f.write("\n".join(md))

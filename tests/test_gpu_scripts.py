@@ -24,7 +24,7 @@ def _run(script: str, *args: str, timeout: int = 300) -> str:
                           text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{out[-4000:]}"
-    assert "WRONG RESULT" not in out, out[-4000:]
+    assert "WRONG RESULT" not in out and "FAILED" not in out, out[-4000:]
     return out
 
 

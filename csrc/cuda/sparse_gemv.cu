@@ -173,7 +173,8 @@ at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const a
   const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   if (rows == 0 || out_features == 0) return at::empty(shape, x.options());
   if (in_features == 0) {  // y = bias (or zeros), as F.linear with an empty weight
-    return bias.has_value() ? bias->expand(shape).contiguous() : at::zeros(shape, x.options());
+    // a fresh tensor: expand(shape).contiguous() of a 1-D bias would be the bias itself (output aliasing input)
+    return bias.has_value() ? at::empty(shape, x.options()).copy_(*bias) : at::zeros(shape, x.options());
   }
   const at::Tensor x2 = x.reshape({rows, in_features}).contiguous();
   const at::Tensor vals = values.contiguous();
@@ -235,7 +236,8 @@ at::Tensor bitmap_linear_cuda(const at::Tensor& x, const at::Tensor& bitmask, co
   const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   if (rows == 0 || out_features == 0) return at::empty(shape, x.options());
   if (in_features == 0) {  // y = bias (or zeros), as F.linear with an empty weight
-    return bias.has_value() ? bias->expand(shape).contiguous() : at::zeros(shape, x.options());
+    // a fresh tensor: expand(shape).contiguous() of a 1-D bias would be the bias itself (output aliasing input)
+    return bias.has_value() ? at::empty(shape, x.options()).copy_(*bias) : at::zeros(shape, x.options());
   }
   const at::Tensor x2 = x.reshape({rows, in_features}).contiguous();
   const at::Tensor mask = bitmask.contiguous();
