@@ -115,3 +115,19 @@ def test_sparsified_model_forward_on_fake_cuda(sparse_rows):
     assert logits.shape == (1, 8, model.config.vocab_size) and logits.device.type == "cuda"
     assert step.shape == (1, 1, model.config.vocab_size)
     assert log.ops.count("nm_linear") == 2 * len(swapped), log.ops.count("nm_linear")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [4, 100], ids=["packed-kernel", "unpack"])
+def test_cuda_forward_traces_as_one_graph(fmt, rows, sparse_rows):
+    # torch.export(strict=True) traces with dynamo, fullgraph: a graph break in the CUDA branch of forward
+    # would raise. The graph must hold exactly the one op the path names (the torch.compile contract,
+    # here for CUDA inputs).
+    layer = SparseLinear.from_linear(_pruned_linear(fmt, torch.bfloat16), format=fmt, cslt=False)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        layer.to("cuda")
+        x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+    graph = torch.export.export(layer, (x,), strict=True).graph
+    ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+    want = OPS[fmt] if rows <= 64 else OPS[fmt].replace("_linear", "_unpack_linear")
+    assert ops == [f"sparsekit.{want}.default"], ops
