@@ -84,8 +84,15 @@ IMPLS = _impls()
 
 
 def _poison_allocator(nbytes=1 << 28):
-    """Leave NaN in the caching allocator's free blocks: an output element nobody writes stays NaN."""
+    """Leave NaN in the caching allocator's free blocks: an output element nobody writes stays NaN.
+
+    Both pools: blocks of 1 MiB and more come from the large pool (the one big tensor); smaller ones are carved
+    from 2 MiB segments of the small pool, so small outputs would miss a large poisoned block. The small tensors
+    below fill whole small-pool segments with NaN, of every size class an output here can take."""
     torch.full((nbytes // 4,), float("nan"), device="cuda")
+    small = [torch.full((size // 4,), float("nan"), device="cuda")  # (bytes, count): about 17 MiB in all
+             for size, count in ((512, 256), (4 << 10, 256), (64 << 10, 128), (512 << 10, 16)) for _ in range(count)]
+    del small
     torch.cuda.synchronize()
 
 
