@@ -317,7 +317,9 @@ def _run_prune_offload(args, spec, calib_text: str, eval_text: str, progress: bo
     if src.gguf_file:
         raise ValueError(f"--offload reads a safetensors checkpoint folder; {args.model} is a GGUF file. Save it "
                          "with `sparsekit prune ... --sparsity 0 --output DIR` (or save_pretrained) first")
-    manifest_path = os.path.join(src.folder, "sparsekit.json")
+    from .compressed import MANIFEST
+
+    manifest_path = os.path.join(src.folder, MANIFEST)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             if not json.load(f).get("plain_transformers_loadable", False):
@@ -392,10 +394,8 @@ def run_eval(args) -> int:
             raise ValueError(f"--output {args.output} is a folder; give a file name (e.g. results.json)")
         check_writable_parent(args.output, f"--output {args.output}")
     kinds = {}
-    from .cli_laser import _is_text
-
     for name in names:  # validate every task before loading the model
-        if _is_text(name):  # a missing .txt / .jsonl path is reported as a missing file, not an unknown task
+        if tasks.is_perplexity_text(name):  # a missing .txt / .jsonl path: a missing file, not an unknown task
             kinds[name] = ("ppl", data.read_text(name))
         else:
             kinds[name] = ("mc", tasks.load_task(name, args.data_dir, args.limit))

@@ -150,7 +150,8 @@ def _timed_generate(model, ids, new_tokens: int, static: bool, cache=None):
     clock = _StepClock()
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
               attention_mask=torch.ones_like(ids), logits_processor=LogitsProcessorList([clock]))
-    if static and cache is not None:
+    reuse = static and cache is not None
+    if reuse:
         kw["past_key_values"] = cache  # reset below, in inference mode: its tensors were made there
     elif static:
         kw["cache_implementation"] = "static"
@@ -159,7 +160,7 @@ def _timed_generate(model, ids, new_tokens: int, static: bool, cache=None):
         eos = getattr(model.generation_config, "eos_token_id", None)
         kw["pad_token_id"] = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
     with torch.inference_mode():
-        if "past_key_values" in kw:
+        if reuse:
             cache.reset()
         t0 = time.perf_counter()
         out = model.generate(ids, **kw)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -116,22 +115,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------------------------
 
-def _is_text(name: str) -> bool:
-    """A text for perplexity (a built-in or a file that is not .jsonl), else a multiple-choice set. A path
-    that does not exist is reported as a missing file, not as an unknown task."""
-    from .data import BUILTIN_TEXTS, read_text
-    from .tasks import TASKS
-
-    if name in BUILTIN_TEXTS or (os.path.isfile(name) and not name.endswith(".jsonl")):
-        return True
-    if not os.path.exists(name) and name not in TASKS and not name.startswith("mmlu") and \
-            (os.sep in name or name.endswith((".txt", ".jsonl"))):
-        if name.endswith(".jsonl"):
-            raise FileNotFoundError(f"no such multiple-choice file: {name}")
-        read_text(name)  # raises DataError: no such text file
-    return False
-
-
 def _check_args(args) -> dict:
     """Everything that can be checked without the model. Returns the loaded data per split source."""
     from . import data, tasks
@@ -150,8 +133,8 @@ def _check_args(args) -> dict:
     parse_layers(args.layers, None)  # syntax only: the range is checked against the model
     if not args.matrix_types.strip():
         raise ValueError("--matrix-types is empty")
-    kind = "ppl" if _is_text(args.eval_set) else "mc"
-    if args.test_set is not None and ("ppl" if _is_text(args.test_set) else "mc") != kind:
+    kind = "ppl" if tasks.is_perplexity_text(args.eval_set) else "mc"
+    if args.test_set is not None and ("ppl" if tasks.is_perplexity_text(args.test_set) else "mc") != kind:
         raise ValueError(f"--test-set {args.test_set} is not of the same kind as --eval-set {args.eval_set} "
                          "(both texts, or both multiple-choice sets)")
     val, test = DEFAULT_SIZES[kind]

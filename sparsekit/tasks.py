@@ -132,6 +132,21 @@ def _mmlu_examples(data_dir: str, subjects: list[str], split: str) -> list[MCExa
     return out
 
 
+def is_perplexity_text(name: str) -> bool:
+    """Whether a task name is a text for perplexity (a built-in text, or a file that is not .jsonl) rather than a
+    multiple-choice set. A path that does not exist raises here, as a missing file rather than an unknown task."""
+    from .data import BUILTIN_TEXTS, read_text
+
+    if name in BUILTIN_TEXTS or (os.path.isfile(name) and not name.endswith(".jsonl")):
+        return True
+    if not os.path.exists(name) and name not in TASKS and not name.startswith("mmlu") and \
+            (os.sep in name or name.endswith((".txt", ".jsonl"))):
+        if name.endswith(".jsonl"):
+            raise FileNotFoundError(f"no such multiple-choice file: {name}")
+        read_text(name)  # raises DataError: no such text file
+    return False
+
+
 def load_task(name: str, data_dir: str | None = None, limit: int | None = None, split: str = "test",
               interleave: bool = False) -> list[MCExample]:
     """Examples of a named task (``arc_easy``, ``pubmedqa``, ``mmlu:medical``, ``mmlu:anatomy``, ...) or a
