@@ -32,7 +32,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import RESULTS, device_name, doc_parser, smoke_bench  # noqa: E402
+from machine import RESULTS, device_name, doc_parser, gpu_bench_timer, triton_runs_on  # noqa: E402
 
 # Shapes from real models, by name.
 SHAPES = {
@@ -69,21 +69,22 @@ def _close(what: str, got, expect, rtol) -> bool:
         return False
 
 
-def _implementations(gpu: bool = True):
+def _implementations(device):
     """name -> (nm_mask, wanda_score, channel_sqnorm_accumulate_, channel_stats_accumulate_) for every
-    implementation live on CUDA (gpu=False: on the CPU, a check of the script)."""
+    implementation live on ``device`` (CUDA; the CPU only to check the script)."""
     import sparsekit
     from sparsekit.kernels.triton import dispatch
     from sparsekit.ops import reference
 
     impls = {}
     ops = torch.ops.sparsekit
+    gpu = torch.device(device).type == "cuda"
     if sparsekit.backend_status()["cuda" if gpu else "cpu"].live:
         impls["CUDA C++" if gpu else "CPU C++"] = (ops.nm_mask, ops.wanda_score, ops.channel_sqnorm_accumulate_,
                                                    ops.channel_stats_accumulate_)
-    if gpu or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_runs_on(device):
         impls["Triton"] = (dispatch.nm_mask, dispatch.wanda_score, dispatch.channel_sqnorm_accumulate_,
-                       dispatch.channel_stats_accumulate_)
+                           dispatch.channel_stats_accumulate_)
     impls["reference"] = (reference.nm_mask_reference, reference.wanda_score_reference,
                           reference.channel_sqnorm_accumulate_reference_,
                           reference.channel_stats_accumulate_reference_)
@@ -111,18 +112,11 @@ def main(argv=None) -> int:
 
     from sparsekit.ops import reference
 
-    if gpu:
-        from triton.testing import do_bench
-
-        def bench(fn) -> float:
-            return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
-    else:  # a check of the script
-        bench = smoke_bench
-
+    bench = gpu_bench_timer(dev, args.warmup, args.rep)
     shapes = SHAPES if gpu else SMOKE_SHAPES
     torch.manual_seed(0)
     FAILURES.clear()
-    impls = _implementations(gpu)
+    impls = _implementations(dev)
     rows = []  # dicts for the CSV
 
     def record(op, shape_name, shape, dtype, impl, ms, nbytes, copy_gbs=None, ref_ms=None):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import RESULTS, device_name, doc_parser, smoke_bench  # noqa: E402
+from machine import RESULTS, device_name, doc_parser, gpu_bench_timer, triton_runs_on  # noqa: E402
 
 # (out_features, in_features) of Llama-3-8B linear layers; x is (M, in_features).
 SHAPES = {
@@ -131,10 +131,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda",
                         help="torch device (default cuda; cpu only checks the script, with --shapes tiny)")
     args = parser.parse_args(argv)
-    if torch.device(args.device).type not in ("cuda", "cpu"):
+    dev = torch.device(args.device)
+    if dev.type not in ("cuda", "cpu"):
         parser.error(f"--device {args.device}: cuda, or cpu to check the script")
+    gpu = dev.type == "cuda"
     if args.shapes is None:
-        args.shapes = ",".join(SHAPES) if torch.device(args.device).type == "cuda" else "tiny"
+        args.shapes = ",".join(SHAPES) if gpu else "tiny"
     shapes = {**SHAPES, **SMOKE_SHAPES}
     for name in args.shapes.split(","):
         if name not in shapes:
@@ -149,8 +151,6 @@ def main(argv=None) -> int:
     if min(rows_list) < 1:
         parser.error(f"--rows must be >= 1, got {args.rows!r}")
 
-    dev = torch.device(args.device)
-    gpu = dev.type == "cuda"
     if gpu and not torch.cuda.is_available():
         print("bench_sparse_gemv_gpu.py needs a CUDA device: torch.cuda.is_available() is False "
               f"(torch {torch.__version__}, CUDA {torch.version.cuda}). Nothing was timed.", file=sys.stderr)
@@ -160,17 +160,11 @@ def main(argv=None) -> int:
     import sparsekit
     from sparsekit.kernels.triton import dispatch
 
+    bench = gpu_bench_timer(dev, args.warmup, args.rep)
     if gpu:
-        from triton.testing import do_bench
-
-        def bench(fn) -> float:
-            return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
-
         props = torch.cuda.get_device_properties(dev)
         l2 = getattr(props, "L2_cache_size", 50 << 20) or (50 << 20)
-    else:  # a check of the script: wall-clock median, one weight copy
-        bench = smoke_bench
-
+    else:  # a check of the script: one weight copy
         l2 = 0
     dtype = torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -183,7 +177,7 @@ def main(argv=None) -> int:
     elif not gpu and sparsekit.backend_status()["cpu"].live:
         impls["CPU C++"] = {"nm_linear": torch.ops.sparsekit.nm_linear,
                             "bitmap_linear": torch.ops.sparsekit.bitmap_linear}
-    if gpu or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_runs_on(dev):
         impls["Triton"] = {"nm_linear": dispatch.nm_linear, "bitmap_linear": dispatch.bitmap_linear}
 
     # Bandwidth ceiling: a 1 GiB device-to-device copy, read + write bytes.
@@ -195,6 +189,11 @@ def main(argv=None) -> int:
 
     records = []
     failures = []
+
+    def failed(what: str, e: Exception) -> None:  # recorded; the other rows still run and get written
+        print(f"FAILED: {what}: {type(e).__name__}: {e}", flush=True)
+        failures.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
     for shape_name in args.shapes.split(","):
         out_f, in_f = shapes[shape_name]
         for fmt in args.formats.split(","):
@@ -216,10 +215,8 @@ def main(argv=None) -> int:
                 for impl_name, impl in impls.items():
                     try:
                         got = call(fmt, impl, x, wargs, in_f)
-                    except Exception as e:  # noqa: BLE001 - recorded; the other rows still run and get written
-                        print(f"FAILED: {impl_name} {fmt} {shape_name} M={rows}: {type(e).__name__}: {e}", flush=True)
-                        failures.append(f"{impl_name} {fmt} {shape_name} M={rows}: {type(e).__name__}: "
-                                        f"{str(e).splitlines()[0] if str(e) else ''}")
+                    except Exception as e:  # noqa: BLE001
+                        failed(f"{impl_name} {fmt} {shape_name} M={rows}", e)
                         continue
                     err = (got.float() - expect.float()).norm() / expect.float().norm()
                     if not torch.isfinite(err) or err > 1e-2:
@@ -233,11 +230,8 @@ def main(argv=None) -> int:
                     try:
                         ms = time_cold([lambda a=a: call(fmt, impl, x, a, in_f) for a in sparse_copies], bench,
                                        capturable)
-                    except Exception as e:  # noqa: BLE001 - a failed capture or launch: recorded, not fatal
-                        print(f"FAILED timing: {impl_name} {fmt} {shape_name} M={rows}: {type(e).__name__}: {e}",
-                              flush=True)
-                        failures.append(f"{impl_name} {fmt} {shape_name} M={rows}: timing failed, "
-                                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    except Exception as e:  # noqa: BLE001 - a failed capture or launch
+                        failed(f"{impl_name} {fmt} {shape_name} M={rows}, timing", e)
                         continue
                     records.append({**row, "impl": impl_name, "median_us": ms * 1e3,
                                     "GB/s": (wbytes + io_bytes) / (ms * 1e-3) / 1e9,

@@ -23,6 +23,21 @@ def doc_parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def gpu_bench_timer(device, warmup_ms: float, rep_ms: float):
+    """The GPU benchmarks' timer, fn -> median ms: ``triton.testing.do_bench`` on CUDA; on the CPU (their
+    --device cpu, a check of the script) ``smoke_bench``."""
+    if torch.device(device).type != "cuda":
+        return smoke_bench
+    from triton.testing import do_bench
+
+    return lambda fn: do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def triton_runs_on(device) -> bool:
+    """Whether Triton kernels run on ``device``: compiled on CUDA, else only under TRITON_INTERPRET=1."""
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def smoke_bench(fn, repeats: int = 3) -> float:
     """Median wall-clock ms of ``repeats`` calls: the GPU benchmarks' timer when they run on the CPU to check
     the script itself (their --device cpu), never a speed figure."""
