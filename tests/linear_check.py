@@ -1,7 +1,9 @@
-"""Tolerance for sparse-linear kernels: error against the exact product, bounded by the dtype."""
+"""Tolerance for sparse-linear kernels: error against the exact product, bounded by the dtype; and the pruned
+nn.Linear layers the SparseLinear tests pack."""
 
 import pytest
 import torch
+from torch import nn
 
 
 def assert_linear_close(got, x, weight, bias):
@@ -20,6 +22,24 @@ def assert_linear_close(got, x, weight, bias):
         err = (got.double() - rounded).abs()
     worst = (err / bound).max().item()
     assert worst <= 1.0, f"error {worst:.2f}x the bound"
+
+
+def pruned_linear(in_f, out_f, fmt, bias=True, dtype=torch.float32, sparsity=0.5):
+    """An nn.Linear pruned to ``fmt`` ("N:M" by magnitude, or "bitmap": ``sparsity`` of each row), bias random."""
+    import sparsekit.ops
+
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        w = lin.weight
+        if fmt == "bitmap":
+            keep = sparsekit.ops.rowwise_prune_mask(w.abs(), round(sparsity * in_f))
+        else:
+            n, m = (int(v) for v in fmt.split(":"))
+            keep = sparsekit.ops.nm_mask(w.abs(), n, m)
+        w.mul_(keep)
+        if bias:
+            lin.bias.normal_()
+    return lin.to(dtype)
 
 
 def set_isa(isa, monkeypatch):

@@ -24,6 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import sparsekit  # noqa: E402
 from sparsekit.nn import sparse_linear as sl_mod  # noqa: E402
 from sparsekit.nn import SparseLinear  # noqa: E402
+from linear_check import pruned_linear  # noqa: E402
+
 from sparsekit.ops.reference import nm_mask_reference  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -41,15 +43,10 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _pruned_linear(fmt, dtype, bias=True, out_f=128, in_f=256):
-    lin = nn.Linear(in_f, out_f, bias=bias)
-    with torch.no_grad():
-        if fmt == "bitmap":
-            lin.weight[torch.rand(out_f, in_f) < 0.7] = 0
-        else:
-            n, m = map(int, fmt.split(":"))
-            lin.weight *= nm_mask_reference(lin.weight.abs(), n, m)
-    return lin.to(dtype)
+def _sparse_layer(fmt, dtype, cslt=False):
+    """A 128 x 256 SparseLinear in ``fmt`` (bitmap at 70% sparsity), built on the CPU."""
+    linear = pruned_linear(256, 128, fmt, dtype=dtype, sparsity=0.7 if fmt == "bitmap" else 0.5)
+    return SparseLinear.from_linear(linear, format=fmt, cslt=cslt)
 
 
 @pytest.fixture
@@ -66,7 +63,7 @@ def sparse_rows(monkeypatch):
 def test_sparse_linear_forward_on_fake_cuda(fmt, dtype, forced, request):
     if forced:
         request.getfixturevalue("sparse_rows")
-    layer = SparseLinear.from_linear(_pruned_linear(fmt, dtype), format=fmt, cslt=False)
+    layer = _sparse_layer(fmt, dtype)
     for shape in [(1, 256), (16, 256), (64, 256), (65, 256), (2, 3, 256), (256, 256)]:
         rows = shape[0] if len(shape) == 2 else shape[0] * shape[1]
         dev_layer = copy.deepcopy(layer)  # outside the mode: .to("cuda") inside it makes the fake tensors
@@ -88,7 +85,7 @@ def test_sparse_linear_forward_on_fake_cuda(fmt, dtype, forced, request):
 
 def test_cslt_path_is_chosen_on_cuda_for_2_4_half_precision():
     # torch._cslt_compress has no fake kernel, so the copy is not built here; the path choice is checked
-    layer = SparseLinear.from_linear(_pruned_linear("2:4", torch.bfloat16), format="2:4", cslt=True)
+    layer = _sparse_layer("2:4", torch.bfloat16, cslt=True)
     assert layer._cslt_possible(torch.device("cuda"), torch.bfloat16) == torch.backends.cusparselt.is_available()
     assert not layer._cslt_possible(torch.device("cuda"), torch.float32)
     assert not layer._cslt_possible(torch.device("cpu"), torch.bfloat16)
@@ -123,7 +120,7 @@ def test_cuda_forward_traces_as_one_graph(fmt, rows, sparse_rows):
     # torch.export(strict=True) traces with dynamo, fullgraph: a graph break in the CUDA branch of forward
     # would raise. The graph must hold exactly the one op the path names (the issue's torch.compile contract,
     # here for CUDA inputs).
-    layer = SparseLinear.from_linear(_pruned_linear(fmt, torch.bfloat16), format=fmt, cslt=False)
+    layer = _sparse_layer(fmt, torch.bfloat16)
     with FakeTensorMode(allow_non_fake_inputs=True):
         layer.to("cuda")
         x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)

@@ -32,28 +32,13 @@ from sparsekit.nn.sparse_linear import (
     cpu_sparse_kernels_fast,
     parse_format,
 )
-from linear_check import assert_linear_close
+from linear_check import assert_linear_close, pruned_linear
 
 FAST = cpu_sparse_kernels_fast()[0]
 
 
 def _id(v):
     return str(v).removeprefix("torch.")
-
-
-def pruned_linear(in_f, out_f, fmt, bias=True, dtype=torch.float32, sparsity=0.5):
-    lin = nn.Linear(in_f, out_f, bias=bias)
-    with torch.no_grad():
-        w = lin.weight
-        if fmt == "bitmap":
-            keep = ops.rowwise_prune_mask(w.abs(), round(sparsity * in_f))
-        else:
-            n, m = (int(v) for v in fmt.split(":"))
-            keep = ops.nm_mask(w.abs(), n, m)
-        w.mul_(keep)
-        if bias:
-            lin.bias.normal_()
-    return lin.to(dtype)
 
 
 def count_calls(layer, method="_packed_op"):
